@@ -1,0 +1,25 @@
+"""The paper's pair: one 24-layer trunk (d_model 2048, 16 heads, vocab 32000, tied embeddings),
+FFN 15872 (2.81B params, enlarged) pruned to FFN 5632 (1.30B params, target).
+
+  idea-prune params --config configs/paper_2p8b_to_1p3b.py
+  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py --devices 64 \
+      --mesh data=1,fsdp=16,tensor=4
+"""
+
+from idea_prune_jax import config as config_lib
+
+FFN_ENLARGED = 15872  # 2.81B
+FFN_TARGET = 5632  # 1.30B
+
+
+def get_config(arg: str = ''):
+  del arg
+  c = config_lib.base()
+  c.model.update(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
+                 ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat=True)
+  c.prune.update(target_ffn=FFN_TARGET, round_to=128, t_start=0.5, t_end=0.7)
+  c.data.update(source='tfds', tfds_name='c4/en', seq_len=2048)
+  c.train.update(steps=250_000, batch_size=1024, lr=3e-4, warmup_steps=2000, eval_every=2000,
+                 ckpt_every=1000)
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  return c

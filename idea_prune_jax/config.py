@@ -1,0 +1,187 @@
+"""The one config schema: defaults, the model dataclass, and up-front validation."""
+
+import dataclasses
+import math
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the field and how to fix it."""
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field the project reads, with defaults; `configs/*.py` override these."""
+  c = ml_collections.ConfigDict()
+  c.pipeline = 'idea'  # idea | naive | scratch
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 4096
+  m.d_model = 192
+  m.n_layers = 4
+  m.n_heads = 6
+  m.n_kv_heads = 2
+  m.ffn_dim = 1152  # the enlarged width for idea/naive; the model's width for `train`
+  m.tie_embeddings = True
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.dtype = 'float32'  # compute dtype; bfloat16 on TPU
+  m.param_dtype = 'float32'
+  m.remat = False
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'embedded'  # embedded | files | tfds
+  d.files = ''  # comma-separated paths or globs, for source=files
+  d.val_files = ''  # optional held-out files; default holds out whole files
+  d.val_works = 'julius_caesar,tempest'  # embedded corpus: works held out for validation
+  d.tokenizer = ''  # a SentencePiece .model; empty trains one on the training split
+  d.tfds_name = ''
+  d.tfds_data_dir = ''
+  d.tfds_train_split = 'train'
+  d.tfds_val_split = 'validation'
+  d.text_key = 'text'
+  d.max_chars = 0  # cap on characters read from a tfds source (0 = all)
+  d.seq_len = 128
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 600
+  t.batch_size = 16  # global, in sequences
+  t.lr = 1e-3
+  t.warmup_steps = 30
+  t.min_lr_ratio = 0.1
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.clip_norm = 1.0
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.ckpt_every = 200
+  t.keep_ckpts = 2
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # -1: whatever is left of the devices
+  ms.fsdp = 1
+  ms.tensor = 1
+  ms.distributed = False  # jax.distributed.initialize(); also IDEA_PRUNE_DISTRIBUTED=1
+
+  c.prune = p = ml_collections.ConfigDict()
+  p.target_ffn = 384
+  p.t_start = 0.5  # fraction of train.steps
+  p.t_end = 0.7
+  p.every = 10  # ΔT: mask refresh cadence inside the window
+  p.schedule = 'cubic'  # cubic | linear
+  p.score = 'platon'  # platon | sensitivity_ema | magnitude | activation
+  p.beta1 = 0.85
+  p.beta2 = 0.95
+  p.round_to = 1  # 128 on TPU
+
+  c.distill = k = ml_collections.ConfigDict()
+  k.alpha = 0.0  # 0 disables KD
+  k.tau = 1.0
+  k.chunk = 0  # sequence chunk for the KL; 0 = unchunked
+  k.phases = 'both'  # prune | recovery | both
+  k.teacher = ''  # checkpoint path; empty = the pipeline's own enlarged model
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What `model.Transformer` needs; hashable so jit can close over it."""
+  vocab_size: int = 4096
+  d_model: int = 192
+  n_layers: int = 4
+  n_heads: int = 6
+  n_kv_heads: int = 2
+  ffn_dim: int = 1152
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @classmethod
+  def from_config(cls, config, **overrides) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.model.items() if k in fields}
+    return cls(**{**kwargs, **overrides})
+
+
+def _fail(field, value, why):
+  raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def mesh_shape(config, n_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor), with one -1 filled from the device count."""
+  dims = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  names = ('mesh.data', 'mesh.fsdp', 'mesh.tensor')
+  if dims.count(-1) > 1:
+    _fail('mesh', tuple(dims), 'at most one mesh axis may be -1')
+  for name, d in zip(names, dims):
+    if d != -1 and d < 1:
+      _fail(name, d, 'mesh axis sizes must be >= 1 (or -1 for the rest)')
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if n_devices % known:
+      _fail('mesh', tuple(dims), f'{n_devices} devices do not divide by {known}')
+    dims[dims.index(-1)] = n_devices // known
+  if math.prod(dims) != n_devices:
+    _fail('mesh', tuple(dims), f'product {math.prod(dims)} != {n_devices} devices; '
+          'set the axes so their product is the device count (or one to -1)')
+  return tuple(dims)
+
+
+def validate_model(config) -> None:
+  m = config.model
+  for f in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim'):
+    if m[f] < 1:
+      _fail(f'model.{f}', m[f], 'must be a positive integer')
+  if m.d_model % m.n_heads:
+    _fail('model.d_model', m.d_model, f'not divisible by model.n_heads={m.n_heads}')
+  if (m.d_model // m.n_heads) % 2:
+    _fail('model.d_model', m.d_model, 'head_dim = d_model / n_heads must be even for RoPE')
+  if m.n_heads % m.n_kv_heads:
+    _fail('model.n_heads', m.n_heads, f'not a multiple of model.n_kv_heads={m.n_kv_heads}')
+  for f in ('dtype', 'param_dtype'):
+    if m[f] not in ('float32', 'bfloat16', 'float16'):
+      _fail(f'model.{f}', m[f], 'use float32, bfloat16 or float16')
+
+
+def validate(config, n_devices: int) -> tuple[int, int, int]:
+  """Checks everything that can be checked before compute; returns the mesh shape."""
+  validate_model(config)
+  if config.pipeline not in ('idea', 'naive', 'scratch'):
+    _fail('pipeline', config.pipeline, 'use idea, naive or scratch')
+  t = config.train
+  if t.steps < 1:
+    _fail('train.steps', t.steps, 'must be >= 1')
+  if not 0 <= t.warmup_steps <= t.steps:
+    _fail('train.warmup_steps', t.warmup_steps, f'must lie in [0, train.steps={t.steps}]')
+  if config.data.seq_len < 2:
+    _fail('data.seq_len', config.data.seq_len, 'must be >= 2')
+  if config.data.source not in ('embedded', 'files', 'tfds'):
+    _fail('data.source', config.data.source, 'use embedded, files or tfds')
+  data, fsdp, tensor = shape = mesh_shape(config, n_devices)
+  if t.batch_size % (data * fsdp):
+    _fail('train.batch_size', t.batch_size,
+          f'not divisible by the data-parallel size data*fsdp={data * fsdp}')
+  return shape
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """'configs/tiny.py:test' -> that file's get_config('test'), as the CLI would load it."""
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_idea_prune_config', path)
+  if module_spec is None:
+    raise ConfigError(f'--config={spec!r}: no such config file')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -1,0 +1,149 @@
+"""LLaMA-style decoder: RMSNorm, half-split RoPE, GQA attention, SwiGLU, layers under nn.scan.
+
+Params are a plain pytree with logical axis names (see `sharding.RULES`). Layer params are stacked
+on a leading 'layers' axis, so the FFN of layer l is `params['layers']['mlp']['gate'][l]` etc.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from idea_prune_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def _param(module, name, init, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    scale = _param(self, 'scale', nn.initializers.ones, (x_BxLxD.shape[-1],), ('norm',),
+                   self.cfg.param_dtype)
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+def rope(x_BxLxHxK, positions_L, theta):
+  """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`)."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_LxK2 = positions_L[:, None].astype(jnp.float32) * freq_K2[None, :]
+  sin, cos = jnp.sin(angle_LxK2)[None, :, None, :], jnp.cos(angle_LxK2)[None, :, None, :]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    B, L, D = x_BxLxD.shape
+    H, KV, K = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(0.02)
+    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
+    wq = _param(self, 'q', init, (D, H * K), ('embed', 'q_heads'), cfg.param_dtype)
+    wk = _param(self, 'k', init, (D, KV * K), ('embed', 'kv_heads'), cfg.param_dtype)
+    wv = _param(self, 'v', init, (D, KV * K), ('embed', 'kv_heads'), cfg.param_dtype)
+    wo = _param(self, 'o', out_init, (H * K, D), ('q_heads', 'embed'), cfg.param_dtype)
+    x = x_BxLxD.astype(cfg.dtype)
+    q_BxLxHxK = (x @ wq.astype(cfg.dtype)).reshape(B, L, H, K)
+    k_BxLxKVxK = (x @ wk.astype(cfg.dtype)).reshape(B, L, KV, K)
+    v_BxLxKVxK = (x @ wv.astype(cfg.dtype)).reshape(B, L, KV, K)
+    positions_L = jnp.arange(L)
+    q_BxLxHxK = rope(q_BxLxHxK, positions_L, cfg.rope_theta)
+    k_BxLxKVxK = rope(k_BxLxKVxK, positions_L, cfg.rope_theta)
+    # jax.nn.dot_product_attention handles GQA (H a multiple of KV) and picks a fused kernel
+    # where the backend has one.
+    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, is_causal=True)
+    return out_BxLxHxK.reshape(B, L, H * K) @ wo.astype(cfg.dtype)
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    D, F = x_BxLxD.shape[-1], cfg.ffn_dim
+    init = nn.initializers.normal(0.02)
+    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layers))
+    gate = _param(self, 'gate', init, (D, F), ('embed', 'mlp'), cfg.param_dtype)
+    up = _param(self, 'up', init, (D, F), ('embed', 'mlp'), cfg.param_dtype)
+    down = _param(self, 'down', out_init, (F, D), ('mlp', 'embed'), cfg.param_dtype)
+    x = x_BxLxD.astype(cfg.dtype)
+    h_BxLxF = nn.silu(x @ gate.astype(cfg.dtype)) * (x @ up.astype(cfg.dtype))
+    # Only recorded when the caller makes 'intermediates' mutable (activation importance).
+    self.sow('intermediates', 'ffn_act', jnp.mean(jnp.abs(h_BxLxF.astype(jnp.float32)), (0, 1)),
+             init_fn=lambda: 0.0, reduce_fn=lambda _, new: new)
+    return h_BxLxF @ down.astype(cfg.dtype)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, _):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(RMSNorm(self.cfg, name='attn_norm')(x_BxLxD))
+    x_BxLxD = x_BxLxD + SwiGLU(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_BxLxD))
+    return x_BxLxD, None
+
+
+class Transformer(nn.Module):
+  """tokens [B, L] int -> logits [B, L, V] float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL):
+    cfg = self.cfg
+    embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
+                       ('vocab', 'embed'), cfg.param_dtype)
+    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(cfg.dtype)
+    block = Block
+    if cfg.remat:
+      block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
+                     split_rngs={'params': True}, length=cfg.n_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, None)
+    x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
+    if cfg.tie_embeddings:
+      head_DxV = embedding.T
+    else:
+      head_DxV = _param(self, 'lm_head', nn.initializers.normal(0.02),
+                        (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype)
+    return (x_BxLxD @ head_DxV.astype(cfg.dtype)).astype(jnp.float32)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Analytical parameter count (equals the initialised tree's size; tested)."""
+  d, f, k = cfg.d_model, cfg.ffn_dim, cfg.head_dim
+  attn = d * cfg.n_heads * k * 2 + d * cfg.n_kv_heads * k * 2
+  per_layer = attn + 3 * d * f + 2 * d
+  head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+  return cfg.n_layers * per_layer + cfg.vocab_size * d + d + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul params + 12·layers·heads·head_dim·seq (PaLM app. B)."""
+  d, k = cfg.d_model, cfg.head_dim
+  matmul = cfg.n_layers * (d * cfg.n_heads * k * 2 + d * cfg.n_kv_heads * k * 2
+                           + 3 * d * cfg.ffn_dim) + d * cfg.vocab_size
+  attention = cfg.n_layers * 2 * cfg.n_heads * k * seq_len
+  return 6 * matmul + 6 * attention
+
+
+def init_params(cfg: ModelConfig, key, seq_len: int = 8):
+  """Boxed (nn.Partitioned) params; `nn.unbox` gives the plain pytree."""
+  return Transformer(cfg).init(key, jnp.zeros((1, seq_len), jnp.int32))['params']

@@ -1,0 +1,118 @@
+"""TrainState, the optimizer, the jitted steps, and sharded state construction."""
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from idea_prune_jax import model as model_lib
+from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax.config import ModelConfig
+
+PAD_ID = 0
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that is sharded, donated, checkpointed and restored as one unit."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  masks: Any = None  # FFN masks while pruning; None for a dense model
+  scores: Any = None  # importance state while pruning
+
+
+def _decays(path, leaf) -> bool:
+  # Norm scales and the token embedding stay un-decayed (LLaMA / nanoGPT practice).
+  names = [getattr(k, 'key', getattr(k, 'name', '')) for k in path]
+  return leaf.ndim >= 2 and 'embed' not in names and not any('norm' in str(n) for n in names)
+
+
+def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; weight decay only on matrices."""
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.clip_norm),
+      optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                  weight_decay=train_cfg.weight_decay,
+                  mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
+
+
+def cross_entropy(logits_BxLxV, targets_BxL):
+  """(summed token NLL, token count) over non-padding targets."""
+  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+  nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+  return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
+
+
+def lm_loss(params, batch, model: nn.Module):
+  total, count = cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  return total / jnp.maximum(count, 1.0), count
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, schedule):
+  """One dense AdamW step on the LM loss."""
+  (loss, count), grads = jax.value_and_grad(lm_loss, has_aux=True)(state.params, batch, model)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
+             'tokens': count}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model):
+  """(summed NLL, token count); the caller sums over batches for perplexity."""
+  return cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+
+
+def abstract_params(model_cfg: ModelConfig):
+  """Boxed ShapeDtypeStructs: shapes plus logical axis names, no memory."""
+  return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), jax.random.key(0))
+
+
+def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh) -> TrainState:
+  """Opt moments follow their params; everything else (counts, step) is replicated."""
+  replicated = sharding_lib.replicated(mesh)
+  opt_sharding = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state.opt_state, params_sharding,
+      transform_non_params=lambda _: replicated)
+  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
+  per_ffn = lambda tree: None if tree is None else jax.tree.map(lambda _: ffn, tree)
+  return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
+                    masks=per_ffn(abstract_state.masks), scores=per_ffn(abstract_state.scores))
+
+
+def init_state(model_cfg: ModelConfig, optimizer, mesh, key, extra_fn=None):
+  """State built already sharded: shapes first, then one jitted init with out_shardings.
+
+  extra_fn(params) -> dict of extra TrainState fields (masks, scores) for pruning runs.
+  """
+  boxed = abstract_params(model_cfg)
+  params_sharding = sharding_lib.param_shardings(boxed, mesh)
+
+  def _init(k):
+    params = nn.unbox(model_lib.init_params(model_cfg, k))
+    extra = extra_fn(params) if extra_fn else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), **extra)
+
+  shardings = state_shardings(jax.eval_shape(_init, key), params_sharding, optimizer, mesh)
+  return jax.jit(_init, out_shardings=shardings)(key), shardings
+
+
+def jit_step(step_fn, shardings: TrainState, mesh, **static):
+  """Jits a (state, batch) -> (state, metrics) step with shardings and a donated state."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return jax.jit(functools.partial(step_fn, **static),
+                 in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def jit_eval(model, params_sharding, mesh):
+  return jax.jit(functools.partial(eval_step, model=model),
+                 in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=sharding_lib.replicated(mesh))
