@@ -78,6 +78,16 @@ def base() -> ml_collections.ConfigDict:
   p.beta2 = 0.95
   p.round_to = 1  # 128 on TPU
 
+  c.naive = n = ml_collections.ConfigDict()
+  n.split = 0.5  # fraction of train.steps for the enlarged model's own cosine
+  n.prune = 'oneshot'  # oneshot (scores from a few batches) | iterative (a short window)
+  n.window = 0.1  # iterative: window length as a fraction of train.steps
+  n.score_batches = 8  # oneshot: batches of gradients the scores are accumulated over
+
+  c.compare = cp = ml_collections.ConfigDict()
+  cp.seeds = 2
+  cp.pipelines = 'idea,idea_kd,naive,scratch,scratch_flops'
+
   c.distill = k = ml_collections.ConfigDict()
   k.alpha = 0.0  # 0 disables KD
   k.tau = 1.0
@@ -157,8 +167,8 @@ def validate_model(config) -> None:
 def validate(config, n_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked before compute; returns the mesh shape."""
   validate_model(config)
-  if config.pipeline not in ('idea', 'naive', 'scratch'):
-    _fail('pipeline', config.pipeline, 'use idea, naive or scratch')
+  if config.pipeline not in ('idea', 'naive', 'scratch', 'train'):
+    _fail('pipeline', config.pipeline, 'use idea, naive or scratch (train: dense config.model)')
   t = config.train
   if t.steps < 1:
     _fail('train.steps', t.steps, 'must be >= 1')
@@ -168,6 +178,22 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('data.seq_len', config.data.seq_len, 'must be >= 2')
   if config.data.source not in ('embedded', 'files', 'tfds'):
     _fail('data.source', config.data.source, 'use embedded, files or tfds')
+  n = config.naive
+  if not 0 < n.split < 1:
+    _fail('naive.split', n.split, 'must lie in (0, 1)')
+  if n.prune not in ('oneshot', 'iterative'):
+    _fail('naive.prune', n.prune, 'use oneshot or iterative')
+  if n.prune == 'iterative' and not 0 < n.window < 1 - n.split:
+    _fail('naive.window', n.window, f'must lie in (0, 1 - naive.split={1 - n.split})')
+  k = config.distill
+  if not 0 <= k.alpha <= 1:
+    _fail('distill.alpha', k.alpha, 'must lie in [0, 1]')
+  if k.tau <= 0:
+    _fail('distill.tau', k.tau, 'must be > 0')
+  if k.phases not in ('prune', 'recovery', 'both'):
+    _fail('distill.phases', k.phases, 'use prune, recovery or both')
+  if k.chunk and config.data.seq_len % k.chunk:
+    _fail('distill.chunk', k.chunk, f'must divide data.seq_len={config.data.seq_len}')
   data, fsdp, tensor = shape = mesh_shape(config, n_devices)
   if t.batch_size % (data * fsdp):
     _fail('train.batch_size', t.batch_size,

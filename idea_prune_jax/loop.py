@@ -16,6 +16,7 @@ from absl import logging
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
+from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 
 
@@ -79,7 +80,9 @@ def _py(v):
 def setup(config, workdir: str) -> Run:
   """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet."""
   sharding_lib.maybe_initialize_distributed(config)
-  config_lib.validate(config, jax.device_count())
+  _, _, tensor = config_lib.validate(config, jax.device_count())
+  if config.pipeline in ('idea', 'naive'):
+    schedules.validate_prune(config, tensor)
   mesh = sharding_lib.make_mesh(config)
   data = data_lib.build(config, workdir, jax.process_index(), jax.process_count())
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts)
@@ -137,6 +140,7 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     metrics['tokens_per_s'] = tokens_per_step / max(now - t_last, 1e-9)
     t_last = now
     metrics['phase'] = phase
+    metrics['tokens_seen'] = (step + 1) * tokens_per_step
     if on_step:
       on_step(step, metrics)
     if step % cfg.log_every == 0 or step == end - 1:
@@ -154,7 +158,8 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     if done % cfg.eval_every == 0 or done == end:
       flush(pending)
       pending = None
-      run.writer.write(step, {**evaluate(run, eval_fn, params_fn(state)), 'phase': phase})
+      run.writer.write(step, {**evaluate(run, eval_fn, params_fn(state)), 'phase': phase,
+                              'tokens_seen': done * tokens_per_step})
     if run.stop or done % cfg.ckpt_every == 0 or done == end:
       if pending is not None:
         flush(pending)
@@ -174,7 +179,7 @@ def latest(run: Run):
 
 
 def restore(run: Run, step: int, abstract_state, model_cfg):
-  """(state, meta) from the checkpoint at step, refusing a different model shape."""
+  """(state, meta) from the checkpoint at step, refusing one of a model other than model_cfg."""
   meta = ckpt_lib.read_meta(run.ckpt, step)
   if meta.get('model'):
     ckpt_lib.check_same_model(meta, model_cfg, run.workdir)

@@ -1,6 +1,11 @@
 """idea-prune COMMAND --config configs/X.py[:variant] [--config.a.b=v ...] [--workdir W]
 
-Commands: train (dense pretraining), params (parameter counts).
+  run       one pipeline (config.pipeline: idea | naive | scratch), then export and report
+  compare   idea, idea+KD, naive, scratch and FLOP-matched scratch over config.compare.seeds
+  train     dense pretraining of config.model
+  params    parameter counts of the enlarged and target models
+  eval      perplexity of an export on text files: --checkpoint W/export --files a.txt,b.txt
+  generate  text from an export: --checkpoint W/export --prompt "..."
 """
 
 import json
@@ -9,10 +14,18 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('train', 'params')
+COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate')
+NEEDS_CONFIG = ('run', 'compare', 'train', 'params')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'An export directory (W/export).')
+_FILES = flags.DEFINE_string('files', None, 'eval: comma-separated text files or globs.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'generate: the prompt text.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to sample.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 is greedy.')
+_TOP_P = flags.DEFINE_float('top_p', 0.9, 'generate: nucleus mass when temperature > 0.')
+_SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
 
 
 class UsageError(ValueError):
@@ -36,6 +49,9 @@ def _main(argv):
   command, config = argv[1], _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if command in ('eval', 'generate'):
+    _export_command(command)
+    return
   if config is None:
     raise UsageError('--config is required, e.g. --config configs/tiny.py')
   if command == 'params':
@@ -43,20 +59,49 @@ def _main(argv):
     return
   if not _WORKDIR.value:
     raise UsageError(f'--workdir is required for {command}')
-  from idea_prune_jax import pipeline
+  from idea_prune_jax import experiment, pipeline
   if command == 'train':
     print(json.dumps(pipeline.train(config, _WORKDIR.value)))
+  elif command == 'run':
+    summary = experiment.run(config, _WORKDIR.value)
+    print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
+  elif command == 'compare':
+    experiment.compare(config, _WORKDIR.value)
+    print(open(f'{_WORKDIR.value}/compare.md').read())
+
+
+def _export_command(command):
+  import jax
+  import sentencepiece as spm
+  from idea_prune_jax import data, evaluate, export
+  if not _CHECKPOINT.value:
+    raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
+  params, model_cfg = export.load_dense(_CHECKPOINT.value)
+  tokenizer = export.export_info(_CHECKPOINT.value).get('tokenizer')
+  if not tokenizer:
+    raise UsageError(f'--checkpoint={_CHECKPOINT.value}: the export holds no tokenizer.model')
+  sp = spm.SentencePieceProcessor(model_file=tokenizer)
+  if command == 'eval':
+    if not _FILES.value:
+      raise UsageError('eval needs --files, e.g. --files my.txt')
+    texts = [open(f, encoding='utf-8').read() for f in data.expand_files(_FILES.value, 'files')]
+    print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
+  else:
+    ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
+                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value)
+    print(_PROMPT.value + sp.decode(ids))
 
 
 def _guarded(argv):
   from idea_prune_jax import loop
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
+  from idea_prune_jax.export import ExportError
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, loop.NonFiniteLoss) as e:
+  except (UsageError, ConfigError, DataError, ExportError, loop.NonFiniteLoss) as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -101,11 +101,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, L] int -> logits [B, L, V] float32."""
+  """tokens [B, L] int -> logits [B, L, V] float32 (or the final hidden states, see below)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL):
+  def __call__(self, tokens_BxL, return_hidden: bool = False):
+    """return_hidden: the final-norm output [B, L, D] instead of logits, for chunked heads."""
     cfg = self.cfg
     embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                        ('vocab', 'embed'), cfg.param_dtype)
@@ -118,12 +119,22 @@ class Transformer(nn.Module):
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, None)
     x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
-    if cfg.tie_embeddings:
-      head_DxV = embedding.T
-    else:
-      head_DxV = _param(self, 'lm_head', nn.initializers.normal(0.02),
-                        (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype)
-    return (x_BxLxD @ head_DxV.astype(cfg.dtype)).astype(jnp.float32)
+    if not cfg.tie_embeddings:
+      _param(self, 'lm_head', nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
+             ('embed', 'vocab'), cfg.param_dtype)
+    if return_hidden:
+      return x_BxLxD
+    return logits(x_BxLxD, head(self.variables['params'], cfg), cfg)
+
+
+def head(params, cfg: ModelConfig):
+  """The LM head [D, V] from a param tree (the transposed embedding when tied)."""
+  params = nn.unbox(params)
+  return params['embed'].T if cfg.tie_embeddings else params['lm_head']
+
+
+def logits(x_BxLxD, head_DxV, cfg: ModelConfig):
+  return (x_BxLxD @ head_DxV.astype(cfg.dtype)).astype(jnp.float32)
 
 
 def param_count(cfg: ModelConfig) -> int:

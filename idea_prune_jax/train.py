@@ -1,5 +1,6 @@
 """TrainState, the optimizer, the jitted steps, and sharded state construction."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -9,8 +10,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from idea_prune_jax import importance
+from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
+from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax import structure as structure_lib
 from idea_prune_jax.config import ModelConfig
 
 PAD_ID = 0
@@ -24,6 +29,7 @@ class TrainState:
   opt_state: Any
   masks: Any = None  # FFN masks while pruning; None for a dense model
   scores: Any = None  # importance state while pruning
+  teacher: Any = None  # frozen teacher params while distilling
 
 
 def _decays(path, leaf) -> bool:
@@ -53,14 +59,86 @@ def lm_loss(params, batch, model: nn.Module):
   return total / jnp.maximum(count, 1.0), count
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, schedule):
-  """One dense AdamW step on the LM loss."""
-  (loss, count), grads = jax.value_and_grad(lm_loss, has_aux=True)(state.params, batch, model)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
-             'tokens': count}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+  """Static settings of the prune step (the traced parts live in TrainState.masks/scores)."""
+  schedule: schedules.PruneSchedule
+  score: str = 'platon'
+  beta1: float = 0.85
+  beta2: float = 0.95
+  structure: Any = structure_lib.FFN_STRUCTURE
+
+
+@dataclasses.dataclass(frozen=True)
+class KDOptions:
+  """Distillation from TrainState.teacher (a frozen param tree) through `teacher_model`."""
+  teacher_model: nn.Module
+  alpha: float = 0.5
+  tau: float = 1.0
+  chunk: int = 0
+
+
+def _loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
+  """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
+  mutable = ['intermediates'] if want_acts else False
+  if kd is None:
+    out = model.apply({'params': params}, batch['inputs'], mutable=mutable)
+    logits, inter = out if want_acts else (out, None)
+    total, count = cross_entropy(logits, batch['targets'])
+    loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
+  else:
+    out = model.apply({'params': params}, batch['inputs'], return_hidden=True, mutable=mutable)
+    hidden, inter = out if want_acts else (out, None)
+    from idea_prune_jax import distill  # distill builds on this module's TrainState
+    teacher = jax.lax.stop_gradient(teacher)
+    teacher_hidden = kd.teacher_model.apply({'params': teacher}, batch['inputs'],
+                                            return_hidden=True)
+    loss, aux = distill.chunked_kd_loss(
+        hidden, model_lib.head(params, model.cfg), teacher_hidden,
+        model_lib.head(teacher, kd.teacher_model.cfg), batch['targets'], alpha=kd.alpha,
+        tau=kd.tau, chunk=kd.chunk, student_cfg=model.cfg, teacher_cfg=kd.teacher_model.cfg)
+  if want_acts:
+    aux['ffn_act'] = inter['intermediates']['layers']['mlp']['ffn_act']
+  return loss, aux
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, schedule, lr_offset: int = 0,
+               prune: PruneOptions | None = None, kd: KDOptions | None = None):
+  """One AdamW step: dense, or (prune) on masked params with score update and mask refresh.
+
+  Pruning: the forward pass sees masked params, scores update from the gradients this step
+  already has, the masks refresh on the schedule's refresh steps (k is traced: no recompile),
+  and the masks are re-applied after the update so pruned slices stay exactly zero.
+  """
+  params = state.params
+  if prune is not None:
+    params = masks_lib.apply(params, state.masks, prune.structure)
+  want_acts = prune is not None and prune.score == 'activation'
+  (loss, aux), grads = jax.value_and_grad(_loss_and_aux, has_aux=True)(
+      params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'lr': schedule(state.step - lr_offset), **aux}
+  masks, scores = state.masks, state.scores
+  if prune is not None:
+    grads = masks_lib.apply(grads, state.masks, prune.structure)
+    scores = importance.update(scores, prune.score, params=params, grads=grads,
+                               activations=metrics.pop('ffn_act', None),
+                               structure=prune.structure, beta1=prune.beta1, beta2=prune.beta2)
+    keep_k = prune.schedule.keep_k(state.step)
+    masks = jax.lax.cond(
+        prune.schedule.is_refresh(state.step),
+        lambda: masks_lib.refresh(state.masks, importance.scores(
+            scores, prune.score, params=params, structure=prune.structure), keep_k),
+        lambda: state.masks)
+    metrics['ffn_width'] = jnp.mean(jnp.stack(
+        [jnp.mean(w.astype(jnp.float32)) for w in masks_lib.widths(masks).values()]))
+  updates, opt_state = optimizer.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if prune is not None:
+    params = masks_lib.apply(params, masks, prune.structure)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, masks=masks,
+                            scores=scores)
+  return new_state, metrics
 
 
 def eval_step(params, batch, *, model):
@@ -73,7 +151,8 @@ def abstract_params(model_cfg: ModelConfig):
   return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), jax.random.key(0))
 
 
-def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh) -> TrainState:
+def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh,
+                    teacher_sharding=None) -> TrainState:
   """Opt moments follow their params; everything else (counts, step) is replicated."""
   replicated = sharding_lib.replicated(mesh)
   opt_sharding = optax.tree_map_params(
@@ -82,7 +161,8 @@ def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh
   ffn = sharding_lib.named(mesh, 'layers', 'mlp')
   per_ffn = lambda tree: None if tree is None else jax.tree.map(lambda _: ffn, tree)
   return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                    masks=per_ffn(abstract_state.masks), scores=per_ffn(abstract_state.scores))
+                    masks=per_ffn(abstract_state.masks), scores=per_ffn(abstract_state.scores),
+                    teacher=teacher_sharding)
 
 
 def init_state(model_cfg: ModelConfig, optimizer, mesh, key, extra_fn=None):

@@ -1,0 +1,89 @@
+"""Perplexity on text, per-token log-probs (the interface lm-eval-harness needs), and sampling."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idea_prune_jax import data as data_lib
+from idea_prune_jax import model as model_lib
+from idea_prune_jax import train as train_lib
+
+# Training streams separate documents with EOS, so EOS is what precedes a document's start.
+START_ID = data_lib.EOS_ID
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _token_logprobs(model_cfg, params, inputs_BxL, targets_BxL):
+  logits = model_lib.Transformer(model_cfg).apply({'params': params}, inputs_BxL)
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BxL[..., None], -1)[..., 0]
+
+
+def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: list[int]
+                  ) -> tuple[float, bool]:
+  """(sum log p(continuation | context), whether it is the greedy continuation).
+
+  The two numbers an lm-eval-harness `loglikelihood` request asks for.
+  """
+  ids = np.asarray([START_ID] + context_ids + continuation_ids, np.int32)[None]
+  inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
+  logprobs = _token_logprobs(model_cfg, params, inputs, targets)[0, -len(continuation_ids):]
+  logits = model_lib.Transformer(model_cfg).apply({'params': params}, inputs)
+  greedy = jnp.argmax(logits[0, -len(continuation_ids):], -1)
+  return float(logprobs.sum()), bool(jnp.all(greedy == targets[0, -len(continuation_ids):]))
+
+
+def perplexity(params, model_cfg, sp, texts: list[str], seq_len: int, batch_size: int = 8) -> dict:
+  """Token-level loss and perplexity of texts, packed into seq_len windows."""
+  tokens = data_lib.tokenize(sp, texts)
+  windows = data_lib.windows(tokens, seq_len)
+  if len(windows) == 0:
+    raise data_lib.DataError(f'--files: fewer than {seq_len + 1} tokens; pass more text')
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model_lib.Transformer(model_cfg)))
+  total = count = 0.0
+  for i in range(0, len(windows), batch_size):
+    nll, n = eval_fn(params, data_lib.split_batch(windows[i:i + batch_size]))
+    total, count = total + float(nll), count + float(n)
+  loss = total / count
+  return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)), 'tokens': int(count)}
+
+
+def generate(params, model_cfg, prompt_ids: list[int], max_new_tokens: int, key,
+             temperature: float = 0.0, top_p: float = 1.0, max_len: int = 512) -> list[int]:
+  """Greedy (temperature 0) or nucleus sampling; one compiled step for every position.
+
+  No KV cache: each step re-runs a fixed [1, max_len] buffer, which keeps one compilation and
+  is fine for the small exported models this is meant to spot-check.
+  """
+  ids = [START_ID] + list(prompt_ids)
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(f'prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
+                     f'max_len={max_len}; shorten the prompt or raise max_len')
+  buf = np.zeros((1, max_len), np.int32)
+  buf[0, :len(ids)] = ids
+
+  @jax.jit
+  def next_token(params, buf, pos, key):
+    logits = model_lib.Transformer(model_cfg).apply({'params': params}, buf)[0, pos - 1]
+    if temperature == 0.0:
+      return jnp.argmax(logits).astype(jnp.int32)
+    probs = jax.nn.softmax(logits / temperature)
+    order = jnp.argsort(-probs)
+    cumulative = jnp.cumsum(probs[order])
+    # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+    keep_sorted = cumulative - probs[order] < top_p
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    masked = jnp.where(keep, jnp.log(probs), -jnp.inf)
+    return jax.random.categorical(key, masked).astype(jnp.int32)
+
+  pos = len(ids)
+  for _ in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    tok = int(next_token(params, jnp.asarray(buf), pos, sub))
+    buf[0, pos] = tok
+    pos += 1
+    if tok == data_lib.EOS_ID:
+      break
+  return buf[0, len(ids):pos].tolist()

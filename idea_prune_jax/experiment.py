@@ -1,0 +1,101 @@
+"""What the CLI's `run` and `compare` do: a pipeline, then its export and report; many, compared."""
+
+import copy
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from idea_prune_jax import export
+from idea_prune_jax import model as model_lib
+from idea_prune_jax import pipeline
+from idea_prune_jax import report
+from idea_prune_jax.config import ModelConfig
+
+COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
+
+
+def _tokenizer_file(workdir: str, sp) -> str:
+  path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(sp.serialized_model_proto())
+  return path
+
+
+def run(config, workdir: str, do_export: bool = True) -> dict:
+  """One pipeline end to end: train (resuming), export the dense final model, write the report."""
+  out = pipeline.run_pipeline(config, workdir)
+  state, model_cfg, run_ = out['state'], out['model_cfg'], out['run']
+  enlarged = ModelConfig.from_config(config)
+  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+  summary = {
+      'pipeline': config.pipeline, 'seed': config.seed,
+      'params_enlarged': model_lib.param_count(enlarged),
+      'params_final': model_lib.param_count(model_cfg),
+      'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
+      'tokens': tokens, 'steps': int(state.step),
+      'train_flops': pipeline.train_flops(config, out['phases']),
+      'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
+      'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}
+                 for ph in out['phases']],
+      'distill_alpha': config.distill.alpha,
+  }
+  if do_export:
+    export_dir = os.path.join(os.path.abspath(workdir), 'export')
+    tokenizer = _tokenizer_file(workdir, run_.data.sp)
+    extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
+                                     'tokens', 'steps')}
+    export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
+    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
+    if jax.process_index() == 0:
+      export.save_hf(os.path.join(export_dir, 'hf'), params, model_cfg, tokenizer)
+    summary['export_dir'] = export_dir
+  if jax.process_index() == 0:
+    report.write_report(workdir, summary)
+  return summary
+
+
+def _variant(config, name: str, seed: int, steps: int | None = None):
+  """One compare entry as a plain pipeline config; only idea_kd distils."""
+  c = copy.deepcopy(config)
+  c.seed = seed
+  c.pipeline = {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name)
+  c.distill.alpha = (config.distill.alpha or 0.5) if name == 'idea_kd' else 0.0
+  if steps is not None:
+    c.train.steps = steps
+  return c
+
+
+def compare(config, workdir: str) -> dict:
+  """idea, idea+KD, naive, scratch at equal tokens, and scratch at idea's FLOPs, over seeds."""
+  names = [n.strip() for n in config.compare.pipelines.split(',') if n.strip()]
+  unknown = set(names) - set(COMPARE_PIPELINES)
+  if unknown:
+    from idea_prune_jax.config import ConfigError
+    raise ConfigError(f'config.compare.pipelines={config.compare.pipelines!r}: unknown '
+                      f'{sorted(unknown)}; use some of {",".join(COMPARE_PIPELINES)}')
+  # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
+  idea_cfg = _variant(config, 'idea', config.seed)
+  scratch_cfg = _variant(config, 'scratch', config.seed)
+  ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))
+           / pipeline.train_flops(scratch_cfg, pipeline.plan(scratch_cfg)))
+  flops_steps = int(round(config.train.steps * ratio))
+  results = {}
+  for seed_index in range(config.compare.seeds):
+    seed = config.seed + seed_index
+    for name in names:
+      c = _variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
+      run_dir = os.path.join(workdir, name, f'seed{seed}')
+      s = run(c, run_dir, do_export=False)
+      r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],
+                                    'params_final': s['params_final'], 'tokens': s['tokens'],
+                                    'train_flops': s['train_flops']})
+      for k in ('val_loss', 'val_ppl', 'wall_s'):
+        r[k].append(s[k])
+      r['workdirs'].append(run_dir)
+  if jax.process_index() == 0:
+    report.write_compare(workdir, results)
+  return results

@@ -1,0 +1,133 @@
+"""Neuron masks as pure pytree transforms: init, apply, refresh (exact top-k), widths, shrink.
+
+Masks are a dict unit name -> float32 0/1 array [n_layers, width] ([width] for an unstacked unit),
+built from a `structure.Structure`. No model code knows about pruning: the forward pass sees
+`apply(params, masks, structure)`, so gradients w.r.t. pruned slices are exactly zero.
+
+A training step keeps pruned slices at exactly 0 by re-applying the masks to the params AFTER the
+optimizer update: `params = apply(optax.apply_updates(params, updates), masks, structure)`. Zero
+gradients alone are not enough: AdamW's momentum from before a neuron was pruned keeps moving it
+(and decoupled weight decay of a nonzero value is nonzero), which would revive it.
+
+`refresh` runs inside jit with a traced `keep_k` (no recompile as k moves); `shrink` and
+`kept_indices` run outside jit on concrete masks and slice the kept neurons out of any pytree
+shaped like params (params, grads, optax states).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idea_prune_jax.structure import Structure, locate
+
+Masks = dict[str, jax.Array]
+
+
+def init(params: Any, structure: Structure) -> Masks:
+  """All-ones float32 masks, [n_layers, width] per unit ([width] for layer_axis None)."""
+  _, _, _, dims = locate(params, structure)
+  return {name: jnp.ones(tuple(d for d in dims[name] if d is not None), jnp.float32)
+          for name in dims}
+
+
+def _broadcast(mask, match, ndim):
+  """The unit's mask reshaped to broadcast against a leaf of rank ndim."""
+  axes = (match.neuron_axis,) if match.layer_axis is None else (match.layer_axis,
+                                                                 match.neuron_axis)
+  if len(axes) == 2 and axes[1] < axes[0]:
+    mask, axes = mask.T, axes[::-1]  # mask is [layers, neurons]; the leaf has them swapped
+  shape = [1] * ndim
+  for a, size in zip(axes, mask.shape):
+    shape[a] = size
+  return mask.reshape(shape)
+
+
+def apply(tree: Any, masks: Masks, structure: Structure) -> Any:
+  """Multiplies every leaf of each unit by its neuron mask (dtype preserved); params, grads, ..."""
+  leaves, treedef, matches, _ = locate(tree, structure)
+  leaves = list(leaves)
+  for m in matches:
+    leaf = leaves[m.index]
+    mask = _broadcast(jnp.asarray(masks[m.unit.name]), m, leaf.ndim)
+    leaves[m.index] = leaf * mask.astype(leaf.dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _refresh_row_block(mask_LxF, scores_LxF, keep_k):
+  alive_LxF = mask_LxF > 0
+  # NaN would sort unpredictably; -0.0 sorts before +0.0 in a total order and would break the
+  # index tie-break. Pruned neurons sort after every alive one, whatever their score.
+  score = jnp.where(jnp.isnan(scores_LxF), -jnp.inf, scores_LxF.astype(jnp.float32))
+  score = jnp.where(score == 0, 0.0, score)
+  iota_LxF = jax.lax.broadcasted_iota(jnp.int32, score.shape, 1)
+  # Lexicographic sort on (pruned, -score, index): ties break by index (lower index wins) so
+  # exactly min(k, alive) neurons are kept per layer, never k plus however many tie at the cut.
+  _, _, order_LxF = jax.lax.sort((jnp.logical_not(alive_LxF).astype(jnp.int32), -score, iota_LxF),
+                                 dimension=1, num_keys=3)
+  rows_LxF = jax.lax.broadcasted_iota(jnp.int32, score.shape, 0)
+  rank_LxF = jnp.zeros_like(iota_LxF).at[rows_LxF, order_LxF].set(iota_LxF)
+  keep_k = jnp.asarray(keep_k, jnp.int32)
+  keep_k = keep_k[:, None] if keep_k.ndim == 1 else keep_k  # one k per layer, if given so
+  return (alive_LxF & (rank_LxF < keep_k)).astype(mask_LxF.dtype)
+
+
+def refresh(masks: Masks, scores: dict[str, jax.Array], keep_k) -> Masks:
+  """Monotone masks keeping the top-`keep_k` alive neurons per layer by score.
+
+  keep_k: an int (traced is fine: no recompile as it changes), a dict unit name -> int, or an
+  int array [n_layers]. Already-pruned neurons never return; each layer keeps exactly
+  min(keep_k, currently kept) neurons.
+  """
+  out = {}
+  for name, mask in masks.items():
+    k = keep_k[name] if isinstance(keep_k, dict) else keep_k
+    mask = jnp.asarray(mask)
+    flat = _refresh_row_block(mask.reshape(-1, mask.shape[-1]),
+                              jnp.asarray(scores[name]).reshape(-1, mask.shape[-1]), k)
+    out[name] = flat.reshape(mask.shape)
+  return out
+
+
+def widths(masks: Masks) -> dict[str, jax.Array]:
+  """Kept neurons per layer: name -> int32 [n_layers] (a scalar for an unstacked unit)."""
+  return {name: jnp.sum(jnp.asarray(m) > 0, axis=-1, dtype=jnp.int32) for name, m in masks.items()}
+
+
+def kept_indices(masks: Masks) -> dict[str, np.ndarray]:
+  """Ascending kept indices: name -> int [n_layers, k] ([k] if unstacked); needs uniform width."""
+  out = {}
+  for name, mask in masks.items():
+    keep = np.asarray(mask) > 0
+    keep_LxF = keep.reshape(-1, keep.shape[-1])
+    counts = keep_LxF.sum(-1)
+    if np.any(counts != counts[0]):
+      raise ValueError(f"unit '{name}': layers keep different widths {counts.tolist()}; "
+                       'shrink needs one width for every layer')
+    idx = np.stack([np.flatnonzero(row) for row in keep_LxF])
+    out[name] = idx.reshape(keep.shape[:-1] + (int(counts[0]),))
+  return out
+
+
+def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
+  """Slices the kept neurons out of every unit leaf (outside jit); params, grads, optax states."""
+  indices = kept_indices(masks)
+  leaves, treedef, matches, _ = locate(tree, structure)
+  leaves = list(leaves)
+  for m in matches:
+    leaf = leaves[m.index]
+    idx = _broadcast(indices[m.unit.name], m, leaf.ndim)
+    take = np.take_along_axis if isinstance(leaf, np.ndarray) else jnp.take_along_axis
+    leaves[m.index] = take(leaf, idx, axis=m.neuron_axis)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
+  """(shrunk params, dataclasses.replace(model_config, ffn_dim=kept width)); one width overall."""
+  kept = {name: idx.shape[-1] for name, idx in kept_indices(masks).items()}
+  if len(set(kept.values())) != 1:
+    raise ValueError(f'units keep different widths {kept}; ffn_dim needs one')
+  return shrink(params, masks, structure), dataclasses.replace(
+      model_config, ffn_dim=next(iter(kept.values())))

@@ -1,0 +1,139 @@
+"""Which param slices form one prunable unit, found by key path in any pytree shaped like params.
+
+A `Unit` is a group of neurons that are pruned together: neuron j of a unit is index j along the
+`axis` of every one of its `Slice`s (for a SwiGLU FFN: gate[:, j], up[:, j], down[j, :]). A
+`Slice` matches every leaf whose key path ENDS WITH `slice.path`, so one structure describes
+params, gradients, optimizer moments nested in an optax state (`opt_state[1][0].mu[...]`),
+Linen boxed params and NNX `State`s alike.
+
+    FFN_STRUCTURE                                      # our scanned model (layers on axis 0)
+    ffn_units([('block_0', 'mlp'), ('block_1', 'mlp')], kernel=('kernel',))  # two NNX blocks
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  path: tuple[str, ...]  # the trailing keys of the leaf, e.g. ('layers', 'mlp', 'gate')
+  axis: int  # the neuron axis of the leaf (negative counts from the end)
+
+  def __post_init__(self):
+    # Key paths are compared as strings: 'layers/mlp/gate' and list indices (0 -> '0') work too.
+    path = self.path.split('/') if isinstance(self.path, str) else self.path
+    object.__setattr__(self, 'path', tuple(str(k) for k in path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  name: str  # key of this unit in masks and scores
+  slices: tuple[Slice, ...]
+  layer_axis: int | None = 0  # the stacked (nn.scan) axis of every slice; None: one layer
+
+
+Structure = tuple[Unit, ...]
+
+
+def ffn_unit(name: str, prefix: Sequence[str], *, in_projs=('gate', 'up'), out_projs=('down',),
+             kernel: Sequence[str] = (), bias: str | None = None,
+             layer_axis: int | None = None) -> Unit:
+  """One FFN: `prefix/<in_proj>/<kernel>` [.., D, F] on axis -1, `prefix/<out_proj>/<kernel>`
+  [.., F, D] on axis -2; `bias`: the leaf name of the in-projections' biases `prefix/<in_proj>/
+  <bias>` [.., F], which belong to the neuron (Linen Dense / nnx.Linear: kernel=('kernel',),
+  bias='bias')."""
+  prefix, kernel = tuple(prefix), tuple(kernel)
+  slices = [Slice(prefix + (p,) + kernel, -1) for p in in_projs]
+  if bias is not None:
+    slices += [Slice(prefix + (p, bias), -1) for p in in_projs]
+  slices += [Slice(prefix + (p,) + kernel, -2) for p in out_projs]
+  return Unit(name, tuple(slices), layer_axis)
+
+
+def ffn_units(prefixes: Sequence[Sequence[str]], **kwargs) -> Structure:
+  """One unstacked FFN unit per prefix, named by its joined path ('block_0/mlp'); see ffn_unit."""
+  return tuple(ffn_unit('/'.join(p), p, **kwargs) for p in prefixes)
+
+
+def llama_ffn(prefix=('layers', 'mlp'), name: str = 'ffn', layer_axis: int | None = 0) -> Structure:
+  """Our `model.Transformer`: gate/up [L, D, F], down [L, F, D], layers stacked on axis 0."""
+  return (ffn_unit(name, prefix, layer_axis=layer_axis),)
+
+
+FFN_STRUCTURE = llama_ffn()
+
+
+def key_names(path) -> tuple[str, ...]:
+  """A jax key path as strings; a trailing `.value` attribute (NNX Variable, Linen Partitioned
+  box) is dropped so a param's path reads the same boxed or not."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
+  names = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)))
+        break
+    else:
+      names.append(str(k))
+  return tuple(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+  """A leaf that belongs to a unit: its index in the flat leaves and where its axes are."""
+  index: int
+  path: str
+  unit: Unit
+  neuron_axis: int  # non-negative
+  layer_axis: int | None  # non-negative
+
+
+def locate(tree: Any, structure: Structure, *, one_leaf_per_slice: bool = False):
+  """(leaves, treedef, matches, dims): dims[name] = (n_layers | None, width).
+
+  Raises ValueError (one line) when a slice matches no leaf, a leaf matches two slices, or the
+  sizes of a unit's leaves disagree.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = [leaf for _, leaf in flat]
+  names = [key_names(p) for p, _ in flat]
+  matches, owner, dims = [], {}, {}
+  for unit in structure:
+    for sl in unit.slices:
+      n = len(sl.path)
+      hits = [i for i, nm in enumerate(names) if nm[-n:] == tuple(sl.path)]
+      if not hits:
+        raise ValueError(f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches no leaf")
+      if one_leaf_per_slice and len(hits) > 1:
+        raise ValueError(f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches "
+                         f'{len(hits)} leaves; pass a params-shaped tree')
+      for i in hits:
+        path = '/'.join(names[i])
+        if i in owner:
+          raise ValueError(f'leaf {path} matches two slices ({owner[i]} and {unit.name})')
+        owner[i] = unit.name
+        m = _match(i, path, unit, sl, leaves[i])
+        shape = leaves[i].shape
+        got = (None if m.layer_axis is None else shape[m.layer_axis], shape[m.neuron_axis])
+        want = dims.setdefault(unit.name, (got, path))
+        if got != want[0]:
+          raise ValueError(f"unit '{unit.name}': (layers, neurons) sizes disagree: {path} has "
+                           f'{got}, {want[1]} has {want[0]}')
+        matches.append(m)
+  return leaves, treedef, matches, {k: v[0] for k, v in dims.items()}
+
+
+def _match(index, path, unit, sl, leaf) -> Match:
+  ndim = len(getattr(leaf, 'shape', ()))
+  axes = [sl.axis] + ([] if unit.layer_axis is None else [unit.layer_axis])
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"unit '{unit.name}': leaf {path} of shape {getattr(leaf, 'shape', ())} "
+                     f'has no axis {axes}')
+  neuron = sl.axis % ndim
+  layer = None if unit.layer_axis is None else unit.layer_axis % ndim
+  if neuron == layer:
+    raise ValueError(f"unit '{unit.name}': leaf {path} uses axis {neuron} for layers and neurons")
+  return Match(index, path, unit, neuron, layer)

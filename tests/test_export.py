@@ -1,0 +1,195 @@
+"""Export: our dense format and the Hugging Face Llama layout round-trip, and transformers loads it.
+
+The transformers checks need the optional `hf` extra (torch, transformers) and skip without it.
+"""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idea_prune_jax import data as data_lib
+from idea_prune_jax import export
+from idea_prune_jax import model as model_lib
+from idea_prune_jax.config import ModelConfig
+
+# GQA (4 query heads on 2 KV heads), a pruned FFN width no default has, non-default theta and eps.
+CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=20,
+                  tie_embeddings=False, rope_theta=500.0, norm_eps=1e-5)
+TIED = dataclasses.replace(CFG, tie_embeddings=True)
+
+
+def _params(cfg, seed=0):
+  """Random params far from init: norm scales around 1, weights large enough to matter."""
+  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(seed)))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  new = [((1.0 + 0.2 * jax.random.normal(k, x.shape)) if 'scale' in jax.tree_util.keystr(path)
+          else 0.25 * jax.random.normal(k, x.shape)).astype(x.dtype)
+         for k, (path, x) in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, new)
+
+
+def _tokens(cfg, shape=(2, 24)):
+  return jax.random.randint(jax.random.key(7), shape, 0, cfg.vocab_size)
+
+
+def _logits(params, cfg, tokens):
+  return np.asarray(model_lib.Transformer(cfg).apply({'params': params}, tokens))
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def spm_model(tmp_path_factory):
+  """A small SentencePiece model trained as the pipeline trains its own (PAD 0, BOS 2, EOS 3)."""
+  text = next(iter(data_lib.embedded_works().values()))[:100_000]
+  path = tmp_path_factory.mktemp('tok') / 'spm.model'
+  path.write_bytes(data_lib.train_spm(data_lib.spm_sentences([text]), 320))
+  return str(path)
+
+
+@pytest.mark.parametrize('cfg', [CFG, dataclasses.replace(TIED, param_dtype='bfloat16')],
+                         ids=['untied_f32', 'tied_bf16'])
+def test_dense_round_trip_is_exact(tmp_path, cfg, spm_model):
+  params, tokens = _params(cfg), _tokens(cfg)
+  extra = {'pipeline': 'idea', 'ffn_enlarged': 60, 'step': 12}
+  out = export.save_dense(str(tmp_path / 'dense'), params, cfg, tokenizer_path=spm_model,
+                          extra=extra)
+  loaded, loaded_cfg = export.load_dense(out)
+  assert loaded_cfg == cfg and loaded_cfg.ffn_dim == 20
+  _assert_trees_equal(loaded, params)
+  np.testing.assert_array_equal(_logits(loaded, loaded_cfg, tokens), _logits(params, cfg, tokens))
+  info = export.export_info(out)
+  assert info['model']['ffn_dim'] == 20 and info['extra'] == extra
+  assert info['param_count'] == model_lib.param_count(cfg)
+  with open(info['tokenizer'], 'rb') as f, open(spm_model, 'rb') as g:
+    assert f.read() == g.read()
+
+
+def test_save_rejects_params_that_do_not_match_the_config(tmp_path):
+  # Shrunk params saved with the enlarged config: caught before anything is written.
+  with pytest.raises(export.ExportError, match=r"mlp.*shape \(2, 32, 20\).*\(2, 32, 60\)"):
+    export.save_dense(str(tmp_path / 'd'), _params(CFG), dataclasses.replace(CFG, ffn_dim=60))
+  with pytest.raises(export.ExportError, match='ffn_dim|shape'):
+    export.save_hf(str(tmp_path / 'h'), _params(CFG), dataclasses.replace(CFG, ffn_dim=60))
+  with pytest.raises(export.ExportError, match='lm_head'):  # untied params, tied config
+    export.save_dense(str(tmp_path / 'd'), _params(CFG), TIED)
+  with pytest.raises(export.ExportError, match='not JSON-serializable'):
+    export.save_dense(str(tmp_path / 'd'), _params(CFG), CFG, extra={'x': object()})
+  assert not os.listdir(tmp_path)
+
+
+def test_loaders_reject_directories_that_are_not_their_export(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for load in (export.load_dense, export.load_hf):
+    with pytest.raises(export.ExportError, match='not an export'):
+      load(str(empty))
+    with pytest.raises(ValueError):  # ExportError is a ValueError
+      load(str(tmp_path / 'missing'))
+  hf = export.save_hf(str(tmp_path / 'hf'), _params(CFG), CFG)
+  dense = export.save_dense(str(tmp_path / 'dense'), _params(CFG), CFG)
+  with pytest.raises(export.ExportError, match='not an idea_prune_jax dense export.*load_hf'):
+    export.load_dense(hf)
+  with pytest.raises(export.ExportError, match='not a Hugging Face Llama.*load_dense'):
+    export.load_hf(dense)
+  # One line each, so a CLI can print it as is.
+  with pytest.raises(export.ExportError) as e:
+    export.load_dense(str(empty))
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('cfg', [CFG, TIED], ids=['untied', 'tied'])
+def test_hf_round_trip_is_exact(tmp_path, cfg):
+  params, tokens = _params(cfg), _tokens(cfg)
+  out = export.save_hf(str(tmp_path / 'hf'), params, cfg)
+  loaded, loaded_cfg = export.load_hf(out)
+  assert loaded_cfg == cfg
+  _assert_trees_equal(loaded, params)
+  np.testing.assert_array_equal(_logits(loaded, loaded_cfg, tokens), _logits(params, cfg, tokens))
+
+
+def test_hf_layout_and_config(tmp_path, spm_model):
+  from safetensors.numpy import load_file
+  params = _params(CFG)
+  out = export.save_hf(str(tmp_path / 'hf'), params, CFG, tokenizer_path=spm_model)
+  tensors = load_file(os.path.join(out, 'model.safetensors'))
+  assert len(tensors) == 2 + 1 + 9 * CFG.n_layers
+  np.testing.assert_array_equal(tensors['model.layers.1.self_attn.k_proj.weight'],
+                                np.asarray(params['layers']['attn']['k'][1]).T)
+  assert tensors['model.layers.0.mlp.down_proj.weight'].shape == (32, 20)
+  assert tensors['model.layers.0.mlp.gate_proj.weight'].shape == (20, 32)
+  assert tensors['lm_head.weight'].shape == (96, 32)
+  with open(os.path.join(out, 'config.json')) as f:
+    config = json.load(f)
+  assert config['intermediate_size'] == 20 and config['num_key_value_heads'] == 2
+  assert config['head_dim'] == 8 and config['rope_theta'] == 500.0
+  assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (
+      data_lib.BOS_ID, data_lib.EOS_ID, data_lib.PAD_ID)
+  tied = export.save_hf(str(tmp_path / 'tied'), _params(TIED), TIED)
+  assert 'lm_head.weight' not in load_file(os.path.join(tied, 'model.safetensors'))
+
+
+def test_load_hf_refuses_what_our_model_cannot_represent(tmp_path):
+  out = export.save_hf(str(tmp_path / 'hf'), _params(CFG), CFG)
+  path = os.path.join(out, 'config.json')
+  with open(path) as f:
+    good = json.load(f)
+  for change, match in [({'rope_parameters': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_type'),
+                        ({'mlp_bias': True}, 'mlp_bias'),
+                        ({'hidden_act': 'gelu'}, 'hidden_act'),
+                        ({'head_dim': 16}, 'head_dim')]:
+    with open(path, 'w') as f:
+      json.dump({**good, **change}, f)
+    with pytest.raises(export.ExportError, match=match):
+      export.load_hf(out)
+
+
+@pytest.fixture
+def transformers(monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('TRANSFORMERS_OFFLINE', '1')
+  pytest.importorskip('torch')
+  return pytest.importorskip('transformers')
+
+
+@pytest.mark.parametrize('cfg', [CFG, TIED], ids=['untied', 'tied'])
+def test_transformers_llama_loads_the_export_with_our_logits(tmp_path, cfg, transformers):
+  import torch
+  params, tokens = _params(cfg), _tokens(cfg)
+  out = export.save_hf(str(tmp_path / 'hf'), params, cfg)
+  model = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+  assert model.config.intermediate_size == cfg.ffn_dim
+  assert model.config.num_key_value_heads == cfg.n_kv_heads < model.config.num_attention_heads
+  assert model.dtype == torch.float32
+  head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+  assert (head.data_ptr() == embed.data_ptr()) == cfg.tie_embeddings
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+  ours = _logits(params, cfg, tokens)
+  assert np.abs(ours).max() > 1.0  # logits large enough for the comparison to mean something
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_transformers_tokenizer_matches_sentencepiece(tmp_path, spm_model, transformers):
+  import sentencepiece as spm
+  out = export.save_hf(str(tmp_path / 'hf'), _params(CFG), CFG, tokenizer_path=spm_model)
+  tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+  sp = spm.SentencePieceProcessor(model_file=spm_model)
+  assert (tok.eos_token_id, tok.pad_token_id) == (data_lib.EOS_ID, data_lib.PAD_ID)
+  # Text starting with whitespace or a newline is where HF's converted tokenizer can differ.
+  for text in ['First Citizen:\nBefore we proceed any further, hear me speak.',
+               'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.', 'ünï 日本 🙂']:
+    assert tok(text)['input_ids'] == sp.encode(text)  # no BOS added: the pipeline adds none
+    assert tok.decode(sp.encode(text)) == text

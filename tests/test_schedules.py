@@ -1,0 +1,95 @@
+"""Width schedule k(t), refresh cadence, and pruning-config validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idea_prune_jax import config as config_lib
+from idea_prune_jax.config import ConfigError
+from idea_prune_jax.schedules import PruneSchedule, validate_prune
+
+
+def test_keep_k_cubic_at_edges_and_midpoint():
+  sched = PruneSchedule(t_start=100, t_end=140, every=10, ffn_enlarged=1152, ffn_target=384)
+  k = jax.jit(sched.keep_k)
+  assert int(k(0)) == int(k(100)) == 1152  # p = 0: f_E
+  assert int(k(120)) == 384 + (1152 - 384) // 8  # p = 1/2: (1 - p)^3 = 1/8 -> 480
+  assert int(k(140)) == int(k(10_000)) == 384  # p = 1: f_T
+  assert int(k(110)) == round(384 + 768 * 0.75 ** 3)
+  ks = [int(k(t)) for t in range(90, 150)]
+  assert ks == sorted(ks, reverse=True) and min(ks) == 384 and k(7).dtype == jnp.int32
+
+
+def test_keep_k_linear():
+  sched = PruneSchedule(t_start=0, t_end=10, every=1, ffn_enlarged=30, ffn_target=10, kind='linear')
+  assert [int(sched.keep_k(t)) for t in (0, 5, 10, 11)] == [30, 20, 10, 10]
+  assert int(sched.keep_k(3)) == 24  # 10 + 20 * 0.7
+
+
+def test_keep_k_rounds_to_nearest_never_below_target():
+  sched = PruneSchedule(t_start=0, t_end=7, every=1, ffn_enlarged=13, ffn_target=5)
+  for t in range(8):
+    want = round(5 + 8 * (1 - t / 7) ** 3)
+    assert int(sched.keep_k(t)) == want >= 5
+
+
+def test_is_refresh_cadence_includes_t_end():
+  sched = PruneSchedule(t_start=20, t_end=45, every=10, ffn_enlarged=8, ffn_target=2)
+  refresh = jax.jit(sched.is_refresh)
+  assert [t for t in range(60) if refresh(t)] == [20, 30, 40, 45]
+  assert [t for t in range(60) if sched.in_window(t)] == list(range(20, 46))
+  assert int(sched.keep_k(45)) == 2  # the final refresh reaches f_T
+
+
+def test_from_config_reads_fractions_of_the_run():
+  c = config_lib.base()
+  c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
+  sched = PruneSchedule.from_config(c)
+  assert sched == PruneSchedule(t_start=300, t_end=420, every=10, ffn_enlarged=1152,
+                                ffn_target=384, kind='cubic')
+  validate_prune(c)
+
+
+@pytest.mark.parametrize('field,value,tp,fragment', [
+    ('prune.target_ffn', 2000, 1, 'config.prune.target_ffn=2000'),
+    ('prune.target_ffn', 0, 1, 'config.prune.target_ffn=0'),
+    ('prune.round_to', 256, 1, 'config.prune.target_ffn=384: not a multiple of prune.round_to'),
+    ('prune.target_ffn', 390, 4, 'config.prune.target_ffn=390: not a multiple of the tensor'),
+    ('model.ffn_dim', 1151, 5, 'config.model.ffn_dim=1151'),
+    ('prune.t_start', -0.1, 1, 'config.prune.t_start'),
+    ('prune.t_end', 1.2, 1, 'config.prune.t_end'),
+    ('prune.t_end', 0.4, 1, 'config.prune.t_end'),
+    ('prune.t_end', 0.5005, 1, 'config.prune.t_end=0.5005: window [300, 300]'),
+    ('prune.every', 0, 1, 'config.prune.every=0'),
+    ('prune.schedule', 'quadratic', 1, 'config.prune.schedule'),
+    ('prune.score', 'fisher', 1, 'config.prune.score'),
+    ('prune.beta1', 1.0, 1, 'config.prune.beta1'),
+    ('prune.beta2', -0.5, 1, 'config.prune.beta2'),
+])
+def test_validate_prune_names_the_field(field, value, tp, fragment):
+  c = config_lib.base()
+  c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
+  if field == 'model.ffn_dim':
+    c.prune.target_ffn = 380  # a multiple of 5, so only ffn_dim fails
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=fragment.replace('[', r'\[').replace(']', r'\]')):
+    validate_prune(c, tensor_parallel=tp)
+
+
+def test_validate_prune_reads_tensor_parallel_from_mesh():
+  c = config_lib.base()
+  c.model.ffn_dim, c.prune.target_ffn, c.mesh.tensor = 1152, 386, 4
+  with pytest.raises(ConfigError, match='tensor-parallel degree 4'):
+    validate_prune(c)
+  c.prune.target_ffn = 384
+  validate_prune(c)
+
+
+def test_keep_k_changes_without_recompiling():
+  sched = PruneSchedule(t_start=0, t_end=100, every=10, ffn_enlarged=64, ffn_target=16)
+  k = jax.jit(sched.keep_k)
+  values = [int(k(jnp.int32(t))) for t in range(0, 101, 10)]
+  assert len(set(values)) > 5 and k._cache_size() == 1
+  np.testing.assert_array_equal(values[0], 64)
