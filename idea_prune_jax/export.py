@@ -36,8 +36,8 @@ _HF_LAYER = {('attn', 'q'): ('self_attn.q_proj.weight', True),
              ('mlp', 'gate'): ('mlp.gate_proj.weight', True),
              ('mlp', 'up'): ('mlp.up_proj.weight', True),
              ('mlp', 'down'): ('mlp.down_proj.weight', True),
-             ('attn_norm', 'scale'): ('input_layernorm.weight', False),
-             ('mlp_norm', 'scale'): ('post_attention_layernorm.weight', False)}
+             ('attn_norm', 'scale'): ('post_attention_layernorm.weight', False),
+             ('mlp_norm', 'scale'): ('input_layernorm.weight', False)}
 _DTYPES = {'float32', 'bfloat16', 'float16'}
 
 

@@ -56,10 +56,11 @@ def apply(tree: Any, masks: Masks, structure: Structure) -> Any:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _refresh_row_block(mask_LxF, scores_LxF, keep_k):
+def _refresh_rows(mask_LxF, scores_LxF, keep_k):
   alive_LxF = mask_LxF > 0
-  # NaN would sort unpredictably; -0.0 sorts before +0.0 in a total order and would break the
-  # index tie-break. Pruned neurons sort after every alive one, whatever their score.
+  # lax.sort's total order would rank a -NaN score first and -0.0 before +0.0 (breaking the index
+  # tie-break); so NaN ranks last among alive neurons and zeros are made equal. Pruned neurons
+  # sort after every alive one, whatever their score: they never return.
   score = jnp.where(jnp.isnan(scores_LxF), -jnp.inf, scores_LxF.astype(jnp.float32))
   score = jnp.where(score == 0, 0.0, score)
   iota_LxF = jax.lax.broadcasted_iota(jnp.int32, score.shape, 1)
@@ -85,7 +86,7 @@ def refresh(masks: Masks, scores: dict[str, jax.Array], keep_k) -> Masks:
   for name, mask in masks.items():
     k = keep_k[name] if isinstance(keep_k, dict) else keep_k
     mask = jnp.asarray(mask)
-    flat = _refresh_row_block(mask.reshape(-1, mask.shape[-1]),
+    flat = _refresh_rows(mask.reshape(-1, mask.shape[-1]),
                               jnp.asarray(scores[name]).reshape(-1, mask.shape[-1]), k)
     out[name] = flat.reshape(mask.shape)
   return out
@@ -112,7 +113,8 @@ def kept_indices(masks: Masks) -> dict[str, np.ndarray]:
 
 
 def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
-  """Slices the kept neurons out of every unit leaf (outside jit); params, grads, optax states."""
+  """Slices the kept neurons out of every unit leaf; params, grads, optax states. Outside jit:
+  the masks must be concrete, and every layer must keep the same number of neurons."""
   indices = kept_indices(masks)
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)

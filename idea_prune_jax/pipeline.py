@@ -147,7 +147,7 @@ def _host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def _oneshot_masks(run, config, state, p: Parts):
+def _oneshot_masks(run, config, state, model):
   """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
   masks = masks_lib.init(state.params, FFN_STRUCTURE)
   scores = importance.init(masks, config.prune.score)
@@ -156,7 +156,7 @@ def _oneshot_masks(run, config, state, p: Parts):
   @jax.jit
   def accumulate(scores, params, batch):
     (_, aux), grads = jax.value_and_grad(train_lib._loss_and_aux, has_aux=True)(
-        params, batch, None, model=p.model, kd=None, want_acts=want_acts)
+        params, batch, None, model=model, kd=None, want_acts=want_acts)
     return importance.update(scores, kind, params=params, grads=grads,
                              activations=aux.get('ffn_act'), structure=FFN_STRUCTURE,
                              beta1=config.prune.beta1, beta2=config.prune.beta2)
@@ -179,7 +179,8 @@ def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
   params, opt_state = state.params, state.opt_state
   if prev.ffn_dim != nxt.ffn_dim:
     if masks is None:
-      masks = _oneshot_masks(run, config, state, p_next)
+      enlarged = model_lib.Transformer(ModelConfig.from_config(config, ffn_dim=prev.ffn_dim))
+      masks = _oneshot_masks(run, config, state, enlarged)
     masks = _host(masks)
     params = masks_lib.shrink(params, masks, FFN_STRUCTURE)
     opt_state = masks_lib.shrink(opt_state, masks, FFN_STRUCTURE)

@@ -20,8 +20,20 @@ STUDENT = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_head
 TEACHER = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=72)
 
 
+@functools.cache
+def _numpy_params(cfg, seed):
+  # NumPy-filled rather than a flax init, which compiles for seconds on a busy CPU.
+  shapes = nn.unbox(jax.eval_shape(functools.partial(model_lib.init_params, cfg),
+                                   jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  fill = lambda path, s: (np.ones(s.shape, np.float32) if 'norm' in jax.tree_util.keystr(path)
+                          else rng.normal(0.0, 0.1, s.shape).astype(np.float32))
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def _params(cfg, seed):
-  return nn.unbox(model_lib.init_params(cfg, jax.random.key(seed)))
+  """Random params of the model's shapes, in fresh device buffers (tests donate them)."""
+  return jax.tree.map(jnp.asarray, _numpy_params(cfg, seed))
 
 
 def _batch(seed=0, pad_tail=2):
@@ -32,12 +44,16 @@ def _batch(seed=0, pad_tail=2):
 
 
 def _logits(seed, shape=(B, L, V)):
-  return 3.0 * jax.random.normal(jax.random.key(seed), shape)
+  return jnp.asarray(3.0 * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+# Jitted once per test session: op-by-op dispatch compiles every small op and is slower here.
+_kd_loss = jax.jit(distill.kd_loss)
 
 
 def test_identical_student_and_teacher_has_exactly_zero_kl():
   logits, targets = _logits(0), _batch()['targets']
-  loss, aux = distill.kd_loss(logits, logits, targets, alpha=0.3, tau=2.0)
+  loss, aux = _kd_loss(logits, logits, targets, alpha=0.3, tau=2.0)
   assert float(aux['kl']) == 0.0
   np.testing.assert_allclose(loss, 0.7 * aux['ce'], rtol=1e-7)
   np.testing.assert_allclose(aux['teacher_ce'], aux['ce'], rtol=1e-7)
@@ -58,7 +74,7 @@ def test_numpy_reference_with_temperature_and_padding():
   ls, lt = log_softmax(s / tau)[0, :2], log_softmax(t / tau)[0, :2]
   kl = (np.exp(lt) * (lt - ls)).sum(-1)
   expected = (1 - alpha) * ce.mean() + alpha * tau**2 * kl.mean()
-  loss, aux = distill.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+  loss, aux = _kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
                               jnp.asarray(y), alpha=alpha, tau=tau)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(aux['ce'], ce.mean(), rtol=1e-6)
@@ -71,63 +87,80 @@ def test_padding_positions_do_not_matter():
   s, t, targets = _logits(1), _logits(2), _batch(pad_tail=3)['targets']
   noise = 100.0 * _logits(3)
   is_pad = (targets == train_lib.PAD_ID)[..., None]
-  loss, aux = distill.kd_loss(s, t, targets, alpha=0.5, tau=1.5)
-  loss2, aux2 = distill.kd_loss(s + noise * is_pad, t - noise * is_pad, targets, alpha=0.5,
+  loss, aux = _kd_loss(s, t, targets, alpha=0.5, tau=1.5)
+  loss2, aux2 = _kd_loss(s + noise * is_pad, t - noise * is_pad, targets, alpha=0.5,
                                 tau=1.5)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
   assert float(aux['tokens']) == B * L - 3
   # and the gradient at padding positions is exactly zero
-  g = jax.grad(lambda x: distill.kd_loss(x, t, targets, alpha=0.5, tau=1.5)[0])(s)
+  g = jax.jit(jax.grad(lambda x: distill.kd_loss(x, t, targets, alpha=0.5, tau=1.5)[0]))(s)
   assert float(jnp.abs(g * is_pad).max()) == 0.0
   assert float(jnp.abs(g).max()) > 0.0
 
 
+@functools.cache
+def _kd_grads(chunk):
+  """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached so tests share compiles."""
+  fn = lambda p, batch, tp, alpha, tau: distill.kd_loss_fn(
+      p, batch, tp, model=model_lib.Transformer(STUDENT),
+      teacher_model=model_lib.Transformer(TEACHER), alpha=alpha, tau=tau, chunk=chunk)
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 2), has_aux=True))
+
+
 def test_alpha_zero_is_the_plain_lm_loss():
   params, batch = _params(STUDENT, 0), _batch()
-  teacher_params = _params(TEACHER, 1)
-  model, teacher = model_lib.Transformer(STUDENT), model_lib.Transformer(TEACHER)
-  lm, count = train_lib.lm_loss(params, batch, model)
-  loss, aux = distill.kd_loss_fn(params, batch, teacher_params, model=model,
-                                 teacher_model=teacher, alpha=0.0, tau=2.0)
+  lm, count = jax.jit(train_lib.lm_loss, static_argnums=2)(params, batch,
+                                                           model_lib.Transformer(STUDENT))
+  (loss, aux), _ = _kd_grads(0)(params, batch, _params(TEACHER, 1), 0.0, 2.0)
   np.testing.assert_allclose(loss, lm, rtol=1e-6)
-  assert float(aux['kl']) > 0.0 and float(aux['tokens']) == float(count)
+  assert float(aux['kl']) > 0.0 and float(aux['tokens']) == float(count) == B * L - 2
 
 
-def test_no_gradient_reaches_the_teacher():
-  params, teacher_params, batch = _params(STUDENT, 0), _params(TEACHER, 1), _batch()
-  model, teacher = model_lib.Transformer(STUDENT), model_lib.Transformer(TEACHER)
-  for chunk in (0, 4):
-    fn = functools.partial(distill.kd_loss_fn, model=model, teacher_model=teacher, alpha=0.9,
-                           tau=2.0, chunk=chunk)
-    g_teacher = jax.grad(lambda tp: fn(params, batch, tp)[0])(teacher_params)
-    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_teacher))
-    g_student = jax.grad(lambda p: fn(p, batch, teacher_params)[0])(params)
-    assert all(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(g_student))
-  # also at the logits level
-  g = jax.grad(lambda t: distill.kd_loss(_logits(0), t, batch['targets'], alpha=1.0, tau=1.0)[0])(
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_no_gradient_reaches_the_teacher(chunk):
+  (_, aux), (g_student, g_teacher) = _kd_grads(chunk)(
+      _params(STUDENT, 0), _batch(), _params(TEACHER, 1), 0.9, 2.0)
+  assert float(aux['kl']) > 0.0
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_teacher))
+  assert all(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(g_student))
+
+
+def test_no_gradient_reaches_teacher_logits():
+  s, targets = _logits(0), _batch()['targets']
+  g = jax.jit(jax.grad(lambda t: distill.kd_loss(s, t, targets, alpha=1.0, tau=1.0)[0]))(
       _logits(1))
   assert float(jnp.abs(g).max()) == 0.0
 
 
-@pytest.mark.parametrize('tie', [True, False])
-def test_chunked_equals_unchunked_loss_and_grads(tie):
-  student = ModelConfig(**{**STUDENT.__dict__, 'tie_embeddings': tie})
-  teacher = ModelConfig(**{**TEACHER.__dict__, 'tie_embeddings': tie})
-  params, teacher_params, batch = _params(student, 0), _params(teacher, 1), _batch()
-  model, teacher_model = model_lib.Transformer(student), model_lib.Transformer(teacher)
+def test_chunked_equals_unchunked_through_the_models():
+  args = (_params(STUDENT, 0), _batch(), _params(TEACHER, 1), 0.5, 2.0)
+  (loss, aux), (grads, _) = _kd_grads(0)(*args)
+  (loss_c, aux_c), (grads_c, _) = _kd_grads(4)(*args)
+  np.testing.assert_allclose(loss_c, loss, atol=1e-5, rtol=0)
+  for k in ('ce', 'kl', 'teacher_ce', 'tokens'):
+    np.testing.assert_allclose(aux_c[k], aux[k], atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads_c, grads)
 
-  def run(chunk):
-    fn = functools.partial(distill.kd_loss_fn, model=model, teacher_model=teacher_model,
-                           alpha=0.5, tau=2.0, chunk=chunk)
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params, batch, teacher_params)
 
-  (loss, aux), grads = run(0)
-  for chunk in (1, 2, 4, L, 2 * L):
-    (loss_c, aux_c), grads_c = run(chunk)
-    np.testing.assert_allclose(loss_c, loss, atol=1e-5, rtol=0)
-    for k in ('ce', 'kl', 'teacher_ce', 'tokens'):
-      np.testing.assert_allclose(aux_c[k], aux[k], atol=1e-5, rtol=0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads_c, grads)
+@functools.cache
+def _hidden_grads(chunk):
+  """(loss, aux), d/d (student hidden, student head) of chunked_kd_loss on fixed random inputs."""
+  rng = np.random.default_rng(0)
+  hs, ht, head_s, head_t = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                            for s in ((B, L, 16), (B, L, 16), (16, V), (16, V)))
+  fn = lambda *a: distill.chunked_kd_loss(*a, _batch()['targets'], alpha=0.5, tau=2.0,
+                                          chunk=chunk, student_cfg=STUDENT, teacher_cfg=TEACHER)
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(hs, head_s, ht, head_t)
+
+
+@pytest.mark.parametrize('chunk', [1, 2, 4, L, 2 * L])
+def test_chunked_equals_unchunked_on_hidden_states(chunk):
+  (loss, aux), grads = _hidden_grads(0)
+  (loss_c, aux_c), grads_c = _hidden_grads(chunk)
+  np.testing.assert_allclose(loss_c, loss, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(aux_c['kl'], aux['kl'], atol=1e-5, rtol=0)
+  assert float(aux_c['tokens']) == float(aux['tokens'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads_c, grads)
 
 
 def test_chunk_that_does_not_divide_the_sequence_is_one_clear_line():
@@ -161,8 +194,9 @@ def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
   jax.tree.map(np.testing.assert_array_equal, teacher_params, teacher_before)
   # the teacher is an argument of the executable, not a constant folded into it
   hlo = step.lower(state, batch, teacher_params).as_text()
-  n_teacher = len(jax.tree.leaves(teacher_params))
-  assert hlo.count('parameter(') >= n_teacher + len(jax.tree.leaves(state)) + 2
+  main = next(line for line in hlo.splitlines() if 'func.func public @main(' in line)
+  n_args = len(jax.tree.leaves((state, batch, teacher_params)))
+  assert main.count('%arg') == n_args
 
 
 def test_snapshot_survives_donation():

@@ -280,6 +280,8 @@ def test_refresh_ties_lower_index_wins_and_pruned_never_return():
   np.testing.assert_array_equal(got, [[0, 1, 1, 0, 0]])
   got = masks.refresh({'f': mask}, {'f': jnp.full((1, 5), jnp.nan)}, 3)['f']
   np.testing.assert_array_equal(got, [[1, 1, 1, 0, 0]])
+  got = masks.refresh({'f': mask}, {'f': jnp.array([[0., 0, 0, 0, 9]])}, 5)['f']  # k > alive
+  np.testing.assert_array_equal(got, mask)
   per_layer = masks.refresh({'f': jnp.ones((2, 3))}, {'f': jnp.ones((2, 3))}, jnp.array([1, 2]))
   np.testing.assert_array_equal(per_layer['f'], [[1, 0, 0], [1, 1, 0]])
 

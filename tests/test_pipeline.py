@@ -1,0 +1,145 @@
+"""Pipelines end to end on the tiny test config: LR continuity, shrink, export, resume."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from idea_prune_jax import experiment, export, importance, masks as masks_lib, pipeline
+from idea_prune_jax import model as model_lib
+from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax.structure import FFN_STRUCTURE
+
+
+def _rows(workdir, key):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+def _ckpt_state(workdir, step):
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  return ocp.StandardCheckpointer().restore(path)
+
+
+@pytest.fixture(scope='module')
+def idea_run(tmp_path_factory):
+  """One idea run of the tiny test config, every checkpoint kept, exported."""
+  from conftest import ROOT
+  from idea_prune_jax import config as config_lib
+  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config.train.keep_ckpts = 20
+  workdir = str(tmp_path_factory.mktemp('idea'))
+  return config, workdir, experiment.run(config, workdir)
+
+
+def test_idea_plan_is_one_cosine_and_never_rewarms(idea_run):
+  config, workdir, summary = idea_run
+  lr = _rows(workdir, 'lr')
+  steps = sorted(lr)
+  assert steps == list(range(config.train.steps))  # log_every=1 in the test config
+  after_warmup = [lr[s] for s in steps if s >= config.train.warmup_steps - 1]
+  assert all(b <= a + 1e-9 for a, b in zip(after_warmup, after_warmup[1:]))
+  assert [p['name'] for p in summary['phases']] == ['enlarged', 'prune', 'recovery']
+  assert summary['ffn_final'] == config.prune.target_ffn
+
+
+def test_idea_masks_reach_target_and_shrink_happens_once(idea_run):
+  config, workdir, _ = idea_run
+  width = _rows(workdir, 'ffn_width')
+  phases = _rows(workdir, 'phase')
+  assert set(phases.values()) == {'enlarged', 'prune', 'recovery'}
+  assert width[max(width)] == config.prune.target_ffn
+  assert all(b <= a for a, b in zip(list(width.values()), list(width.values())[1:]))
+  final = _ckpt_state(workdir, config.train.steps)
+  assert final['params']['layers']['mlp']['gate'].shape[-1] == config.prune.target_ffn
+  assert final['masks'] is None or not final['masks']
+
+
+def test_export_reloads_with_the_same_logits(idea_run):
+  config, workdir, summary = idea_run
+  params, model_cfg = export.load_dense(summary['export_dir'])
+  final = _ckpt_state(workdir, config.train.steps)['params']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), final)
+  tokens = jnp.arange(16)[None] % model_cfg.vocab_size
+  np.testing.assert_allclose(model_lib.Transformer(model_cfg).apply({'params': params}, tokens),
+                             model_lib.Transformer(model_cfg).apply({'params': final}, tokens),
+                             atol=1e-6)
+  for name in ('report.json', 'report.md', 'loss.png', 'lr.png', 'ffn_width.png',
+               'importance.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  report = json.load(open(os.path.join(workdir, 'report.json')))
+  for key in ('pipeline', 'params_enlarged', 'params_final', 'ffn_enlarged', 'ffn_final',
+              'tokens', 'steps', 'val_loss', 'val_ppl', 'wall_s', 'export_dir'):
+    assert key in report, key
+
+
+def _resume_matches(config, full_dir, tmp_path, resume_at):
+  """Copies a finished run, drops its checkpoints after resume_at, reruns: bit-equal end."""
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(full_dir, resumed, ignore=shutil.ignore_patterns('export', 'hf'))
+  for name in os.listdir(os.path.join(resumed, 'checkpoints')):
+    if name.isdigit() and int(name) > resume_at:
+      shutil.rmtree(os.path.join(resumed, 'checkpoints', name))
+  pipeline.run_pipeline(config, resumed)
+  a = _ckpt_state(full_dir, config.train.steps)
+  b = _ckpt_state(resumed, config.train.steps)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_idea_resumes_inside_the_window_bit_exact(idea_run, tmp_path):
+  config, workdir, _ = idea_run
+  # Step 7 lies between the refreshes at 6 and 8: masks and scores must come back exactly.
+  assert 7 in [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  _resume_matches(config, workdir, tmp_path, resume_at=7)
+
+
+@pytest.mark.parametrize('name', ['naive', 'scratch'])
+def test_other_pipelines_run_and_resume_bit_exact(tiny_config, tmp_path, name):
+  tiny_config.pipeline = name
+  tiny_config.train.keep_ckpts = 20
+  full = str(tmp_path / 'full')
+  pipeline.run_pipeline(tiny_config, full)
+  lr = _rows(full, 'lr')
+  if name == 'naive':
+    split = int(round(tiny_config.naive.split * tiny_config.train.steps))
+    assert lr[split] > lr[split - 1]  # the recovery re-warms: the LR rises again
+    assert _rows(full, 'phase')[split] == 'recovery'
+  else:
+    after = [lr[s] for s in sorted(lr) if s >= tiny_config.train.warmup_steps - 1]
+    assert all(b <= a + 1e-9 for a, b in zip(after, after[1:]))
+  _resume_matches(tiny_config, full, tmp_path, resume_at=6)
+
+
+def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
+  phases = pipeline.plan(tiny_config)
+  prune, recovery = phases[1], phases[2]
+  mesh = sharding_lib.make_mesh(tiny_config)
+  p_prune = pipeline.parts(tiny_config, prune, mesh)
+  p_rec = pipeline.parts(tiny_config, recovery, mesh)
+  state = p_prune.init_fn(jax.random.key(0))
+  scores = {'ffn': jax.random.uniform(jax.random.key(1), state.masks['ffn'].shape)}
+  masks = masks_lib.refresh(state.masks, scores, tiny_config.prune.target_ffn)
+  params = masks_lib.apply(state.params, masks, FFN_STRUCTURE)
+  # Non-trivial moments, so slicing them is observable.
+  opt_state = jax.tree.map(lambda x: x + 1.0 if x.ndim else x, state.opt_state)
+  state = state.replace(params=params, masks=masks, opt_state=opt_state,
+                        scores=importance.init(masks, 'platon'))
+  new = pipeline.transition(None, tiny_config, prune, recovery, state, p_rec)
+  tokens = jnp.arange(24)[None] % tiny_config.model.vocab_size
+  np.testing.assert_allclose(p_rec.model.apply({'params': new.params}, tokens),
+                             p_prune.model.apply({'params': params}, tokens), atol=1e-5)
+  keep = np.stack([np.flatnonzero(row) for row in np.asarray(masks['ffn'])])
+  mu_old = state.opt_state[1][0].mu['layers']['mlp']
+  mu_new = new.opt_state[1][0].mu['layers']['mlp']
+  np.testing.assert_array_equal(mu_new['gate'],
+                                np.take_along_axis(np.asarray(mu_old['gate']), keep[:, None], -1))
+  np.testing.assert_array_equal(mu_new['down'],
+                                np.take_along_axis(np.asarray(mu_old['down']), keep[:, :, None], 1))
+  assert new.masks is None and new.scores is None
+  assert int(new.opt_state[1][0].count) == int(state.opt_state[1][0].count)  # never reset
