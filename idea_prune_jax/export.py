@@ -1,9 +1,10 @@
-"""The final dense model on disk: our own format (orbax params + config.json) and Hugging Face Llama.
+"""The final dense model on disk: our format (orbax params + config.json) and Hugging Face Llama.
 
   save_dense / load_dense   directory/params (orbax), directory/config.json (ModelConfig with the
                             pruned ffn_dim, plus `extra`), directory/tokenizer.model (optional)
   save_hf / load_hf         a `transformers.LlamaForCausalLM` directory: model.safetensors,
                             config.json (intermediate_size = the pruned width), tokenizer.model
+                            and tokenizer_config.json (LlamaTokenizer) when a tokenizer is given
   export_info               the config.json of either kind, with the tokenizer's absolute path
 
 Our layout maps onto HF Llama one to one: RoPE is half-split in both (no q/k permutation), weights
@@ -36,8 +37,8 @@ _HF_LAYER = {('attn', 'q'): ('self_attn.q_proj.weight', True),
              ('mlp', 'gate'): ('mlp.gate_proj.weight', True),
              ('mlp', 'up'): ('mlp.up_proj.weight', True),
              ('mlp', 'down'): ('mlp.down_proj.weight', True),
-             ('attn_norm', 'scale'): ('post_attention_layernorm.weight', False),
-             ('mlp_norm', 'scale'): ('input_layernorm.weight', False)}
+             ('attn_norm', 'scale'): ('input_layernorm.weight', False),
+             ('mlp_norm', 'scale'): ('post_attention_layernorm.weight', False)}
 _DTYPES = {'float32', 'bfloat16', 'float16'}
 
 
@@ -87,7 +88,7 @@ def _check_tokenizer(tokenizer_path):
 
 
 def export_info(directory: str) -> dict:
-  """config.json of a dense or HF export, plus 'tokenizer': absolute path of tokenizer.model or None."""
+  """config.json of a dense or HF export; 'tokenizer': tokenizer.model's absolute path or None."""
   path = os.path.join(directory, 'config.json')
   try:
     with open(path) as f:
@@ -121,9 +122,10 @@ def save_dense(directory: str, params, model_cfg: ModelConfig, tokenizer_path: s
   return directory
 
 
-def load_dense(directory: str, sharding: jax.sharding.Sharding | None = None):
-  """(params, model_cfg) of a save_dense directory; params placed by `sharding` (default: one
-  local device). `export_info(directory)` has the tokenizer path and `extra`."""
+def load_dense(directory: str, sharding=None):
+  """(params, model_cfg) of a save_dense directory. `export_info(directory)` has the tokenizer
+  path and `extra`. sharding: one Sharding for all leaves or a params-shaped tree of them
+  (default: the first local device)."""
   info = export_info(directory)
   if info.get('format') != DENSE_FORMAT:
     hint = ('; it is a Hugging Face model, use export.load_hf' if 'model_type' in info else '')
@@ -131,9 +133,12 @@ def load_dense(directory: str, sharding: jax.sharding.Sharding | None = None):
                       f'format={DENSE_FORMAT!r}){hint}')
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   cfg = ModelConfig(**{k: v for k, v in info['model'].items() if k in fields})
+  abstract = _abstract(cfg)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        _abstract(cfg))
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, abstract)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, sharding)
   ckptr = ocp.StandardCheckpointer()
   return ckptr.restore(os.path.join(os.path.abspath(directory), 'params'), target), cfg
 
@@ -157,7 +162,8 @@ def hf_tensors(params, model_cfg: ModelConfig, dtype=None) -> dict[str, np.ndarr
   for (group, name), (hf, transpose) in _HF_LAYER.items():
     stacked = _host(params['layers'][group][name], dtype)
     for i in range(model_cfg.n_layers):
-      out[f'model.layers.{i}.{hf}'] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
+      layer = stacked[i].T if transpose else stacked[i]
+      out[f'model.layers.{i}.{hf}'] = np.ascontiguousarray(layer)
   return out
 
 
@@ -232,9 +238,10 @@ def load_hf(directory: str, param_dtype: str | None = None):
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
   if rope_type != 'default':
     _hf_config_error(directory, 'rope_type', rope_type, 'only plain RoPE (default) is supported')
-  for key, ok in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
-    if info.get(key, ok) != ok:
-      _hf_config_error(directory, key, info[key], f'only {key}={ok!r} is supported')
+  for key, ok in (('hidden_act', ('silu', 'swish')), ('attention_bias', (False,)),
+                  ('mlp_bias', (False,))):
+    if info.get(key, ok[0]) not in ok:
+      _hf_config_error(directory, key, info[key], f'only {key}={ok[0]!r} is supported')
   heads = info['num_attention_heads']
   head_dim = info.get('head_dim') or info['hidden_size'] // heads
   if head_dim * heads != info['hidden_size']:
@@ -247,11 +254,12 @@ def load_hf(directory: str, param_dtype: str | None = None):
   tensors = {}
   for f in files:
     tensors.update(load_file(os.path.join(directory, f)))
-  stored = str(tensors['model.embed_tokens.weight'].dtype)
+  stored = str(next(iter(tensors.values())).dtype)
   cfg = ModelConfig(
-      vocab_size=info['vocab_size'], d_model=info['hidden_size'], n_layers=info['num_hidden_layers'],
-      n_heads=heads, n_kv_heads=info.get('num_key_value_heads') or heads,
-      ffn_dim=info['intermediate_size'], tie_embeddings=bool(info.get('tie_word_embeddings', False)),
+      vocab_size=info['vocab_size'], d_model=info['hidden_size'],
+      n_layers=info['num_hidden_layers'], n_heads=heads,
+      n_kv_heads=info.get('num_key_value_heads') or heads, ffn_dim=info['intermediate_size'],
+      tie_embeddings=bool(info.get('tie_word_embeddings', False)),
       rope_theta=float(rope.get('rope_theta', info.get('rope_theta', 10000.0))),
       norm_eps=float(info.get('rms_norm_eps', 1e-6)),
       param_dtype=param_dtype or (stored if stored in _DTYPES else 'float32'))

@@ -74,6 +74,8 @@ def test_dense_round_trip_is_exact(tmp_path, cfg, spm_model):
   loaded, loaded_cfg = export.load_dense(out)
   assert loaded_cfg == cfg and loaded_cfg.ffn_dim == 20
   _assert_trees_equal(loaded, params)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # a tree of shardings works too
+  _assert_trees_equal(export.load_dense(out, jax.tree.map(lambda _: device, params))[0], params)
   np.testing.assert_array_equal(_logits(loaded, loaded_cfg, tokens), _logits(params, cfg, tokens))
   info = export.export_info(out)
   assert info['model']['ffn_dim'] == 20 and info['extra'] == extra
@@ -195,6 +197,7 @@ def test_transformers_tokenizer_matches_sentencepiece(tmp_path, spm_model, trans
   assert (tok.eos_token_id, tok.pad_token_id) == (data_lib.EOS_ID, data_lib.PAD_ID)
   # Text starting with whitespace or a newline is where HF's converted tokenizer can differ.
   for text in ['First Citizen:\nBefore we proceed any further, hear me speak.',
-               'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.', 'ünï 日本 🙂']:
+               'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.',
+               'ünï 日本 🙂']:
     assert tok(text)['input_ids'] == sp.encode(text)  # no BOS added: the pipeline adds none
     assert tok.decode(sp.encode(text)) == text

@@ -1,0 +1,41 @@
+"""The prune step inside the trainer: one compilation per window, exact widths, sharding."""
+
+import jax
+import numpy as np
+
+from conftest import run_on_devices
+from idea_prune_jax import pipeline, sharding
+
+
+def test_prune_step_compiles_once_while_k_moves(tiny_config):
+  tiny_config.train.steps = 40
+  tiny_config.prune.update(t_start=0.25, t_end=0.75, every=2)
+  mesh = sharding.make_mesh(tiny_config)
+  phase = pipeline.plan(tiny_config)[1]
+  parts = pipeline.parts(tiny_config, phase, mesh)
+  state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
+  step = pipeline.step_fn(tiny_config, phase, parts, mesh)
+  rng = np.random.RandomState(0)
+  widths, ks = [], []
+  for t in range(phase.start, phase.end):
+    x = rng.randint(4, 512, (tiny_config.train.batch_size, tiny_config.data.seq_len + 1))
+    batch = {'inputs': x[:, :-1].astype(np.int32), 'targets': x[:, 1:].astype(np.int32)}
+    state, metrics = step(state, batch)
+    widths.append(int(np.asarray(state.masks['ffn']).sum(-1).max()))
+    assert np.all(np.asarray(state.masks['ffn']).sum(-1) == widths[-1])  # every layer: exact k
+    ks.append(int(phase.prune.keep_k(t)) if bool(phase.prune.is_refresh(t)) else None)
+  assert step._cache_size() == 1
+  refreshed = [k for k in ks if k is not None]
+  assert len(set(refreshed)) >= 5  # k really moved at the refreshes
+  assert widths[-1] == tiny_config.prune.target_ffn
+  assert all(b <= a for a, b in zip(widths, widths[1:]))
+
+
+def test_sharded_prune_step_equals_single_device():
+  out = run_on_devices('sharded_prune_check.py')
+  (s_losses, s_masks, s_specs, s_compiles), (losses, masks, _, _) = out['sharded'], out['single']
+  np.testing.assert_allclose(s_losses, losses, rtol=2e-5)
+  np.testing.assert_array_equal(s_masks, masks)
+  assert np.asarray(masks).sum(-1).tolist() == [32, 32]
+  assert "'tensor'" in s_specs['mask'] and "'tensor'" in s_specs['score']
+  assert s_compiles == 1
