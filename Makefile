@@ -1,7 +1,7 @@
 # `make demo` and `make test` set themselves up on a fresh machine (a .venv with the package).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data
+EXTRAS ?= test,data,hf
 
 .PHONY: demo test bench clean
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/idea-prune train --config configs/tiny.py --workdir runs/tiny
+	$(VENV)/bin/idea-prune run --config configs/tiny.py --workdir runs/tiny
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -37,14 +37,20 @@ def median(xs):
 
 
 def timed(fn, *args):
-  """(seconds, output) of one call, including waiting for the result."""
-  start = time.perf_counter()
+  """(wall seconds, process CPU seconds, output) of one call, including waiting for the result.
+
+  CPU seconds (all threads) barely move when other jobs take the cores, where wall seconds can
+  double; they do miss time a core sits idle waiting, so report both.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
   out = jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start, out
+  return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 class PeakMeter:
   """f32 GEMM throughput over a few shapes; a sample's peak is the best shape's median.
+
+  Throughput is kept both per wall second and per CPU second (see `timed`).
 
   Shapes are (m, k, n) for [m, k] @ [k, n]: pass the model's own matmul shapes plus a square one
   or two, since XLA's CPU GEMM speed depends on the shape and "peak" should be achievable.
@@ -62,24 +68,29 @@ class PeakMeter:
       compiled = matmul.lower(a, b).compile()
       jax.block_until_ready(compiled(a, b))  # first-touch of the output buffer pool
       self._calls[(m, k, n)] = (compiled, a, b)
-    self.samples = []  # one {shape: FLOP/s} per sample()
+    self.samples = []  # one {shape: FLOP/s per wall second} per sample()
+    self.cpu_samples = []  # the same per CPU second
 
   def sample(self) -> float:
-    """Measures every shape now; returns this sample's peak FLOP/s."""
-    out = {}
+    """Measures every shape now; returns this sample's peak FLOP/s (wall)."""
+    wall, cpu = {}, {}
     for shape, (compiled, a, b) in self._calls.items():
-      m, k, n = shape
-      out[shape] = 2 * m * k * n / median([timed(compiled, a, b)[0] for _ in range(self.repeats)])
-    self.samples.append(out)
-    return max(out.values())
+      flops = 2 * shape[0] * shape[1] * shape[2]
+      times = [timed(compiled, a, b)[:2] for _ in range(self.repeats)]
+      wall[shape] = flops / median([t[0] for t in times])
+      cpu[shape] = flops / median([t[1] for t in times])
+    self.samples.append(wall)
+    self.cpu_samples.append(cpu)
+    return max(wall.values())
 
-  def by_shape(self) -> dict:
-    """Median FLOP/s over all samples, per shape."""
-    return {s: median([x[s] for x in self.samples]) for s in self.shapes}
+  def by_shape(self, cpu: bool = False) -> dict:
+    """Median FLOP/s over all samples, per shape (per CPU second if cpu)."""
+    samples = self.cpu_samples if cpu else self.samples
+    return {s: median([x[s] for x in samples]) for s in self.shapes}
 
-  def peak(self) -> float:
+  def peak(self, cpu: bool = False) -> float:
     """The run's peak: the best shape's median over all samples."""
-    return max(self.by_shape().values())
+    return max(self.by_shape(cpu).values())
 
 
 def machine() -> dict:

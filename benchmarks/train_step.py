@@ -9,7 +9,8 @@ MFU = model.flops_per_token(cfg, L) * B * L / step time / peak, where peak is th
 throughput over a few shapes (the model's own matmuls and two squares). Per config the run
 alternates peak, step, peak, step, ..., peak, so "paired MFU" divides each round's step rate by
 the peak measured on either side of it: with other jobs on the machine that ratio moves much
-less than either figure alone.
+less than either figure alone. "MFU per CPU-second" divides by process CPU time instead of wall
+time (step and GEMM alike): nearly immune to other jobs, but blind to cores left idle.
 """
 
 import argparse
@@ -43,7 +44,7 @@ class Bench:
   state: Any
   batch: Any
   compile_s: float
-  rounds: list = dataclasses.field(default_factory=list)  # per round: list of step seconds
+  rounds: list = dataclasses.field(default_factory=list)  # per round: [(wall s, CPU s)] per step
   peaks: list = dataclasses.field(default_factory=list)  # peak FLOP/s before each round, + last
 
   @property
@@ -59,9 +60,9 @@ class Bench:
     n, c = self.tokens, self.model_cfg
     return [(n, c.d_model, c.ffn_dim), (n, c.ffn_dim, c.d_model), (n, c.d_model, c.vocab_size)]
 
-  def run_step(self) -> float:
-    seconds, (self.state, _) = common.timed(self.step, self.state, self.batch)
-    return seconds
+  def run_step(self) -> tuple[float, float]:
+    wall, cpu, (self.state, _) = common.timed(self.step, self.state, self.batch)
+    return wall, cpu
 
 
 def load_config(spec: str, overrides):
@@ -107,7 +108,7 @@ def build(spec: str, overrides) -> Bench:
 
 def measure(bench: Bench, meter: common.PeakMeter, repeats: int) -> None:
   """peak, step(s), peak, step(s), ..., peak. A round has enough steps to last about a second."""
-  warm = bench.run_step()  # first execution: buffer allocation, page faults
+  warm, _ = bench.run_step()  # first execution: buffer allocation, page faults
   per_round = max(1, int(1.0 / warm))
   bench.peaks.append(meter.sample())
   for _ in range(repeats):
@@ -115,10 +116,11 @@ def measure(bench: Bench, meter: common.PeakMeter, repeats: int) -> None:
     bench.peaks.append(meter.sample())
 
 
-def summarize(bench: Bench, peak: float) -> dict:
-  steps = [t for r in bench.rounds for t in r]
+def summarize(bench: Bench, peak: float, cpu_peak: float) -> dict:
+  steps = [t[0] for r in bench.rounds for t in r]
   step_s = common.median(steps)
-  paired = [bench.flops / common.median(r) / ((bench.peaks[i] + bench.peaks[i + 1]) / 2)
+  cpu_s = common.median([t[1] for r in bench.rounds for t in r])
+  paired = [bench.flops / common.median([t[0] for t in r]) / ((bench.peaks[i] + bench.peaks[i + 1]) / 2)
             for i, r in enumerate(bench.rounds)]
   return {
       'config': bench.name,
@@ -131,6 +133,8 @@ def summarize(bench: Bench, peak: float) -> dict:
       'MFU vs run peak': f'{bench.flops / step_s / peak:.1%}',
       'paired MFU (median [min, max])':
           f'{common.median(paired):.1%} [{min(paired):.1%}, {max(paired):.1%}]',
+      'CPU s/step': f'{cpu_s:.3f}',
+      'MFU per CPU-second': f'{bench.flops / cpu_s / cpu_peak:.1%}',
   }
 
 
@@ -157,19 +161,21 @@ def main(argv=None):
   meter = common.PeakMeter(shapes, repeats=args.peak_repeats)
   for bench in benches:
     measure(bench, meter, args.repeats)
-  peak = meter.peak()
-  rows = [summarize(b, peak) for b in benches]
+  peak, cpu_peak = meter.peak(), meter.peak(cpu=True)
+  rows = [summarize(b, peak, cpu_peak) for b in benches]
   wall = time.perf_counter() - wall
 
   peak_rows = []
+  per_cpu = meter.by_shape(cpu=True)
   for shape, flops in meter.by_shape().items():
     each = [s[shape] / 1e9 for s in meter.samples]
     peak_rows.append(['[{}, {}] @ [{}, {}]'.format(shape[0], shape[1], shape[1], shape[2]),
-                      f'{flops / 1e9:.1f}', f'{min(each):.1f}', f'{max(each):.1f}'])
+                      f'{flops / 1e9:.1f}', f'{min(each):.1f}', f'{max(each):.1f}',
+                      f'{per_cpu[shape] / 1e9:.1f}'])
   body = '\n\n'.join([
       f'Peak (best shape, median of {len(meter.samples)} interleaved samples): '
-      f'**{peak / 1e9:.1f} GFLOP/s** f32.',
-      common.table(['f32 GEMM', 'GFLOP/s median', 'min', 'max'], peak_rows),
+      f'**{peak / 1e9:.1f} GFLOP/s** f32 per wall second, {cpu_peak / 1e9:.1f} per CPU second.',
+      common.table(['f32 GEMM', 'GFLOP/s median', 'min', 'max', 'GFLOP per CPU-s'], peak_rows),
       common.table(list(rows[0]), [list(r.values()) for r in rows]),
       f'{args.repeats} rounds per config after one warm-up step; model FLOPs from '
       f'`model.flops_per_token`; whole run {wall:.0f} s.',

@@ -67,7 +67,7 @@ def _finish(sums, count, alpha, tau):
 
 
 def kd_loss(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, *, alpha, tau):
-  """(loss, aux): the mixed CE/KL loss over non-padding tokens; aux has ce, kl, teacher_ce, tokens."""
+  """(loss, aux): mixed CE/KL over non-padding tokens; aux: ce, kl, teacher_ce, tokens."""
   sums, count = _token_sums(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, tau)
   return _finish(sums, count, alpha, tau)
 
@@ -85,7 +85,7 @@ def check_chunk(chunk: int, seq_len: int) -> None:
 def chunked_kd_loss(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD,
                     teacher_head_DxV, targets_BxL, *, alpha, tau, chunk, student_cfg,
                     teacher_cfg):
-  """`kd_loss` from final hidden states and LM heads, its logits built `chunk` positions at a time."""
+  """`kd_loss` from final hidden states and LM heads, logits built `chunk` positions at a time."""
   B, L, D = student_hidden_BxLxD.shape
   check_chunk(chunk, L)  # shapes are static: this runs at trace time, outside the compiled step
   teacher_hidden_BxLxD = jax.lax.stop_gradient(teacher_hidden_BxLxD)

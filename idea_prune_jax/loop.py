@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
@@ -111,14 +112,34 @@ def save(run: Run, state, meta: dict) -> None:
   ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train.get_state(), meta)
 
 
+def _should_stop(run: Run, step: int) -> bool:
+  """SIGTERM seen by any host: every host must take the same save-and-exit branch."""
+  if jax.process_count() == 1:
+    return bool(run.stop)
+  if step % run.config.train.log_every:
+    return False
+  flags = multihost_utils.process_allgather(np.asarray(len(run.stop), np.int32))
+  return bool(np.any(flags))
+
+
+def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
+  """Records where the loss broke (step, phase, data position of that batch) and stops."""
+  info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
+  if run.is_main:
+    with open(os.path.join(run.workdir, 'nonfinite.json'), 'w') as f:
+      json.dump(info, f)
+  raise NonFiniteLoss(
+      f'loss is {loss} at step {step} ({phase}; batch at data position {position}); stopped '
+      f'without saving, the last good checkpoint in {run.workdir} is kept; lower train.lr or '
+      'check that batch')
+
+
 def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
-              meta: dict, params_fn: Callable = lambda s: s.params,
-              on_step: Callable | None = None):
-  """Runs steps state.step .. end-1; returns the final state.
+              meta: dict):
+  """Runs steps state.step .. end-1 and returns the final state.
 
   Step t is dispatched before step t-1's metrics are read, so the host never stalls the device.
-  meta (with 'model') goes into every checkpoint; params_fn picks the params to evaluate
-  (masked ones while pruning). on_step(step, metrics) lets a pipeline record extra series.
+  Checkpoints (with `meta` and the phase) at every train.ckpt_every, at `end`, and on SIGTERM.
   """
   cfg = run.config.train
   sharding = sharding_lib.batch_sharding(run.mesh)
@@ -128,62 +149,79 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
                   dynamic_ncols=True, mininterval=1.0)
   pending, t_last = None, time.perf_counter()
 
-  def flush(pending):
-    nonlocal t_last
-    step, metrics = pending
+  def flush():
+    nonlocal pending, t_last
+    step, metrics, position = pending
+    pending = None
     metrics = {k: _py(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(metrics['loss']):
-      raise NonFiniteLoss(
-          f'loss is {metrics["loss"]} at step {step} (batch {step} of the data order); '
-          f'stopped; the last good checkpoint in {run.workdir} is kept. Lower train.lr or check data')
+      _non_finite(run, step, phase, metrics['loss'], position)
     now = time.perf_counter()
-    metrics['tokens_per_s'] = tokens_per_step / max(now - t_last, 1e-9)
+    metrics.update(tokens_per_s=tokens_per_step / max(now - t_last, 1e-9), phase=phase,
+                   tokens_seen=(step + 1) * tokens_per_step)
     t_last = now
-    metrics['phase'] = phase
-    metrics['tokens_seen'] = (step + 1) * tokens_per_step
-    if on_step:
-      on_step(step, metrics)
     if step % cfg.log_every == 0 or step == end - 1:
       run.writer.write(step, metrics)
     bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{metrics["tokens_per_s"]:.0f}')
     bar.update(1)
 
   for step in range(start, end):
+    position = run.data.train.get_state()
     batch = data_lib.global_batch(data_lib.split_batch(next(run.data.train)), sharding)
     state, metrics = step_fn(state, batch)
     if pending is not None:
-      flush(pending)
-    pending = (step, metrics)
+      flush()
+    pending = (step, metrics, position)
     done = step + 1
     if done % cfg.eval_every == 0 or done == end:
-      flush(pending)
-      pending = None
-      run.writer.write(step, {**evaluate(run, eval_fn, params_fn(state)), 'phase': phase,
+      flush()
+      run.writer.write(step, {**evaluate(run, eval_fn, state.params), 'phase': phase,
                               'tokens_seen': done * tokens_per_step})
-    if run.stop or done % cfg.ckpt_every == 0 or done == end:
+    stop = _should_stop(run, done)
+    if stop or done % cfg.ckpt_every == 0 or done == end:
       if pending is not None:
-        flush(pending)
-        pending = None
+        flush()  # a non-finite loss must stop before it is saved
       save(run, state, {**meta, 'phase': phase})
-      if run.stop:
+      if stop:
         bar.close()
         raise Preempted(f'SIGTERM: saved step {done} in {run.workdir}; rerun to resume')
   if pending is not None:
-    flush(pending)
+    flush()
   bar.close()
   return state
 
 
-def latest(run: Run):
-  return ckpt_lib.latest_step(run.ckpt)
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be read."""
 
 
-def restore(run: Run, step: int, abstract_state, model_cfg):
-  """(state, meta) from the checkpoint at step, refusing one of a model other than model_cfg."""
-  meta = ckpt_lib.read_meta(run.ckpt, step)
-  if meta.get('model'):
-    ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
-  state, data_state, meta = ckpt_lib.restore(run.ckpt, step, abstract_state)
-  run.data.train.set_state(data_state)
-  logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
-  return state, meta
+def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
+  """(state, meta) of the newest readable checkpoint, or None when there is none.
+
+  abstract_for(meta) gives the abstract state (shapes + shardings) of the phase a checkpoint
+  was written in. An unreadable checkpoint (truncated, corrupted) is skipped with a warning
+  naming it; if none is readable the run stops with a clear error rather than start over.
+  """
+  steps = sorted(run.ckpt.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      meta = ckpt_lib.read_meta(run.ckpt, step)
+      ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
+      abstract = abstract_for(meta)
+      state, data_state, meta = ckpt_lib.restore(run.ckpt, step, abstract)
+    except config_lib.ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
+      where = os.path.join(str(run.ckpt.directory), str(step))
+      logging.warning('checkpoint %s is unreadable, skipping it: %s', where,
+                      str(e).splitlines()[0][:300])
+      errors.append(f'{where}: {type(e).__name__}')
+      continue
+    run.data.train.set_state(data_state)
+    logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
+    return state, meta
+  if errors:
+    raise CheckpointError(f'no readable checkpoint in {run.ckpt.directory} ({"; ".join(errors)}); '
+                          'move the directory away to start fresh')
+  return None

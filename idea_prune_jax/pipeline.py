@@ -213,19 +213,23 @@ def run_pipeline(config, workdir: str) -> dict:
   phases, names = plan(config), [ph.name for ph in plan(config)]
   base_cfg = ModelConfig.from_config(config)
   meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline}
-  step, index = loop.latest(run), 0
-  if step is None:
-    p = parts(config, phases[0], run.mesh)
-    state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(config.seed))
-  else:
-    saved = ckpt_lib.read_meta(run.ckpt, step)
+
+  def abstract_for(saved):
     if saved.get('pipeline') != config.pipeline or saved.get('phase') not in names:
       raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
+    p = parts(config, phases[names.index(saved['phase'])], run.mesh)
+    return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
+
+  restored = loop.restore_latest(run, abstract_for, base_cfg)
+  if restored is None:
+    index = 0
+    p = parts(config, phases[0], run.mesh)
+    state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(config.seed))
+  else:
+    state, saved = restored
     index = names.index(saved['phase'])
     p = parts(config, phases[index], run.mesh)
-    abstract = ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
-    state, _ = loop.restore(run, step, abstract, base_cfg)
   for i in range(index, len(phases)):
     phase = phases[i]
     if i > index:

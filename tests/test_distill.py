@@ -100,7 +100,7 @@ def test_padding_positions_do_not_matter():
 
 @functools.cache
 def _kd_grads(chunk):
-  """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached so tests share compiles."""
+  """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached: tests share compiles."""
   fn = lambda p, batch, tp, alpha, tau: distill.kd_loss_fn(
       p, batch, tp, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), alpha=alpha, tau=tau, chunk=chunk)

@@ -1,0 +1,267 @@
+"""What pruning costs per step on the small config, as ratios within one run.
+
+  .venv/bin/python benchmarks/prune_overhead.py            # small at 16 x 256; appends to BENCHMARKS.md
+  .venv/bin/python benchmarks/prune_overhead.py --quick    # small at 2 x 128, < 90 s; prints only
+
+Five steps, each the idea pipeline's own jitted step (`pipeline.parts` + `pipeline.step_fn`) on
+one fixed batch of random tokens:
+
+  dense     phase 'enlarged': train.train_step, no masks (FFN f_E).
+  masked    phase 'prune' with score='magnitude' and its window moved past the run, so the step
+            is the prune step minus scoring: masks.apply on the params before the forward pass,
+            on the grads, and on the params after the update, the width metric, and a lax.cond
+            whose predicate is always false. 'magnitude' has no state (importance.update returns
+            its input) and its scores are computed only inside the never-taken refresh branch.
+  prune     phase 'prune' as configured (platon): masked step + score update every step.
+            Timed at a non-refresh step (t_s + 1) and at a refresh step (t_s + ΔT), where the
+            lax.cond also computes scores and re-ranks every layer (3-key sort) against k(t).
+  shrunk    phase 'recovery': the dense step of the target-width model (FFN f_T).
+
+The step donates its state, so each step's output state is the next call's input; the prune
+steps get `state.step` reset before every call (the step is traced: no recompile). A round runs
+every step once, in an order rotated each round; a ratio is the median over rounds of the two
+steps' times within the same round (the machine is shared and noisy). The jit cache of the
+prune step is read after it has run at refresh steps spread over the whole window (k moves at
+each), and the backend compilations during that window are counted.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from benchmarks.train_step import load_config  # noqa: E402
+from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import importance, pipeline, sharding  # noqa: E402
+from idea_prune_jax import masks as masks_lib  # noqa: E402
+from idea_prune_jax import model as model_lib  # noqa: E402
+from idea_prune_jax.structure import FFN_STRUCTURE  # noqa: E402
+
+NEVER = 2**30  # a window start no run reaches: the refresh predicate is always false
+
+
+@dataclasses.dataclass
+class Runner:
+  """One jitted step and the state chain it carries from call to call (donated each call)."""
+  name: str
+  fn: object  # jax.jit of train_step, state donated
+  chain: dict  # {'state': TrainState}; runners of one step function share it
+  step_sharding: object
+  at: int | None = None  # reset state.step to this before every call
+  times: list = dataclasses.field(default_factory=list)  # wall seconds per measured call
+  cpu: list = dataclasses.field(default_factory=list)  # process CPU seconds per measured call
+
+  def call(self, batch, record=False):
+    state = self.chain['state']
+    if self.at is not None:
+      state = state.replace(step=jax.device_put(np.int32(self.at), self.step_sharding))
+    wall, cpu, (self.chain['state'], metrics) = common.timed(self.fn, state, batch)
+    if record:
+      self.times.append(wall)
+      self.cpu.append(cpu)
+    return metrics
+
+
+def build(config, mesh):
+  phases = {ph.name: ph for ph in pipeline.plan(config)}
+  prune_ph = phases['prune']
+  masked_cfg = config.copy_and_resolve_references()
+  masked_cfg.prune.score = 'magnitude'
+  never = dataclasses.replace(prune_ph.prune, t_start=NEVER, t_end=NEVER + 1)
+  variants = [('dense', config, phases['enlarged']),
+              ('masked', masked_cfg, dataclasses.replace(prune_ph, prune=never)),
+              ('prune', config, prune_ph),
+              ('shrunk', config, phases['recovery'])]
+  out = {}
+  for i, (name, cfg, phase) in enumerate(variants):
+    parts = pipeline.parts(cfg, phase, mesh)
+    state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(i))
+    out[name] = (pipeline.step_fn(cfg, phase, parts, mesh), state, parts, phase)
+  return out
+
+
+def hlo_cost(fn, state, batch) -> dict:
+  """XLA's cost analysis of the compiled step: FLOPs and bytes accessed (noise-free)."""
+  cost = fn.lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
+
+
+def micro(prune_state, ps, kind, repeats):
+  """Standalone (unfused) costs of the pieces the prune step adds, seconds (median)."""
+  params, masks, scores = prune_state.params, prune_state.masks, prune_state.scores
+  grads = jax.tree.map(lambda x: x * 1e-3, params)  # any tree shaped like params will do
+  k = ps.keep_k(ps.t_start + ps.every)
+  pieces = {
+      'masks.apply (params, once)':
+          (jax.jit(lambda p, m: masks_lib.apply(p, m, FFN_STRUCTURE)), (params, masks)),
+      f'importance.update ({kind})':
+          (jax.jit(lambda s, p, g: importance.update(s, kind, params=p, grads=g,
+                                                     structure=FFN_STRUCTURE)),
+           (scores, params, grads)),
+      'scores + masks.refresh (3-key sort)':
+          (jax.jit(lambda m, s, p, k: masks_lib.refresh(
+              m, importance.scores(s, kind, params=p, structure=FFN_STRUCTURE), k)),
+           (masks, scores, params, k)),
+  }
+  out = {}
+  for name, (fn, args) in pieces.items():
+    jax.block_until_ready(fn(*args))
+    out[name] = common.median([common.timed(fn, *args)[0] for _ in range(repeats)])
+  return out
+
+
+def ratio_cell(xs, fmt='{:.3f}'):
+  return f'{fmt.format(common.median(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/small.py')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='config override, e.g. train.batch_size=4')
+  parser.add_argument('--rounds', type=int, default=7, help='interleaved rounds')
+  parser.add_argument('--refreshes', type=int, default=6,
+                      help='refresh steps spread over the window for the recompilation check')
+  parser.add_argument('--quick', action='store_true',
+                      help='batch 2 x 128, 3 rounds, 4 refreshes, no cost analysis: under 90 s')
+  parser.add_argument('--append', action=argparse.BooleanOptionalAction, default=None,
+                      help='append a section to BENCHMARKS.md (default: yes, except --quick)')
+  args = parser.parse_args(argv)
+  overrides = list(args.set)
+  if args.quick:
+    overrides = ['train.batch_size=2', 'data.seq_len=128'] + overrides
+    args.rounds, args.refreshes = 3, 4
+  append = (not args.quick) if args.append is None else args.append
+
+  wall = time.perf_counter()
+  compiles = []  # (function name, seconds) of every XLA compilation in this process
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append((kw.get('fun_name'), secs))
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+
+  config = load_config(args.config, overrides)
+  config.pipeline = 'idea'
+  mesh = sharding.make_mesh(config)
+  config_lib.validate(config, mesh.devices.size)
+  built = build(config, mesh)
+  ps = built['prune'][3].prune
+  B, L = config.train.batch_size, config.data.seq_len
+  x = np.random.RandomState(0).randint(1, config.model.vocab_size, (B, L + 1)).astype(np.int32)
+  batch = jax.device_put({'inputs': x[:, :-1], 'targets': x[:, 1:]},
+                         sharding.batch_sharding(mesh))
+
+  refresh_at = ps.t_start + ps.every
+  assert bool(ps.is_refresh(refresh_at)) and not bool(ps.is_refresh(ps.t_start + 1))
+  chains = {name: {'state': b[1]} for name, b in built.items()}
+  runners = []
+  for label, name, at in (('dense', 'dense', None), ('masked', 'masked', None),
+                          ('prune (no refresh)', 'prune', ps.t_start + 1),
+                          ('prune (refresh)', 'prune', refresh_at), ('shrunk', 'shrunk', None)):
+    runners.append(Runner(label, built[name][0], chains[name], built[name][2].shardings.step, at))
+  start = time.perf_counter()
+  for r in runners:  # compile, then one warm call (buffer pools, page faults)
+    r.call(batch)
+    r.call(batch)
+  compile_s = time.perf_counter() - start
+  print('compilations so far:', [(n, round(t, 1)) for n, t in compiles if t > 0.5])
+  for i in range(args.rounds):
+    for r in runners[i % len(runners):] + runners[:i % len(runners)]:
+      r.call(batch, record=True)
+  by = {r.name: r for r in runners}
+
+  # Recompilation check: refresh steps spread over the whole window, k moving at every one.
+  prune_fn = built['prune'][0]
+  n_windows = (ps.t_end - ps.t_start) // ps.every
+  steps = sorted({ps.t_start + ps.every * int(round(j * n_windows / max(args.refreshes - 1, 1)))
+                  for j in range(args.refreshes)} | {ps.t_end})
+  ks = [int(ps.keep_k(t)) for t in steps]
+  prune_shardings = built['prune'][2].shardings
+  state = chains['prune']['state']  # masks back to all-ones: the window starts at f_E
+  chains['prune']['state'] = state.replace(
+      masks=jax.device_put(masks_lib.init(state.params, FFN_STRUCTURE), prune_shardings.masks))
+  window = Runner('window', prune_fn, chains['prune'], prune_shardings.step)
+  before, widths = len(compiles), []
+  for t in steps:
+    window.at = t
+    widths.append(window.call(batch)['ffn_width'])
+  widths = [float(w) for w in widths]
+  # Only the step's own compilations count (eager ops around it compile tiny programs too).
+  window_compiles = sum(name == 'jit(train_step)' for name, _ in compiles[before:])
+  cache = {name: built[name][0]._cache_size() for name in built}
+
+  flops_e = model_lib.flops_per_token(built['dense'][2].model_cfg, L)
+  flops_t = model_lib.flops_per_token(built['shrunk'][2].model_cfg, L)
+  flop_ratio = flops_t / flops_e
+
+  def paired(a, b):
+    return [x / y for x, y in zip(by[a].times, by[b].times)]
+
+  masked_dense = paired('masked', 'dense')
+  nonref = paired('prune (no refresh)', 'masked')
+  ref = paired('prune (refresh)', 'masked')
+  shrunk = paired('shrunk', 'masked')
+  shrunk_vs_flops = [s / flop_ratio for s in shrunk]
+  ok = lambda cond: 'yes' if cond else '**no**'
+  figures = [
+      ['masked / dense', ratio_cell(masked_dense), '<= 1.03',
+       ok(common.median(masked_dense) <= 1.03)],
+      ['prune (no refresh) / masked', ratio_cell(nonref), '<= 1.05',
+       ok(common.median(nonref) <= 1.05)],
+      ['prune (refresh) / masked', ratio_cell(ref), '<= 1.05', ok(common.median(ref) <= 1.05)],
+      [f'shrunk / masked (FLOP ratio {flop_ratio:.3f})', ratio_cell(shrunk),
+       f'{0.9 * flop_ratio:.3f} .. {1.1 * flop_ratio:.3f}',
+       ok(abs(common.median(shrunk_vs_flops) - 1) <= 0.10)],
+      ['  (shrunk / masked) / FLOP ratio', ratio_cell(shrunk_vs_flops), '0.90 .. 1.10', ''],
+      [f'prune-step jit cache entries after {len(steps)} refreshes + {args.rounds} rounds',
+       str(cache['prune']), '1', ok(cache['prune'] == 1)],
+      ['backend compilations during the window', str(window_compiles), '0',
+       ok(window_compiles == 0)],
+  ]
+  step_rows = [[r.name, f'{common.median(r.times):.3f}', f'{min(r.times):.3f}',
+                f'{max(r.times):.3f}'] for r in runners]
+
+  sections = [
+      f'small config (`{args.config}`{"".join(" --set " + s for s in overrides)}), pipeline '
+      f'idea: B x L = {B} x {L}, FFN f_E = {ps.ffn_enlarged} -> f_T = {ps.ffn_target}, '
+      f'window [{ps.t_start}, {ps.t_end}], ΔT = {ps.every}, score {config.prune.score}; '
+      f'{args.rounds} interleaved rounds (order rotated per round) after a compile and a warm '
+      'call each; ratio cells are the median over rounds of the within-round ratio [min, max].',
+      common.table(['figure', 'ratio median [min, max]', 'target', 'met'], figures),
+      common.table(['step', 'median s', 'min s', 'max s'], step_rows),
+      f'Window check: prune step at steps {steps}, k(t) = {ks}, mean kept width after the step '
+      f'= {[round(w) for w in widths]}; jit cache entries per step function: {cache}.',
+  ]
+  if not args.quick:
+    costs = {name: hlo_cost(built[name][0], chains[name]['state'], batch) for name in built}
+    micro_s = micro(chains['prune']['state'], ps, config.prune.score, max(args.rounds, 3))
+    masked_s = common.median(by['masked'].times)
+    cost_rows = [[n, f'{c["flops"] / 1e9:.1f}', f'{c["flops"] / costs["masked"]["flops"]:.3f}',
+                  f'{c["bytes"] / 1e9:.2f}', f'{c["bytes"] / costs["masked"]["bytes"]:.3f}']
+                 for n, c in costs.items()]
+    sections += [
+        'XLA cost analysis of each compiled step (the prune step includes both cond branches):',
+        common.table(['step', 'HLO GFLOP', 'vs masked', 'GB accessed', 'vs masked'], cost_rows),
+        'Standalone (unfused, separately jitted) cost of the pieces pruning adds, vs. the masked '
+        'step:',
+        common.table(['piece', 'ms', '% of masked step'],
+                     [[n, f'{s * 1e3:.1f}', f'{s / masked_s:.1%}'] for n, s in micro_s.items()]),
+    ]
+  wall = time.perf_counter() - wall
+  sections.append(f'Compile + warm-up {compile_s:.0f} s; whole run {wall:.0f} s.')
+  body = '\n\n'.join(sections)
+  print(body)
+  if append:
+    common.append_section('Prune overhead (benchmarks/prune_overhead.py)', body)
+    print(f'\nappended to {common.BENCHMARKS_MD}')
+
+
+if __name__ == '__main__':
+  main()
