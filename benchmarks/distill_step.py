@@ -8,7 +8,8 @@ program) against the two-program alternative: a jitted teacher forward that retu
 logits, then a jitted student step that takes them as an input. Both unchunked, both donate the
 state; a third row times the fused step with chunked KD logits (the price of the recompute).
 Rounds interleave the variants so load changes on this shared machine hit all; the figure is the
-median of per-round ratios to separate (<= 1.0 means fusing does not cost).
+median of per-round ratios to separate (<= 1.0 means fusing does not cost), in wall and in
+process CPU seconds.
 (2) Memory. Compiled temporary memory (`memory_analysis().temp_size_in_bytes`) of the fused step
 at vocab 32000 with and without sequence-chunked KD logits; compile only, nothing runs.
 """
@@ -88,19 +89,23 @@ def time_fused_vs_separate(rounds, steps_per_round, batch_size=8, seq_len=256, c
   states = {name: copy(state) for name in runs}
   for name, fn in runs.items():  # compile and warm up
     states[name] = jax.block_until_ready(fn(states[name]))
-  times = {name: [] for name in runs}
+  wall, cpu = ({name: [] for name in runs} for _ in range(2))
   for r in range(rounds):
     # Alternate the order so a load change mid-round does not always favour one variant.
     for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-      seconds = 0.0
+      w = c = 0.0
       for _ in range(steps_per_round):
-        dt, states[name] = common.timed(runs[name], states[name])
-        seconds += dt
-      times[name].append(seconds / steps_per_round)
-  ratios = {name: [a / b for a, b in zip(times[name], times['separate'])] for name in runs}
+        dw, dc, states[name] = common.timed(runs[name], states[name])
+        w, c = w + dw, c + dc
+      wall[name].append(w / steps_per_round)
+      cpu[name].append(c / steps_per_round)
+  ratio = lambda t, name: [a / b for a, b in zip(t[name], t['separate'])]
   return {'student': student_cfg, 'teacher': teacher_cfg, 'batch': batch_size, 'seq': seq_len,
-          'chunk': chunk, 'median_s': {name: common.median(t) for name, t in times.items()},
-          'ratio': {name: common.median(r) for name, r in ratios.items()}, 'ratios': ratios}
+          'chunk': chunk, 'wall_s': {name: common.median(t) for name, t in wall.items()},
+          'cpu_s': {name: common.median(t) for name, t in cpu.items()},
+          'ratio': {name: common.median(ratio(wall, name)) for name in runs},
+          'cpu_ratio': {name: common.median(ratio(cpu, name)) for name in runs},
+          'ratios': {name: ratio(wall, name) for name in runs}}
 
 
 def compiled_temp_bytes(chunks, batch_size=2, seq_len=1024, vocab=32000):
@@ -143,13 +148,15 @@ def main():
             'separate': 'separate: jit teacher fwd -> logits, then jit student step',
             'chunked': f'fused, KD logits in chunks of {t["chunk"]}'}
   time_table = common.table(
-      ['variant', 'median step (s)', 'median per-round ratio to separate'],
-      [[labels[k], f'{t["median_s"][k]:.3f}', f'{t["ratio"][k]:.3f}'] for k in labels])
+      ['variant', 'median step, wall (s)', 'median step, CPU (s)', 'ratio to separate, wall',
+       'ratio to separate, CPU'],
+      [[labels[k], f'{t["wall_s"][k]:.3f}', f'{t["cpu_s"][k]:.3f}', f'{t["ratio"][k]:.3f}',
+        f'{t["cpu_ratio"][k]:.3f}'] for k in labels])
   per_round = '; '.join(f'{k}: ' + ' '.join(f'{r:.3f}' for r in t['ratios'][k])
                         for k in ('fused', 'chunked'))
   print(model_line)
   print(time_table)
-  print('per-round ratios to separate:', per_round)
+  print('per-round wall ratios to separate:', per_round)
 
   m = compiled_temp_bytes([0, 256, 128, 64])
   mib = lambda b: f'{b / 2**20:.0f}'
@@ -165,7 +172,9 @@ def main():
 
   if not (args.quick or args.no_write):
     body = (f'Fused vs. separate KD step ({rounds} interleaved rounds x {steps} steps each): '
-            f'{model_line}.\n\n{time_table}\n\nPer-round ratios to separate: {per_round}.\n\n'
+            f'{model_line}.\n\n{time_table}\n\nRatios are medians of per-round ratios; CPU = '
+            'process CPU seconds (all threads), which move less than wall time when other jobs '
+            f'take the cores. Per-round wall ratios to separate: {per_round}.\n\n'
             f'Compiled temporary memory of the KD step ({mem_line}); compile only:\n\n'
             f'{mem_table}\n')
     common.append_section('KD step: fused vs. separate, chunked KL memory', body)

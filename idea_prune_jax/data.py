@@ -360,11 +360,17 @@ def split_batch(batch: np.ndarray) -> dict:
 
 
 def global_batch(local, sharding):
-  """This host's numpy rows -> one global jax.Array (per entry if given a dict)."""
+  """This host's numpy rows -> one global jax.Array (per entry if given a dict).
+
+  Hosts hold disjoint equal row blocks (`_host_rows`), so the global batch is process_count
+  times the local one. Saying so makes jax reject a mesh whose batch shards split otherwise
+  (e.g. tensor across hosts: every host holds all rows) instead of building a smaller batch.
+  """
   import jax  # lazy: the data pipeline itself is numpy-only
   if isinstance(local, dict):
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-  return jax.make_array_from_process_local_data(sharding, local)
+    return {k: global_batch(v, sharding) for k, v in local.items()}
+  shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+  return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
 def build(config, workdir: str | None, process_index: int = 0, process_count: int = 1) -> Data:

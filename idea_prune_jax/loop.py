@@ -218,6 +218,14 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
                       str(e).splitlines()[0][:300])
       errors.append(f'{where}: {type(e).__name__}')
       continue
+    if errors:
+      # Keep the unreadable ones for inspection, out of the way of this step number's next save.
+      if run.is_main:
+        for err in errors:
+          path = err.split(': ')[0]
+          os.rename(path, f'{path}.unreadable-{int(time.time())}')
+      multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
+      run.ckpt.reload()
     run.data.train.set_state(data_state)
     logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
     return state, meta

@@ -6,6 +6,8 @@
   params    parameter counts of the enlarged and target models
   eval      perplexity of an export on text files: --checkpoint W/export --files a.txt,b.txt
   generate  text from an export: --checkpoint W/export --prompt "..."
+  compile-check  per-device memory of the idea steps, compiled (not run) on fake CPU devices:
+            --devices 64 --mesh data=1,fsdp=64,tensor=1 [--hbm_gib 95]
 """
 
 import json
@@ -14,8 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate')
-NEEDS_CONFIG = ('run', 'compare', 'train', 'params')
+COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate', 'compile-check')
+NEEDS_CONFIG = ('run', 'compare', 'train', 'params', 'compile-check')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')
@@ -26,6 +28,9 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to sampl
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 is greedy.')
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'generate: nucleus mass when temperature > 0.')
 _SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
+_DEVICES = flags.DEFINE_integer('devices', None, 'compile-check: fake CPU devices to compile for.')
+_MESH = flags.DEFINE_string('mesh', None, 'compile-check: data=D,fsdp=F,tensor=T into config.mesh.')
+_HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'compile-check: HBM per chip in GiB (v5p: 95).')
 
 
 class UsageError(ValueError):
@@ -56,6 +61,11 @@ def _main(argv):
     raise UsageError('--config is required, e.g. --config configs/tiny.py')
   if command == 'params':
     print(json.dumps(_params(config), indent=1))
+    return
+  if command == 'compile-check':
+    from idea_prune_jax import compile_check
+    print(json.dumps(compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value),
+                     indent=1))
     return
   if not _WORKDIR.value:
     raise UsageError(f'--workdir is required for {command}')

@@ -26,12 +26,23 @@ RULES = (
 )
 
 
+# TPU pods find their peers themselves; elsewhere (CPU hosts, the two-process test) these name them.
+_DISTRIBUTED_ENV = (('coordinator_address', 'IDEA_PRUNE_COORDINATOR', str),
+                    ('num_processes', 'IDEA_PRUNE_NUM_PROCESSES', int),
+                    ('process_id', 'IDEA_PRUNE_PROCESS_ID', int))
+
+
 def maybe_initialize_distributed(config) -> None:
   """Multi-host: on when the config or IDEA_PRUNE_DISTRIBUTED=1 says so (TPU pods set the rest)."""
   if config.mesh.distributed or os.environ.get('IDEA_PRUNE_DISTRIBUTED') == '1':
     if jax.distributed.is_initialized():
       return
-    jax.distributed.initialize()
+    kwargs = {arg: cast(os.environ[var]) for arg, var, cast in _DISTRIBUTED_ENV
+              if os.environ.get(var)}
+    if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+      # Cross-process collectives on CPU devices need an implementation (older jax default none).
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(config, devices=None) -> Mesh:

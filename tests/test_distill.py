@@ -59,11 +59,12 @@ def test_identical_student_and_teacher_has_exactly_zero_kl():
   np.testing.assert_allclose(aux['teacher_ce'], aux['ce'], rtol=1e-7)
 
 
-def test_numpy_reference_with_temperature_and_padding():
+@pytest.mark.parametrize('tau', [1.0, 2.0])  # τ = 1 takes kd_loss's shared log-softmax path
+def test_numpy_reference_with_temperature_and_padding(tau):
   s = np.array([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0], [2.0, -2.0, 0.0, 0.5]]])
   t = np.array([[[0.5, 1.0, 2.0, 0.0], [1.0, -1.0, 0.0, 2.0], [9.0, 9.0, 9.0, 9.0]]])
   y = np.array([[1, 2, 0]])  # last position is padding: its (large) terms must not count
-  alpha, tau = 0.25, 2.0
+  alpha = 0.25
 
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
@@ -74,8 +75,9 @@ def test_numpy_reference_with_temperature_and_padding():
   ls, lt = log_softmax(s / tau)[0, :2], log_softmax(t / tau)[0, :2]
   kl = (np.exp(lt) * (lt - ls)).sum(-1)
   expected = (1 - alpha) * ce.mean() + alpha * tau**2 * kl.mean()
-  loss, aux = _kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
-                              jnp.asarray(y), alpha=alpha, tau=tau)
+  # A Python τ, bound statically, as distill_step binds it.
+  fn = jax.jit(functools.partial(distill.kd_loss, alpha=alpha, tau=tau))
+  loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(aux['ce'], ce.mean(), rtol=1e-6)
   np.testing.assert_allclose(aux['kl'], kl.mean(), rtol=1e-6)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -79,41 +78,20 @@ def test_export_reloads_with_the_same_logits(idea_run):
     assert key in report, key
 
 
-def _resume_matches(config, full_dir, tmp_path, resume_at):
-  """Copies a finished run, drops its checkpoints after resume_at, reruns: bit-equal end."""
-  resumed = str(tmp_path / 'resumed')
-  shutil.copytree(full_dir, resumed, ignore=shutil.ignore_patterns('export', 'hf'))
-  for name in os.listdir(os.path.join(resumed, 'checkpoints')):
-    if name.isdigit() and int(name) > resume_at:
-      shutil.rmtree(os.path.join(resumed, 'checkpoints', name))
-  pipeline.run_pipeline(config, resumed)
-  a = _ckpt_state(full_dir, config.train.steps)
-  b = _ckpt_state(resumed, config.train.steps)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def test_idea_resumes_inside_the_window_bit_exact(idea_run, tmp_path):
-  config, workdir, _ = idea_run
-  # Step 7 lies between the refreshes at 6 and 8: masks and scores must come back exactly.
-  assert 7 in [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
-  _resume_matches(config, workdir, tmp_path, resume_at=7)
-
-
-@pytest.mark.parametrize('name', ['naive', 'scratch'])
-def test_other_pipelines_run_and_resume_bit_exact(tiny_config, tmp_path, name):
-  tiny_config.pipeline = name
-  tiny_config.train.keep_ckpts = 20
-  full = str(tmp_path / 'full')
-  pipeline.run_pipeline(tiny_config, full)
-  lr = _rows(full, 'lr')
-  if name == 'naive':
-    split = int(round(tiny_config.naive.split * tiny_config.train.steps))
-    assert lr[split] > lr[split - 1]  # the recovery re-warms: the LR rises again
-    assert _rows(full, 'phase')[split] == 'recovery'
-  else:
-    after = [lr[s] for s in sorted(lr) if s >= tiny_config.train.warmup_steps - 1]
-    assert all(b <= a + 1e-9 for a, b in zip(after, after[1:]))
-  _resume_matches(tiny_config, full, tmp_path, resume_at=6)
+def test_naive_rewarms_and_scratch_does_not(tiny_config, tmp_path):
+  for name in ('naive', 'scratch'):
+    tiny_config.pipeline = name
+    workdir = str(tmp_path / name)
+    pipeline.run_pipeline(tiny_config, workdir)
+    lr = _rows(workdir, 'lr')
+    if name == 'naive':
+      split = int(round(tiny_config.naive.split * tiny_config.train.steps))
+      assert lr[split] > lr[split - 1]  # the recovery re-warms: the LR rises again
+      assert _rows(workdir, 'phase')[split] == 'recovery'
+      assert _ckpt_state(workdir, 12)['params']['layers']['mlp']['up'].shape[-1] == 32
+    else:
+      after = [lr[s] for s in sorted(lr) if s >= tiny_config.train.warmup_steps - 1]
+      assert all(b <= a + 1e-9 for a, b in zip(after, after[1:]))
 
 
 def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Runs ON each TPU VM worker (setup.sh and run.sh call it over ssh); not for your workstation.
+#
+#   worker.sh setup [JAX_SPEC]        venv at REPO/.venv with Python >= 3.11, then
+#                                     pip install -e 'REPO[data]' JAX_SPEC (default 'jax[tpu]')
+#   worker.sh start [VAR=VALUE ...] ARGS...
+#                                     idea-prune ARGS in the background, detached from ssh
+#                                     (setsid + nohup), appending to REPO/logs/run.log
+#   worker.sh stop                    SIGTERM to that run: it checkpoints and exits
+#   worker.sh status                  running or not, and the log's last line
+#
+# REPO is the directory above this script.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=$REPO/.venv
+LOG=$REPO/logs/run.log
+PIDFILE=$REPO/logs/run.pid
+HOST=${HOSTNAME:-$(uname -n)}
+
+die() {
+  printf 'worker.sh on %s: error: %s\n' "$HOST" "$*" >&2
+  exit 2
+}
+
+find_python() {
+  local py
+  for py in python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null &&
+      "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"
+      return 0
+    fi
+  done
+  return 1
+}
+
+apt_install() {
+  # Lock timeout: right after boot, unattended-upgrades often holds the dpkg lock.
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq update
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y "$@"
+}
+
+setup() {
+  local jax_spec=${1:-jax[tpu]} py
+  # TPU VM images (Ubuntu 22.04) ship Python 3.10; the package needs 3.11.
+  if ! py=$(find_python); then
+    apt_install python3.11 python3.11-venv
+    py=python3.11
+  fi
+  if [[ ! -x $VENV/bin/python ]] && ! "$py" -m venv "$VENV"; then
+    apt_install "$py-venv"  # Ubuntu ships ensurepip separately
+    rm -rf "$VENV"
+    "$py" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e "${REPO}[data]" "$jax_spec"
+  # No backend init here: on a multi-host slice that would wait for the other workers.
+  "$VENV/bin/python" -c 'import jax, idea_prune_jax; print("jax", jax.__version__)' |
+    sed "s/^/$HOST: /"
+}
+
+running_pid() {
+  local pid cmdline
+  [[ -f $PIDFILE ]] || return 1
+  pid=$(cat "$PIDFILE")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  # Alive and still idea-prune: a zombie's cmdline is empty, a reused pid's names another program.
+  cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
+  [[ $cmdline == *idea-prune* ]] || return 1
+  echo "$pid"
+}
+
+start() {
+  local env=() pid
+  while (($#)) && [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do
+    env+=("$1")
+    shift
+  done
+  (($#)) || die 'start needs the idea-prune arguments, e.g. run --config C --workdir W'
+  [[ -x $VENV/bin/idea-prune ]] || die "no $VENV/bin/idea-prune; run launch/setup.sh first"
+  if pid=$(running_pid); then
+    die "a run is already going here (pid $pid); stop it first: launch/run.sh --stop"
+  fi
+  mkdir -p "$(dirname "$LOG")"
+  printf '\n=== %s %s: %s idea-prune %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$HOST" \
+    "${env[*]-}" "$*" >>"$LOG"
+  cd "$REPO"
+  # setsid: a new session, so the ssh session's hangup never reaches the run; nohup for the
+  # rest. Each execs the next, so $! is idea-prune's own pid and SIGTERM reaches its handler.
+  setsid nohup env ${env[@]+"${env[@]}"} "$VENV/bin/idea-prune" "$@" >>"$LOG" 2>&1 </dev/null &
+  echo "$!" >"$PIDFILE"
+  echo "$HOST: started pid $!, log $LOG"
+}
+
+stop() {
+  local pid
+  if pid=$(running_pid); then
+    kill -TERM "$pid"
+    echo "$HOST: sent SIGTERM to pid $pid; it saves a checkpoint and exits (see $LOG)"
+  else
+    echo "$HOST: no run going"
+  fi
+}
+
+status() {
+  local pid last=''
+  [[ -f $LOG ]] && last=$(tail -n 1 "$LOG")
+  if pid=$(running_pid); then
+    echo "$HOST: running (pid $pid): $last"
+  else
+    echo "$HOST: not running: $last"
+  fi
+}
+
+case ${1:-} in
+  setup | start | stop | status)
+    cmd=$1
+    shift
+    "$cmd" "$@"
+    ;;
+  -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ;;
+  *) die "unknown command ${1:-(none)}; use setup, start, stop or status" ;;
+esac

@@ -1,0 +1,62 @@
+"""compile-check: the idea steps compiled from abstract state on 8 fake devices, and mesh errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from idea_prune_jax import compile_check
+from idea_prune_jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=300):
+  # No device count in XLA_FLAGS: the command itself must set it before JAX starts its backend.
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  env['XLA_FLAGS'] = '--xla_cpu_enable_fast_math=false'  # an existing flag the command must keep
+  return subprocess.run([sys.executable, '-m', 'idea_prune_jax.main', 'compile-check',
+                         '--config', os.path.join(ROOT, 'configs/tiny.py:test'), *args],
+                        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_three_steps_compile_with_ordered_sizes():
+  out = _cli('--devices', '8', '--mesh', 'data=2,fsdp=2,tensor=2')
+  assert out.returncode == 0, out.stderr[-4000:]
+  report = json.loads(out.stdout)
+  assert report['config']['devices'] == 8
+  assert report['config']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  steps = report['steps']
+  assert set(steps) == {'enlarged', 'prune', 'recovery'}
+  for s in steps.values():
+    for key in ('argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes'):
+      assert s[key] > 0, (key, s)
+    assert s['total_bytes'] == (s['argument_bytes'] + s['output_bytes'] + s['temp_bytes']
+                                - s['alias_bytes'])
+    assert s['fits_hbm_gib'] is True
+  enlarged, prune, recovery = steps['enlarged'], steps['prune'], steps['recovery']
+  assert prune['kd'] and prune['teacher'] and prune['masks']
+  assert not (recovery['kd'] or recovery['teacher'] or recovery['masks'])
+  assert recovery['ffn_dim'] < enlarged['ffn_dim']
+  # The shrunk model is smaller; the prune+KD state adds masks, scores and a teacher.
+  assert recovery['argument_bytes'] < enlarged['argument_bytes'] < prune['argument_bytes']
+  # Donation: the whole state is aliased input -> output.
+  assert enlarged['alias_bytes'] == enlarged['state_bytes']
+
+
+def test_bad_mesh_is_one_line_error():
+  out = _cli('--devices', '8', '--mesh', 'data=2,fsdp=2,tensor=3', timeout=120)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('idea-prune: error:') and 'mesh' in last, out.stderr[-2000:]
+
+
+def test_parse_mesh():
+  assert compile_check.parse_mesh('data=1,fsdp=16,tensor=4') == {'data': 1, 'fsdp': 16,
+                                                                 'tensor': 4}
+  assert compile_check.parse_mesh('fsdp=-1') == {'fsdp': -1}
+  for bad in ('', 'data', 'pipe=2', 'tensr=2', 'data=1.5', 'fsdp=0'):
+    with pytest.raises(ConfigError, match='mesh'):
+      compile_check.parse_mesh(bad)
