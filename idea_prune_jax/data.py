@@ -367,10 +367,12 @@ def global_batch(local, sharding):
   (e.g. tensor across hosts: every host holds all rows) instead of building a smaller batch.
   """
   import jax  # lazy: the data pipeline itself is numpy-only
-  if isinstance(local, dict):
-    return {k: global_batch(v, sharding) for k, v in local.items()}
-  shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-  return jax.make_array_from_process_local_data(sharding, local, shape)
+
+  def one(rows):
+    shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, rows, shape)
+
+  return {k: one(v) for k, v in local.items()} if isinstance(local, dict) else one(local)
 
 
 def build(config, workdir: str | None, process_index: int = 0, process_count: int = 1) -> Data:

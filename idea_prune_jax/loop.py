@@ -80,6 +80,12 @@ def _py(v):
 
 def setup(config, workdir: str) -> Run:
   """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet."""
+  if '://' in workdir:
+    # Metrics, tokenizer cache, report and export use plain file I/O; orbax alone would
+    # reach the bucket. A gcsfuse mount gives every writer the same path.
+    raise config_lib.ConfigError(
+        f'--workdir={workdir}: URLs are not supported yet; mount the bucket with gcsfuse '
+        '(see docs/tpu.md) and pass the mount path')
   sharding_lib.maybe_initialize_distributed(config)
   _, _, tensor = config_lib.validate(config, jax.device_count())
   if config.pipeline in ('idea', 'naive'):

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
 SCRIPTS = ('create.sh', 'setup.sh', 'run.sh', 'logs.sh', 'delete.sh')
 NZ = ['--name', 'idea-v5p', '--zone', 'us-east5-a']
-WORKDIR = 'gs://my-bucket/runs/paper'
+WORKDIR = '/mnt/my-bucket/runs/paper'
 
 
 @pytest.fixture
@@ -157,7 +157,7 @@ def test_delete(env):
     ('setup.sh', ['--name', 'n'], 'missing --zone'),
     ('setup.sh', [*NZ, '--bogus'], "unknown argument '--bogus'"),
     ('run.sh', NZ, 'missing --workdir'),
-    ('run.sh', [*NZ, '--workdir', 'runs/x'], 'must be gs://'),
+    ('run.sh', [*NZ, '--workdir', 'runs/x'], 'must be an absolute path'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--config', 'configs/nope.py'], 'no such file'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--mode', 'eval'], 'use run, compare or train'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--config.train.steps', '5'], 'one word'),
