@@ -97,7 +97,8 @@ def machine() -> dict:
   """CPU model and cores, jax version and backend, load average (the run's noise context)."""
   model = platform.processor() or platform.machine()
   try:
-    for line in subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout.splitlines():
+    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+    for line in lscpu.splitlines():
       if line.startswith('Model name:'):
         model = line.split(':', 1)[1].strip()
   except (OSError, subprocess.CalledProcessError):

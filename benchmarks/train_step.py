@@ -120,8 +120,9 @@ def summarize(bench: Bench, peak: float, cpu_peak: float) -> dict:
   steps = [t[0] for r in bench.rounds for t in r]
   step_s = common.median(steps)
   cpu_s = common.median([t[1] for r in bench.rounds for t in r])
-  paired = [bench.flops / common.median([t[0] for t in r]) / ((bench.peaks[i] + bench.peaks[i + 1]) / 2)
-            for i, r in enumerate(bench.rounds)]
+  round_s = [common.median([t[0] for t in r]) for r in bench.rounds]
+  paired = [bench.flops / s / ((bench.peaks[i] + bench.peaks[i + 1]) / 2)
+            for i, s in enumerate(round_s)]
   return {
       'config': bench.name,
       'B x L': f'{bench.batch_size} x {bench.seq_len}',

@@ -198,7 +198,7 @@ def spm_sentences(docs: list[str], max_chars: int = SPM_MAX_CHARS) -> list[str]:
   return chunks[::stride]
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
   # Hosts sharing a workdir may write the same file at once; rename makes each write whole.
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'wb') as f:
@@ -246,7 +246,7 @@ def tokenizer(config, workdir: str | None, train_docs: list[str] | None = None
   model = train_spm(sentences, vocab_size)
   if path:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_atomic(path, model)
+    write_atomic(path, model)
   return spm.SentencePieceProcessor(model_proto=model)
 
 
@@ -267,7 +267,7 @@ def tokenize(sp: spm.SentencePieceProcessor, docs: list[str], cache_dir: str | N
     os.makedirs(cache_dir, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, tokens)
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
   return tokens
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import export
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
@@ -18,10 +19,9 @@ COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
 
 def _tokenizer_file(workdir: str, sp) -> str:
   path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(sp.serialized_model_proto())
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Every host writes the same bytes by atomic rename, so none reads a half-written file.
+  data_lib.write_atomic(path, sp.serialized_model_proto())
   return path
 
 

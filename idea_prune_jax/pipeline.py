@@ -174,7 +174,9 @@ def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
   """The state of `nxt` at its first step, from the state `prev` ended with."""
   teacher = state.teacher if nxt.teacher else None
   if nxt.teacher and teacher is None:
-    teacher = state.params  # idea: the enlarged model at t_s; naive: the final enlarged model
+    # idea: the enlarged model at t_s; naive: the final enlarged model. A copy: the state is
+    # donated each step, and one buffer cannot be donated as both params and teacher.
+    teacher = jax.tree.map(jnp.copy, state.params)
   masks, scores = state.masks, state.scores
   params, opt_state = state.params, state.opt_state
   if prev.ffn_dim != nxt.ffn_dim:

@@ -81,3 +81,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def param_shardings(boxed_params, mesh: Mesh):
   """Shardings for a (possibly abstract) boxed param tree, from its logical names."""
   return logical_to_sharding(nn.get_partition_spec(boxed_params), mesh)
+
+
+class MeshJit:
+  """A jitted function traced and run under jax.set_mesh(mesh), so that the model's activation
+  constraints (`model.shard_batch`) see the mesh; no mesh, no constraint (tests, user code)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+  def _cache_size(self) -> int:
+    return self.jitted._cache_size()

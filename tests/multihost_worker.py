@@ -1,11 +1,13 @@
 """Run by test_multihost.py: one host of the two-process CPU run, or the one-process reference.
 
-  multihost_worker.py WORKDIR RECORD_DIR KILL_AT
+  multihost_worker.py WORKDIR RECORD_DIR [kill@STEP | term@STEP | run]
 
 The idea pipeline of configs/tiny.py:test on a data=1, fsdp=2, tensor=2 mesh (fsdp spans the
 hosts, tensor stays inside one), exported at the end. Every local batch this process feeds is
-appended to RECORD_DIR/feed_<process>.jsonl. KILL_AT > 0: once the checkpoint of that step is
-written on every host, the process SIGKILLs itself (no cleanup, no atexit: a preempted VM).
+appended to RECORD_DIR/feed_<process>.jsonl. After the checkpoint of STEP:
+  kill@STEP  every host, once all have written it, SIGKILLs itself (no cleanup, no atexit);
+  term@STEP  the last host alone SIGTERMs itself (a preemption notice reaching one VM), and the
+             run is expected to stop on every host with a checkpoint at the next step.
 Multi-host when IDEA_PRUNE_DISTRIBUTED=1 and IDEA_PRUNE_{COORDINATOR,NUM_PROCESSES,PROCESS_ID}.
 """
 
@@ -25,6 +27,7 @@ from idea_prune_jax import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
 from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import experiment  # noqa: E402
+from idea_prune_jax import loop  # noqa: E402
 
 
 def make_config():
@@ -36,7 +39,9 @@ def make_config():
 
 
 def main():
-  workdir, record_dir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  workdir, record_dir, action = sys.argv[1], sys.argv[2], sys.argv[3]
+  what, _, at = action.partition('@')
+  at = int(at) if at else -1
   os.makedirs(record_dir, exist_ok=True)
   config = make_config()
 
@@ -56,21 +61,33 @@ def main():
 
   save = ckpt_lib.save
 
-  def save_then_maybe_die(mngr, step, *args, **kwargs):
+  def save_then_act(mngr, step, *args, **kwargs):
     save(mngr, step, *args, **kwargs)
-    if step == kill_at:
+    if step != at:
+      return
+    if what == 'kill':
       multihost_utils.sync_global_devices(f'checkpoint {step} written everywhere')
-      with open(os.path.join(record_dir, f'killed_{jax.process_index()}'), 'w') as f:
-        f.write(str(step))
+      _mark(record_dir, 'killed', step)
       os.kill(os.getpid(), signal.SIGKILL)
+    elif what == 'term' and jax.process_index() == jax.process_count() - 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # loop.setup's handler notes it; no exit here
 
   data_lib.global_batch = recording_global_batch
-  ckpt_lib.save = save_then_maybe_die
-  summary = experiment.run(config, workdir)
+  ckpt_lib.save = save_then_act
+  try:
+    summary = experiment.run(config, workdir)
+  except loop.Preempted as e:  # as the CLI: a clean exit, rerun to resume
+    _mark(record_dir, 'preempted', str(e))
+    return
   with open(os.path.join(record_dir, f'result_{jax.process_index()}.json'), 'w') as f:
     json.dump({'val_loss': summary['val_loss'], 'steps': summary['steps'],
                'ffn_final': summary['ffn_final'], 'process_count': jax.process_count(),
                'device_count': jax.device_count()}, f)
+
+
+def _mark(record_dir, name, value):
+  with open(os.path.join(record_dir, f'{name}_{jax.process_index()}'), 'w') as f:
+    f.write(str(value))
 
 
 if __name__ == '__main__':

@@ -1,14 +1,17 @@
-"""Two CPU processes on localhost as two hosts: prune, shrink, SIGKILL, resume, same result.
+"""Two CPU processes on localhost as two hosts: SIGTERM mid-window, shrink, SIGKILL, resume.
 
 Each process has 2 fake CPU devices, so the global mesh has 4 (data=1, fsdp=2, tensor=2: fsdp
 spans the hosts); cross-process collectives go through gloo. The reference is one process with 4
-fake devices on the same mesh. Both run tests/multihost_worker.py.
+fake devices on the same mesh. Both run tests/multihost_worker.py. The two-host run is started
+three times: SIGTERM on one host inside the pruning window, SIGKILL of both after the shrink, then
+to the end; it must finish with the reference's per-step losses, val losses and export, and each
+host must have fed exactly its half of every global batch.
 
 Tolerance: per-step losses, val losses and exported params must agree to rtol=1e-6 (a few f32
 ulps). With jax 0.10.2 they come out bit-equal, but bit-equality is not promised across process
 layouts: a cross-process all-reduce (gloo) may sum its shards in another order than XLA's
 in-process one. Both sides compile with --xla_backend_optimization_level=0, which only makes the
-test faster (a third less compile time); the comparison is like for like.
+test faster (a third less CPU per worker); the comparison is like for like.
 """
 
 import json
@@ -27,8 +30,10 @@ from idea_prune_jax import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')
-KILL_AT = 10  # a checkpoint step after the shrink (steps 9-11 are recovery)
-TIMEOUT_S = 240  # per launch; the whole test takes ~1-2 minutes on 2 idle cores
+# Steps 0-5 enlarged, 6-8 pruning, 9-11 recovery; checkpoints at 5, 6, 7, 9, 10, 12.
+TERM_AT = 7  # inside the pruning window
+KILL_AT = 10  # after the shrink
+TIMEOUT_S = 240  # per launch; the whole test took ~110 s on 2 busy cores (BENCHMARKS.md)
 RTOL = 1e-6
 
 
@@ -48,7 +53,7 @@ def _env(n_devices: int, cache_dir: str, **extra) -> dict:
   return env
 
 
-def _launch(workdir, record_dir, kill_at, log_dir, tag, n_processes):
+def _launch(workdir, record_dir, action, log_dir, tag, n_processes):
   """Starts n_processes workers (a distributed run when > 1); returns [(Popen, log path)]."""
   os.makedirs(log_dir, exist_ok=True)
   cache_dir = os.path.join(os.path.dirname(log_dir), 'jax_cache')
@@ -61,7 +66,7 @@ def _launch(workdir, record_dir, kill_at, log_dir, tag, n_processes):
                    IDEA_PRUNE_NUM_PROCESSES=str(n_processes), IDEA_PRUNE_PROCESS_ID=str(i))
     log = os.path.join(log_dir, f'{tag}_{i}.log')
     with open(log, 'w') as f:
-      p = subprocess.Popen([sys.executable, WORKER, workdir, record_dir, str(kill_at)],
+      p = subprocess.Popen([sys.executable, WORKER, workdir, record_dir, action],
                            env=_env(4 // n_processes, cache_dir, **extra), cwd=ROOT, stdout=f,
                            stderr=subprocess.STDOUT, start_new_session=True)
     procs.append((p, log))
@@ -117,36 +122,55 @@ def _exported(workdir):
   return jax.tree.map(np.asarray, params)
 
 
+def _read(record_dir, name, process):
+  with open(os.path.join(record_dir, f'{name}_{process}')) as f:
+    return f.read()
+
+
+def _phase_at_latest(workdir, step):
+  mngr = ckpt_lib.manager(str(workdir))
+  assert mngr.latest_step() == step, mngr.all_steps()
+  return ckpt_lib.read_meta(mngr, step)['phase']
+
+
 def test_two_hosts_prune_shrink_kill_resume_match_one_host(tmp_path):
   t0 = time.monotonic()
   multi, single = tmp_path / 'multi', tmp_path / 'single'
-  multi_rec, single_rec, logs = str(tmp_path / 'multi_rec'), str(tmp_path / 'single_rec'), \
-      str(tmp_path / 'logs')
+  multi_rec, single_rec = str(tmp_path / 'multi_rec'), str(tmp_path / 'single_rec')
+  logs = str(tmp_path / 'logs')
   running = []
   try:
-    # The reference runs alongside the first two-host launch.
-    ref = _launch(str(single), single_rec, 0, logs, 'single', 1)
-    first = _launch(str(multi), multi_rec, KILL_AT, logs, 'first', 2)
-    running = ref + first
-    codes = _wait(first, time.monotonic() + TIMEOUT_S)
-    # Both passed the barrier after checkpoint KILL_AT, then died; the peer of whichever died
-    # first may see its coordinator vanish before its own SIGKILL lands, hence not only -9.
-    killed = [os.path.join(multi_rec, f'killed_{i}') for i in range(2)]
-    assert all(c not in (None, 0) for c in codes) and all(map(os.path.exists, killed)), (
-        f'the first launch should kill itself after checkpoint {KILL_AT}: return codes {codes}\n'
-        + _logs(first))
-    for path in killed:
-      with open(path) as f:
-        assert int(f.read()) == KILL_AT
-    mngr = ckpt_lib.manager(str(multi))
-    assert mngr.latest_step() == KILL_AT, mngr.all_steps()
-    assert ckpt_lib.read_meta(mngr, KILL_AT)['phase'] == 'recovery'  # after the shrink
-    assert not os.path.exists(os.path.join(multi_rec, 'result_0.json'))
+    # The one-process reference runs alongside the two-host launches.
+    ref = _launch(str(single), single_rec, 'run', logs, 'single', 1)
+    running = list(ref)
 
-    second = _launch(str(multi), multi_rec, 0, logs, 'resume', 2)
-    running = ref + second
+    # 1. Host 1 alone gets SIGTERM after checkpoint TERM_AT (inside the pruning window): both
+    #    hosts must agree to stop, save step TERM_AT + 1 and exit cleanly.
+    first = _launch(str(multi), multi_rec, f'term@{TERM_AT}', logs, 'term', 2)
+    running += first
+    codes = _wait(first, time.monotonic() + TIMEOUT_S)
+    assert codes == [0, 0], f'SIGTERM on one host: return codes {codes}\n' + _logs(first)
+    for i in range(2):
+      assert f'saved step {TERM_AT + 1}' in _read(multi_rec, 'preempted', i), _logs(first)
+    assert _phase_at_latest(multi, TERM_AT + 1) == 'prune'
+
+    # 2. Resumed mid-window, through the shrink; every host SIGKILLs itself once checkpoint
+    #    KILL_AT is written everywhere. The peer of whichever dies first may see its
+    #    coordinator vanish before its own SIGKILL lands, hence any non-zero code.
+    second = _launch(str(multi), multi_rec, f'kill@{KILL_AT}', logs, 'kill', 2)
+    running += second
     codes = _wait(second, time.monotonic() + TIMEOUT_S)
-    assert codes == [0, 0], f'resume failed: {codes}\n' + _logs(second)
+    killed = [os.path.exists(os.path.join(multi_rec, f'killed_{i}')) for i in range(2)]
+    assert all(c not in (None, 0) for c in codes) and all(killed), (
+        f'the second launch should kill itself after checkpoint {KILL_AT}: return codes '
+        f'{codes}\n' + _logs(second))
+    assert _phase_at_latest(multi, KILL_AT) == 'recovery'  # after the shrink
+
+    # 3. Resumed after the shrink, to the end.
+    third = _launch(str(multi), multi_rec, 'run', logs, 'finish', 2)
+    running += third
+    codes = _wait(third, time.monotonic() + TIMEOUT_S)
+    assert codes == [0, 0], f'resume after the kill failed: {codes}\n' + _logs(third)
     codes = _wait(ref, time.monotonic() + TIMEOUT_S)
     assert codes == [0], f'one-process reference failed: {codes}\n' + _logs(ref)
   finally:
@@ -163,7 +187,7 @@ def test_two_hosts_prune_shrink_kill_resume_match_one_host(tmp_path):
     np.testing.assert_array_equal(a, ref_batch[:half], err_msg=f'host 0, batch {i}')
     np.testing.assert_array_equal(b, ref_batch[half:], err_msg=f'host 1, batch {i}')
 
-  # Same losses at every step (each logged once: the resume appended after step KILL_AT - 1).
+  # Same losses at every step, each logged once: every resume appended where the last stopped.
   multi_losses, multi_vals = _metrics(multi)
   ref_losses, ref_vals = _metrics(single)
   assert [s for s, _ in multi_losses] == [s for s, _ in ref_losses] == list(range(12))

@@ -121,3 +121,19 @@ def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
                                 np.take_along_axis(np.asarray(mu_old['down']), keep[:, :, None], 1))
   assert new.masks is None and new.scores is None
   assert int(new.opt_state[1][0].count) == int(state.opt_state[1][0].count)  # never reset
+
+
+def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
+  tiny_config.distill.update(alpha=0.5, phases='both', chunk=16)
+  workdir = str(tmp_path / 'kd')
+  pipeline.run_pipeline(tiny_config, workdir)
+  kl, teacher_ce, ce = _rows(workdir, 'kl'), _rows(workdir, 'teacher_ce'), _rows(workdir, 'ce')
+  phases = _rows(workdir, 'phase')
+  assert {phases[s] for s in kl} == {'prune', 'recovery'}  # KD in the window and recovery only
+  assert set(teacher_ce) == set(ce) == set(kl)
+  t_s = min(kl)
+  assert abs(kl[t_s]) < 1e-6  # at t_s the student is the teacher it was snapshotted from
+  assert all(kl[s] > 0 for s in kl if s > t_s)
+  # The teacher is frozen at t_s: its own loss on a batch does not depend on training after it.
+  final = _ckpt_state(workdir, tiny_config.train.steps)
+  assert final['teacher']['layers']['mlp']['gate'].shape[-1] == tiny_config.model.ffn_dim

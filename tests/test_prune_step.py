@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 
-from conftest import run_on_devices
 from idea_prune_jax import pipeline, sharding
 
 
@@ -29,13 +28,3 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
   assert len(set(refreshed)) >= 5  # k really moved at the refreshes
   assert widths[-1] == tiny_config.prune.target_ffn
   assert all(b <= a for a, b in zip(widths, widths[1:]))
-
-
-def test_sharded_prune_step_equals_single_device():
-  out = run_on_devices('sharded_prune_check.py')
-  (s_losses, s_masks, s_specs, s_compiles), (losses, masks, _, _) = out['sharded'], out['single']
-  np.testing.assert_allclose(s_losses, losses, rtol=2e-5)
-  np.testing.assert_array_equal(s_masks, masks)
-  assert np.asarray(masks).sum(-1).tolist() == [32, 32]
-  assert "'tensor'" in s_specs['mask'] and "'tensor'" in s_specs['score']
-  assert s_compiles == 1

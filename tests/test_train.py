@@ -9,7 +9,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import run_on_devices
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import pipeline
 
@@ -44,14 +43,6 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   losses = lambda w: [m['loss'] for m in _metrics(w) if m.get('step', 0) >= 6 and 'loss' in m]
   assert losses(full) == losses(resumed)[-len(losses(full)):]
-
-
-def test_sharded_2x2x2_step_equals_single_device():
-  out = run_on_devices('sharded_train_check.py')
-  np.testing.assert_allclose(out['sharded'], out['single'], rtol=2e-5)
-  assert out['sharded'][-1] < out['sharded'][0]
-  assert "'fsdp', 'tensor'" in out['specs'][0]  # q: (layers, embed, q_heads)
-  assert out['specs'][0] == out['specs'][0] and "'tensor'" in out['specs'][1]
 
 
 @pytest.mark.parametrize('override, field', [

@@ -1,0 +1,63 @@
+"""Run by test_sharding.py with 8 fake devices: every step kind on several meshes vs one device."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import pipeline, sharding  # noqa: E402
+
+MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
+N_STEPS = 6
+
+
+def run_phase(config, index, devices, batches):
+  """N_STEPS of phase `index` of the plan from its init state: losses, masks, specs, compiles."""
+  mesh = sharding.make_mesh(config, devices)
+  phase = pipeline.plan(config)[index]
+  parts = pipeline.parts(config, phase, mesh)
+  state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
+  step = pipeline.step_fn(config, phase, parts, mesh)
+  losses = []
+  for b in batches[:N_STEPS]:
+    state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+    losses.append(float(metrics['loss']))
+  out = {'losses': losses, 'compiles': step._cache_size(),
+         'q': list(state.params['layers']['attn']['q'].sharding.spec),
+         'mu_gate': list(state.opt_state[1][0].mu['layers']['mlp']['gate'].sharding.spec)}
+  if state.masks is not None:
+    out.update(masks=np.asarray(state.masks['ffn']).tolist(),
+               mask_spec=list(state.masks['ffn'].sharding.spec),
+               score_spec=list(state.scores['u']['ffn'].sharding.spec))
+  if state.teacher is not None:
+    out['teacher_gate'] = list(state.teacher['layers']['mlp']['gate'].sharding.spec)
+  return out
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  config = config_lib.load('configs/tiny.py:test')
+  config.train.steps = 40
+  config.prune.update(t_start=0.25, t_end=0.75, every=2)  # k moves at steps 10, 12, 14
+  rng = np.random.RandomState(0)
+  batches = []
+  for _ in range(N_STEPS):
+    x = rng.randint(4, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1))
+    batches.append({'inputs': x[:, :-1].astype(np.int32), 'targets': x[:, 1:].astype(np.int32)})
+  kinds = {'pretrain': (0, 0.0), 'prune': (1, 0.0), 'distill': (2, 0.5)}
+  results = {}
+  for mesh in ((1, 1, 1),) + MESHES:
+    config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    devices = jax.devices()[:int(np.prod(mesh))]
+    for kind, (index, alpha) in kinds.items():
+      config.distill.update(alpha=alpha, phases='recovery')
+      results[f'{kind}@{"x".join(map(str, mesh))}'] = run_phase(config, index, devices, batches)
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

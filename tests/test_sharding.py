@@ -1,0 +1,34 @@
+"""Pretrain, prune and distill steps on meshes 8x1x1, 1x8x1, 2x2x2, 1x1x8 equal one device."""
+
+import numpy as np
+import pytest
+
+from conftest import run_on_devices
+
+
+@pytest.fixture(scope='module')
+def results():
+  return run_on_devices('sharded_check.py')
+
+
+@pytest.mark.parametrize('mesh', ['8x1x1', '1x8x1', '2x2x2', '1x1x8'])
+@pytest.mark.parametrize('kind', ['pretrain', 'prune', 'distill'])
+def test_step_on_mesh_equals_one_device(results, kind, mesh):
+  sharded, single = results[f'{kind}@{mesh}'], results[f'{kind}@1x1x1']
+  np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=3e-5)
+  assert sharded['losses'][-1] < sharded['losses'][0]
+  assert sharded['compiles'] == 1
+  if kind == 'prune':
+    np.testing.assert_array_equal(sharded['masks'], single['masks'])
+    assert len(set(np.asarray(single['masks']).sum(-1).tolist())) == 1  # one width per layer
+
+
+def test_state_shards_follow_the_rules(results):
+  spec = lambda kind, mesh, key: results[f'{kind}@{mesh}'][key]
+  # q is (layers, embed, q_heads) -> (None, fsdp, tensor); Adam moments shard like their param.
+  assert spec('pretrain', '2x2x2', 'q') == [None, 'fsdp', 'tensor']
+  assert spec('pretrain', '2x2x2', 'mu_gate') == [None, 'fsdp', 'tensor']
+  # Masks and scores are [layers, ffn] and shard like the FFN axis they describe.
+  assert spec('prune', '1x1x8', 'mask_spec') == [None, 'tensor']
+  assert spec('prune', '1x1x8', 'score_spec') == [None, 'tensor']
+  assert spec('distill', '1x8x1', 'teacher_gate') == [None, 'fsdp', 'tensor']
