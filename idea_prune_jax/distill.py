@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import model as model_lib
@@ -146,17 +145,16 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
 
 def distill_step(state: train_lib.TrainState, batch, teacher_params, *, model, teacher_model,
                  optimizer, schedule, alpha=0.5, tau=1.0, chunk=0):
-  """One AdamW step of the student on the KD loss; the teacher forward runs in the same program."""
-  loss_fn = functools.partial(kd_loss_fn, model=model, teacher_model=teacher_model, alpha=alpha,
-                              tau=tau, chunk=chunk)
-  # Differentiates argument 0 only: teacher params are an input, never a primal of the grad.
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                 teacher_params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads),
-             'lr': schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  """One AdamW step of the student on the KD loss; the teacher forward runs in the same program.
+
+  The trainer's own step with KD on (`train.train_step(..., kd=KDOptions(...))`), for a teacher
+  held outside the state: only the student params are differentiated.
+  """
+  kd = train_lib.KDOptions(teacher_model, alpha, tau, chunk)
+  new_state, metrics = train_lib.train_step(state.replace(teacher=teacher_params), batch,
+                                            model=model, optimizer=optimizer, schedule=schedule,
+                                            kd=kd)
+  return new_state.replace(teacher=state.teacher), metrics
 
 
 def jit_distill_step(shardings: train_lib.TrainState, teacher_sharding, mesh, step_fn=distill_step,

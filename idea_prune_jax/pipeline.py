@@ -6,7 +6,6 @@ from the latest checkpoint, rebuilds that phase's state shapes, restores, and ca
 
 import copy
 import dataclasses
-import functools
 import os
 import time
 
@@ -14,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib

@@ -87,16 +87,11 @@ def _loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_a
     total, count = cross_entropy(logits, batch['targets'])
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
-    out = model.apply({'params': params}, batch['inputs'], return_hidden=True, mutable=mutable)
-    hidden, inter = out if want_acts else (out, None)
     from idea_prune_jax import distill  # distill builds on this module's TrainState
-    teacher = jax.lax.stop_gradient(teacher)
-    teacher_hidden = kd.teacher_model.apply({'params': teacher}, batch['inputs'],
-                                            return_hidden=True)
-    loss, aux = distill.chunked_kd_loss(
-        hidden, model_lib.head(params, model.cfg), teacher_hidden,
-        model_lib.head(teacher, kd.teacher_model.cfg), batch['targets'], alpha=kd.alpha,
-        tau=kd.tau, chunk=kd.chunk, student_cfg=model.cfg, teacher_cfg=kd.teacher_model.cfg)
+    loss, aux = distill.kd_loss_fn(params, batch, teacher, model=model,
+                                   teacher_model=kd.teacher_model, alpha=kd.alpha, tau=kd.tau,
+                                   chunk=kd.chunk, intermediates=want_acts)
+    inter = {'intermediates': aux.pop('intermediates')} if want_acts else None
   if want_acts:
     aux['ffn_act'] = inter['intermediates']['layers']['mlp']['ffn_act']
   return loss, aux
