@@ -39,8 +39,8 @@ def median(xs):
 def timed(fn, *args):
   """(wall seconds, process CPU seconds, output) of one call, including waiting for the result.
 
-  CPU seconds (all threads) barely move when other jobs take the cores, where wall seconds can
-  double; they do miss time a core sits idle waiting, so report both.
+  CPU seconds (all threads) move far less than wall seconds when other jobs take the cores (wall
+  can double); they do miss time a core sits idle waiting, so report both.
   """
   wall, cpu = time.perf_counter(), time.process_time()
   out = jax.block_until_ready(fn(*args))

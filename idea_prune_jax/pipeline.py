@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import importance
 from idea_prune_jax import loop
 from idea_prune_jax import masks as masks_lib
@@ -162,7 +163,7 @@ def _oneshot_masks(run, config, state, model):
   stream = copy.deepcopy(run.data.train)  # scoring must not move the training data order
   sharding = sharding_lib.batch_sharding(run.mesh)
   for _ in range(config.naive.score_batches):
-    batch = loop.data_lib.global_batch(loop.data_lib.split_batch(next(stream)), sharding)
+    batch = data_lib.global_batch(data_lib.split_batch(next(stream)), sharding)
     scores = accumulate(scores, state.params, batch)
   final = importance.scores(scores, kind, params=state.params, structure=FFN_STRUCTURE)
   return masks_lib.refresh(masks, final, config.prune.target_ffn)

@@ -1,0 +1,65 @@
+"""The idea-prune CLI: parameter counts, one-line errors, eval and generate on an export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+
+from conftest import ROOT
+from idea_prune_jax import config as config_lib
+from idea_prune_jax import data, export, model as model_lib
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'idea_prune_jax.main', *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=300)
+
+
+def test_params_of_the_paper_pair():
+  out = _cli('params', '--config', 'configs/paper_2p8b_to_1p3b.py')
+  assert out.returncode == 0, out.stderr
+  counts = json.loads(out.stdout)
+  assert counts['ffn_enlarged'] == 15872 and counts['ffn_target'] == 5632
+  assert round(counts['params_enlarged'] / 1e9, 2) == 2.81
+  assert round(counts['params_target'] / 1e9, 2) == 1.30
+
+
+def test_unknown_config_key_is_one_line_naming_it():
+  out = _cli('params', '--config', 'configs/tiny.py', '--config.prune.target_fnn=256')
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "idea-prune: error: unknown config field '--config.prune.target_fnn'; the fields are "
+      'listed in idea_prune_jax/config.py']
+
+
+def test_bad_value_is_refused_before_compute(tmp_path):
+  out = _cli('train', '--config', 'configs/tiny.py:test', '--workdir', str(tmp_path),
+             '--config.model.n_kv_heads=3')
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith('idea-prune: error: config.model.n_heads=4')
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_eval_and_generate_on_an_export(tmp_path):
+  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  sp = data.tokenizer(config, str(tmp_path))
+  tok_path = str(tmp_path / 'spm.model')
+  with open(tok_path, 'wb') as f:
+    f.write(sp.serialized_model_proto())
+  cfg = config_lib.ModelConfig.from_config(config, ffn_dim=40)
+  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
+  export_dir = export.save_dense(str(tmp_path / 'export'), params, cfg, tok_path)
+  text = tmp_path / 'text.txt'
+  text.write_text('To be, or not to be, that is the question.\n' * 40)
+  out = _cli('eval', '--checkpoint', export_dir, '--files', str(text))
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert result['tokens'] > 100 and result['ppl'] > 1
+  out = _cli('generate', '--checkpoint', export_dir, '--prompt', 'ROMEO:', '--max_new_tokens', '8')
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith('ROMEO:') and len(out.stdout) > len('ROMEO:')
+  out = _cli('eval', '--checkpoint', str(tmp_path), '--files', str(text))
+  assert out.returncode == 2 and 'not an export' in out.stderr
