@@ -17,7 +17,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate', 'compile-check')
-NEEDS_CONFIG = ('run', 'compare', 'train', 'params', 'compile-check')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import data as data_lib
+from idea_prune_jax import export
 from idea_prune_jax import importance
 from idea_prune_jax import loop
 from idea_prune_jax import masks as masks_lib
@@ -79,11 +80,26 @@ def _phases(config) -> tuple[Phase, ...]:
           Phase('recovery', t_end + 1, T, f_t, kd=kd_recovery, **rec))
 
 
+def teacher_config(config) -> ModelConfig:
+  """The KD teacher's model: config.distill.teacher's export, else the enlarged model."""
+  path = config.distill.teacher
+  if not path:
+    return ModelConfig.from_config(config)
+  info = export.export_info(path)
+  if info.get('format') != export.DENSE_FORMAT:
+    raise ConfigError(f'config.distill.teacher={path!r}: not a dense export (W/export of a run)')
+  teacher = ModelConfig(**info['model'])
+  if teacher.vocab_size != config.model.vocab_size:
+    raise ConfigError(f'config.distill.teacher={path!r}: vocab {teacher.vocab_size} != '
+                      f'model.vocab_size={config.model.vocab_size}; KD needs one vocabulary')
+  return teacher
+
+
 def train_flops(config, phases) -> float:
   """Analytical training FLOPs of a plan (a KD teacher forward costs a third of its 6N)."""
   tokens = config.train.batch_size * config.data.seq_len
   seq, total = config.data.seq_len, 0.0
-  teacher = model_lib.flops_per_token(ModelConfig.from_config(config), seq) / 3
+  teacher = model_lib.flops_per_token(teacher_config(config), seq) / 3
   for ph in phases:
     per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=ph.ffn_dim), seq)
     total += (ph.end - ph.start) * tokens * (per_token + (teacher if ph.kd else 0.0))
@@ -103,7 +119,7 @@ class Parts:
 
 def parts(config, phase: Phase, mesh) -> Parts:
   model_cfg = ModelConfig.from_config(config, ffn_dim=phase.ffn_dim)
-  teacher_cfg = ModelConfig.from_config(config)
+  teacher_cfg = teacher_config(config)
   schedule = schedules.lr_schedule(config.train, phase.lr_steps)
   optimizer = train_lib.make_optimizer(config.train, schedule)
   score = config.prune.score
@@ -134,7 +150,7 @@ def step_fn(config, phase: Phase, p: Parts, mesh):
     prune = train_lib.PruneOptions(phase.prune, config.prune.score, config.prune.beta1,
                                    config.prune.beta2)
   if phase.kd:
-    kd = train_lib.KDOptions(model_lib.Transformer(ModelConfig.from_config(config)),
+    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(config)),
                              config.distill.alpha, config.distill.tau, config.distill.chunk)
   return train_lib.jit_step(train_lib.train_step, p.shardings, mesh, model=p.model,
                             optimizer=p.optimizer, schedule=p.schedule, lr_offset=phase.lr_start,
@@ -172,7 +188,9 @@ def _oneshot_masks(run, config, state, model):
 def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
   """The state of `nxt` at its first step, from the state `prev` ended with."""
   teacher = state.teacher if nxt.teacher else None
-  if nxt.teacher and teacher is None:
+  if nxt.teacher and teacher is None and config.distill.teacher:
+    teacher, _ = export.load_dense(config.distill.teacher, p_next.shardings.teacher)
+  elif nxt.teacher and teacher is None:
     # idea: the enlarged model at t_s; naive: the final enlarged model. A copy: the state is
     # donated each step, and one buffer cannot be donated as both params and teacher.
     teacher = jax.tree.map(jnp.copy, state.params)
@@ -210,6 +228,7 @@ def _save_importance(workdir, tag, state, config):
 def run_pipeline(config, workdir: str) -> dict:
   """Runs (or resumes) config.pipeline to the end; returns the final state, model and figures."""
   t0 = time.time()
+  teacher_config(config)  # a bad distill.teacher fails here, before any compute
   run = loop.setup(config, workdir)
   phases, names = plan(config), [ph.name for ph in plan(config)]
   base_cfg = ModelConfig.from_config(config)

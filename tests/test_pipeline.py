@@ -137,3 +137,18 @@ def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
   # The teacher is frozen at t_s: its own loss on a batch does not depend on training after it.
   final = _ckpt_state(workdir, tiny_config.train.steps)
   assert final['teacher']['layers']['mlp']['gate'].shape[-1] == tiny_config.model.ffn_dim
+
+
+def test_teacher_from_any_export(idea_run, tiny_config, tmp_path):
+  _, _, summary = idea_run
+  tiny_config.distill.update(alpha=0.5, phases='recovery', teacher=summary['export_dir'])
+  workdir = str(tmp_path / 'kd_export')
+  pipeline.run_pipeline(tiny_config, workdir)
+  teacher = _ckpt_state(workdir, tiny_config.train.steps)['teacher']
+  exported, _ = export.load_dense(summary['export_dir'])
+  jax.tree.map(np.testing.assert_array_equal, teacher, jax.device_get(exported))
+  assert set(_rows(workdir, 'kl')) == {9, 10, 11}  # recovery only
+  tiny_config.distill.teacher = str(tmp_path)
+  from idea_prune_jax.export import ExportError
+  with pytest.raises(ExportError, match='not an export'):
+    pipeline.run_pipeline(tiny_config, str(tmp_path / 'bad'))
