@@ -11,6 +11,7 @@
 """
 
 import json
+import re
 import sys
 
 from absl import app, flags, logging
@@ -120,10 +121,16 @@ def _parse(argv):
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     # Unknown config keys and bad override types surface here, before any compute.
-    msg = str(e.args[0] if e.args else e).splitlines()[0].strip('"\'')
+    text = str(e.args[0] if e.args else e)
+    msg = text.splitlines()[0].strip('"\'')
     if isinstance(e, (KeyError, AttributeError)):
-      bad = [a.split('=')[0] for a in argv if a.startswith('--config.') and msg in a]
-      msg = (f'unknown config field {bad[0] if bad else msg!r}; '
+      found = re.search(r"'([A-Za-z0-9_]+)", text)
+      key = found.group(1) if found else msg
+      bad = [a.split('=')[0] for a in argv
+             if a.startswith('--config.') and key in a.split('=')[0].split('.')]
+      hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
+      msg = (f'unknown config field {bad[0] if bad else key!r}'
+             f'{f" (did you mean {hint.group(1)!r}?)" if hint else ""}; '
              'the fields are listed in idea_prune_jax/config.py')
     print(f'idea-prune: error: {msg}', file=sys.stderr)
     sys.exit(2)

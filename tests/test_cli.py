@@ -31,8 +31,8 @@ def test_unknown_config_key_is_one_line_naming_it():
   out = _cli('params', '--config', 'configs/tiny.py', '--config.prune.target_fnn=256')
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      "idea-prune: error: unknown config field '--config.prune.target_fnn'; the fields are "
-      'listed in idea_prune_jax/config.py']
+      "idea-prune: error: unknown config field '--config.prune.target_fnn' (did you mean "
+      "'target_ffn'?); the fields are listed in idea_prune_jax/config.py"]
 
 
 def test_bad_value_is_refused_before_compute(tmp_path):
