@@ -22,6 +22,10 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
     state, metrics = step(state, batch)
     widths.append(int(np.asarray(state.masks['ffn']).sum(-1).max()))
     assert np.all(np.asarray(state.masks['ffn']).sum(-1) == widths[-1])  # every layer: exact k
+    pruned = np.asarray(state.masks['ffn']) == 0  # [layers, ffn]
+    mlp = state.params['layers']['mlp']
+    assert not np.any(np.asarray(mlp['gate']).transpose(0, 2, 1)[pruned])  # stay exactly zero
+    assert not np.any(np.asarray(mlp['down'])[pruned])
     ks.append(int(phase.prune.keep_k(t)) if bool(phase.prune.is_refresh(t)) else None)
   assert step._cache_size() == 1
   refreshed = [k for k in ks if k is not None]
