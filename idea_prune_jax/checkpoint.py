@@ -1,12 +1,10 @@
 """Orbax checkpoints of the whole run: train state, data iterator position, phase and model shape."""
 
 import dataclasses
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 from idea_prune_jax.config import ConfigError
 
@@ -60,14 +58,3 @@ def check_same_model(meta: dict, model_cfg, workdir: str) -> None:
     raise ConfigError(
         f'config.model.{field}={new!r}: workdir {workdir} holds a checkpoint of a different model '
         f'({field}={old!r}); use a fresh --workdir or the matching config')
-
-
-def dumps(meta: dict) -> str:
-  return json.dumps(meta, sort_keys=True)
-
-
-def latest_step(mngr: ocp.CheckpointManager):
-  step = mngr.latest_step()
-  if step is not None:
-    logging.info('found checkpoint at step %d in %s', step, mngr.directory)
-  return step
