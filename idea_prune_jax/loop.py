@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -151,7 +152,9 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
   sharding = sharding_lib.batch_sharding(run.mesh)
   start = int(state.step)
   tokens_per_step = cfg.batch_size * run.config.data.seq_len
-  bar = tqdm.tqdm(total=end - start, desc=phase, disable=not run.is_main or start >= end,
+  # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
+  plain = run.is_main and not sys.stderr.isatty()
+  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not run.is_main or start >= end,
                   dynamic_ncols=True, mininterval=1.0)
   pending, t_last = None, time.perf_counter()
 
@@ -168,6 +171,9 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     t_last = now
     if step % cfg.log_every == 0 or step == end - 1:
       run.writer.write(step, metrics)
+      if plain:
+        print(f'{phase} step {step + 1}/{end} loss {metrics["loss"]:.4f} '
+              f'tok/s {metrics["tokens_per_s"]:.0f}', file=sys.stderr, flush=True)
     bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{metrics["tokens_per_s"]:.0f}')
     bar.update(1)
 
@@ -181,8 +187,11 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     done = step + 1
     if done % cfg.eval_every == 0 or done == end:
       flush()
-      run.writer.write(step, {**evaluate(run, eval_fn, state.params), 'phase': phase,
-                              'tokens_seen': done * tokens_per_step})
+      val = evaluate(run, eval_fn, state.params)
+      run.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
+      if plain:
+        print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
+              flush=True)
     stop = _should_stop(run, done)
     if stop or done % cfg.ckpt_every == 0 or done == end:
       if pending is not None:

@@ -170,7 +170,7 @@ def _oneshot_masks(run, config, state, model):
 
   @jax.jit
   def accumulate(scores, params, batch):
-    (_, aux), grads = jax.value_and_grad(train_lib._loss_and_aux, has_aux=True)(
+    (_, aux), grads = jax.value_and_grad(train_lib.loss_and_aux, has_aux=True)(
         params, batch, None, model=model, kd=None, want_acts=want_acts)
     return importance.update(scores, kind, params=params, grads=grads,
                              activations=aux.get('ffn_act'), structure=FFN_STRUCTURE,

@@ -78,7 +78,7 @@ class KDOptions:
   chunk: int = 0
 
 
-def _loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
+def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
@@ -109,7 +109,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, lr_offse
   if prune is not None:
     params = masks_lib.apply(params, state.masks, prune.structure)
   want_acts = prune is not None and prune.score == 'activation'
-  (loss, aux), grads = jax.value_and_grad(_loss_and_aux, has_aux=True)(
+  (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
       params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'lr': schedule(state.step - lr_offset), **aux}

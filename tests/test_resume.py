@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,3 +159,6 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line)['step'] for line in f if '"loss"' in line]
   assert logged.count(0) == 1 and logged.count(399) == 1  # resumed, not restarted
+  # stderr is a pipe here, as in pod and CI logs: plain lines, no progress-bar carriage returns
+  assert '\r' not in out.stderr
+  assert re.search(r'^\w+ step 400/400 loss \d+\.\d{4} tok/s \d+$', out.stderr, re.M), out.stderr
