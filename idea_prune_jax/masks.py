@@ -87,7 +87,7 @@ def refresh(masks: Masks, scores: dict[str, jax.Array], keep_k) -> Masks:
     k = keep_k[name] if isinstance(keep_k, dict) else keep_k
     mask = jnp.asarray(mask)
     flat = _refresh_rows(mask.reshape(-1, mask.shape[-1]),
-                              jnp.asarray(scores[name]).reshape(-1, mask.shape[-1]), k)
+                         jnp.asarray(scores[name]).reshape(-1, mask.shape[-1]), k)
     out[name] = flat.reshape(mask.shape)
   return out
 

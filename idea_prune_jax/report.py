@@ -41,6 +41,12 @@ def phase_boundaries(rows: list[dict]) -> list[dict]:
           for prev, row in zip(rows, rows[1:]) if row.get('phase') != prev.get('phase')]
 
 
+def plan_boundaries(phases: list[dict], tokens_per_step: int) -> list[dict]:
+  """The exact boundaries of a run's plan ({'name', 'start', ...} per phase), as phase_boundaries."""
+  return [{'step': nxt['start'], 'tokens_seen': nxt['start'] * tokens_per_step,
+           'from': prev['name'], 'to': nxt['name']} for prev, nxt in zip(phases, phases[1:])]
+
+
 def _series(rows, x, y):
   pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
   pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b)]
@@ -172,7 +178,10 @@ def _jsonable(v):
 def write_report(workdir: str, summary: dict) -> None:
   """Writes W/report.json, W/report.md and the PNG plots of one run."""
   train, evals = read_metrics(workdir)
-  bounds = phase_boundaries(train or evals)
+  # The plan knows where phases start; logged rows only see it at the next log_every step.
+  exact = bool(summary.get('phases')) and bool(summary.get('steps'))
+  bounds = (plan_boundaries(summary['phases'], summary['tokens'] // summary['steps']) if exact
+            else phase_boundaries(train or evals))
   plots = []
   if train or evals:
     plots.append(_plot_loss(workdir, train, evals, bounds))
@@ -195,8 +204,8 @@ def write_report(workdir: str, summary: dict) -> None:
   lines += [f'| {k} | {_fmt(summary.get(k))} |' for k in keys]
   lines += ['', '## Phase boundaries', '']
   if bounds:
-    lines += ['First logged step of each new phase.', '', '| phase change | step | tokens seen |',
-              '|---|---|---|']
+    lines += ['First step of each new phase.' if exact else 'First logged step of each new phase.',
+              '', '| phase change | step | tokens seen |', '|---|---|---|']
     lines += [f'| {b["from"]} → {b["to"]} | {b["step"]} | {_fmt(b["tokens_seen"])} |'
               for b in bounds]
   else:

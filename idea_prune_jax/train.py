@@ -182,15 +182,14 @@ def init_state(model_cfg: ModelConfig, optimizer, mesh, key, extra_fn=None):
 
 def jit_step(step_fn, shardings: TrainState, mesh, **static):
   """Jits a (state, batch) -> (state, metrics) step with shardings and a donated state."""
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  return sharding_lib.MeshJit(jax.jit(functools.partial(step_fn, **static),
-                                       in_shardings=(shardings, batch_sharding),
-                                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                                       donate_argnums=(0,)), mesh)
+  jitted = jax.jit(functools.partial(step_fn, **static),
+                   in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  return sharding_lib.MeshJit(jitted, mesh)
 
 
 def jit_eval(model, params_sharding, mesh):
-  return sharding_lib.MeshJit(jax.jit(functools.partial(eval_step, model=model),
-                                       in_shardings=(params_sharding,
-                                                     sharding_lib.batch_sharding(mesh)),
-                                       out_shardings=sharding_lib.replicated(mesh)), mesh)
+  jitted = jax.jit(functools.partial(eval_step, model=model),
+                   in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=sharding_lib.replicated(mesh))
+  return sharding_lib.MeshJit(jitted, mesh)

@@ -100,6 +100,17 @@ def test_write_report(tmp_path):
   assert all(f'({name})' in md for name in got['plots'])
 
 
+def test_write_report_takes_exact_boundaries_from_the_plan(tmp_path):
+  _idea_run(tmp_path)  # logged every 10 steps; the plan's phases start at 35 and 66
+  phases = [{'name': 'enlarged', 'start': 0, 'end': 35, 'ffn_dim': 8},
+            {'name': 'prune', 'start': 35, 'end': 66, 'ffn_dim': 8},
+            {'name': 'recovery', 'start': 66, 'end': 100, 'ffn_dim': 4}]
+  report.write_report(str(tmp_path), {**SUMMARY, 'phases': phases})
+  md = (tmp_path / 'report.md').read_text()
+  assert 'First step of each new phase.' in md
+  assert '| enlarged → prune | 35 | 3,500 |' in md and '| prune → recovery | 66 | 6,600 |' in md
+
+
 def test_write_report_skips_absent_plots(tmp_path):
   _write_rows(tmp_path, [_train_row(s, 'scratch') for s in range(0, 50, 10)])
   report.write_report(str(tmp_path), {'pipeline': 'scratch'})
