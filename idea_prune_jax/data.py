@@ -29,6 +29,10 @@ SPM_OPTIONS = dict(
 SPM_MAX_CHARS = 20_000_000  # bounds tokenizer training at a few seconds on big sources
 SPM_CHUNK_CHARS = 2_000  # SentencePiece drops longer 'sentences'; lines are much shorter
 SINGLE_FILE_VAL_FRACTION = 0.05
+# The tfds source holds its text and tokens in host memory; past this, refuse before reading
+# (hours into a c4 read is the wrong time to run out of memory).
+TFDS_MAX_IN_MEMORY_CHARS = 4_000_000_000
+TFDS_SIZE_SAMPLE = 64  # records read to estimate a split's size
 
 
 class DataError(ValueError):
@@ -127,14 +131,26 @@ def _tfds_split(tfds, data_config, split: str, field: str) -> list[str]:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(f'config.{field}={split!r} of data.tfds_name={data_config.tfds_name!r} '
                     f'(data_dir={data_config.tfds_data_dir!r}) failed to open: {first_line}') from e
-  docs, n_chars = [], 0
-  for i in range(len(source)):
-    record = source[i]
+
+  def text_of(record):
     if data_config.text_key not in record:
       raise DataError(f'config.data.text_key={data_config.text_key!r}: not in the records of '
                       f'{data_config.tfds_name}; keys are {sorted(record)}')
     text = record[data_config.text_key]
-    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+    return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+
+  n_records = len(source)
+  sample = [len(text_of(source[i])) for i in range(min(n_records, TFDS_SIZE_SAMPLE))]
+  estimate = int(np.mean(sample) * n_records) if sample else 0
+  limit = data_config.max_chars if data_config.max_chars > 0 else estimate
+  if min(limit, estimate) > TFDS_MAX_IN_MEMORY_CHARS:
+    raise DataError(f'config.data.max_chars={data_config.max_chars}: {split!r} of '
+                    f'data.tfds_name={data_config.tfds_name!r} is ~{estimate:.2e} characters, more '
+                    f'than this in-memory source holds ({TFDS_MAX_IN_MEMORY_CHARS:.0e}); set '
+                    f'data.max_chars <= {TFDS_MAX_IN_MEMORY_CHARS}')
+  docs, n_chars = [], 0
+  for i in range(n_records):
+    text = text_of(source[i])
     if data_config.max_chars > 0 and n_chars + len(text) > data_config.max_chars:
       docs.append(text[:data_config.max_chars - n_chars])
       break

@@ -137,6 +137,21 @@ def test_tfds_data_source_with_mock_data(monkeypatch):
       data.load_texts(config.data)
 
 
+
+def test_tfds_split_too_big_for_memory_is_refused_before_reading(monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = make_config(source='tfds', tfds_name='lm1b', tfds_val_split='test')
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    train, _ = data.load_texts(config.data)
+    size = sum(map(len, train))
+    monkeypatch.setattr(data, 'TFDS_MAX_IN_MEMORY_CHARS', size // 4)
+    with pytest.raises(data.DataError, match=r"config\.data\.max_chars=0: 'train' of data\.tfds_"
+                       r"name='lm1b' is ~.* characters.*set data\.max_chars <= "):
+      data.load_texts(config.data)
+    config.data.max_chars = size // 8  # a cap under the limit reads
+    capped, _ = data.load_texts(config.data)
+    assert sum(map(len, capped)) == size // 8
+
 # --- tokenizer -----------------------------------------------------------------------------
 
 def test_tokenizer_is_trained_with_fixed_ids_and_round_trips(trained, small_docs):
