@@ -16,9 +16,12 @@ START_ID = data_lib.EOS_ID
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _token_logprobs(model_cfg, params, inputs_BxL, targets_BxL):
-  logits = model_lib.Transformer(model_cfg).apply({'params': params}, inputs_BxL)
-  return jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BxL[..., None], -1)[..., 0]
+def _scored(model_cfg, params, inputs_BxL, targets_BxL):
+  """(log p(target) [B, L], greedy token [B, L]) from one forward pass."""
+  logits_BxLxV = model_lib.Transformer(model_cfg).apply({'params': params}, inputs_BxL)
+  logprobs_BxL = jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV), targets_BxL[..., None],
+                                     -1)[..., 0]
+  return logprobs_BxL, jnp.argmax(logits_BxLxV, -1)
 
 
 def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: list[int]
@@ -28,11 +31,9 @@ def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: l
   The two numbers an lm-eval-harness `loglikelihood` request asks for.
   """
   ids = np.asarray([START_ID] + context_ids + continuation_ids, np.int32)[None]
-  inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
-  logprobs = _token_logprobs(model_cfg, params, inputs, targets)[0, -len(continuation_ids):]
-  logits = model_lib.Transformer(model_cfg).apply({'params': params}, inputs)
-  greedy = jnp.argmax(logits[0, -len(continuation_ids):], -1)
-  return float(logprobs.sum()), bool(jnp.all(greedy == targets[0, -len(continuation_ids):]))
+  n = len(continuation_ids)
+  logprobs, greedy = _scored(model_cfg, params, jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]))
+  return float(logprobs[0, -n:].sum()), bool(np.all(np.asarray(greedy[0, -n:]) == ids[0, -n:]))
 
 
 def perplexity(params, model_cfg, sp, texts: list[str], seq_len: int, batch_size: int = 8) -> dict:
