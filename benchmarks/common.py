@@ -149,3 +149,4 @@ def append_section(title: str, body: str, facts: dict | None = None, path: str =
     if new:
       f.write(HEADER)
     f.write(section)
+  print(f'\nappended to {path}')

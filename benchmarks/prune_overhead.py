@@ -297,7 +297,6 @@ def main(argv=None):
   print(body)
   if append:
     common.append_section('Prune overhead (benchmarks/prune_overhead.py)', body)
-    print(f'\nappended to {common.BENCHMARKS_MD}')
 
 
 if __name__ == '__main__':

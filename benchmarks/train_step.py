@@ -184,7 +184,6 @@ def main(argv=None):
   print(body)
   if append:
     common.append_section('Train step: tokens/s and MFU (benchmarks/train_step.py)', body)
-    print(f'\nappended to {common.BENCHMARKS_MD}')
 
 
 if __name__ == '__main__':
