@@ -151,21 +151,24 @@ def logits(x_BxLxD, head_DxV, cfg: ModelConfig):
   return (x_BxLxD @ head_DxV.astype(cfg.dtype)).astype(jnp.float32)
 
 
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+  """Weights of one layer's matmuls: q, k, v, o and the three FFN projections."""
+  d, k = cfg.d_model, cfg.head_dim
+  return 2 * d * cfg.n_heads * k + 2 * d * cfg.n_kv_heads * k + 3 * d * cfg.ffn_dim
+
+
 def param_count(cfg: ModelConfig) -> int:
   """Analytical parameter count (equals the initialised tree's size; tested)."""
-  d, f, k = cfg.d_model, cfg.ffn_dim, cfg.head_dim
-  attn = d * cfg.n_heads * k * 2 + d * cfg.n_kv_heads * k * 2
-  per_layer = attn + 3 * d * f + 2 * d
+  d = cfg.d_model
+  per_layer = _layer_matmul_params(cfg) + 2 * d  # + the two RMSNorm scales
   head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
   return cfg.n_layers * per_layer + cfg.vocab_size * d + d + head
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6 x matmul params + 12·layers·heads·head_dim·seq (PaLM app. B)."""
-  d, k = cfg.d_model, cfg.head_dim
-  matmul = cfg.n_layers * (d * cfg.n_heads * k * 2 + d * cfg.n_kv_heads * k * 2
-                           + 3 * d * cfg.ffn_dim) + d * cfg.vocab_size
-  attention = cfg.n_layers * 2 * cfg.n_heads * k * seq_len
+  matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  attention = cfg.n_layers * 2 * cfg.n_heads * cfg.head_dim * seq_len
   return 6 * matmul + 6 * attention
 
 

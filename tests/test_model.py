@@ -25,6 +25,17 @@ def test_param_count_matches_initialised_tree(cfg):
   assert sum(x.size for x in jax.tree.leaves(params)) == model_lib.param_count(cfg)
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_flops_per_token_is_6x_matmul_params_plus_attention(tied):
+  cfg = dataclasses.replace(TINY, tie_embeddings=tied)
+  # Matmul weights: every param but the norm scales and (untied) the embedding table, which is
+  # a lookup; tied, the table is the LM head's matmul.
+  norms = (2 * cfg.n_layers + 1) * cfg.d_model
+  matmul = model_lib.param_count(cfg) - norms - (0 if tied else cfg.vocab_size * cfg.d_model)
+  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 128
+  assert model_lib.flops_per_token(cfg, 128) == 6 * matmul + attention
+
+
 def test_paper_pair_param_counts():
   trunk = ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16)
   assert round(model_lib.param_count(dataclasses.replace(trunk, ffn_dim=5632)) / 1e9, 2) == 1.30
