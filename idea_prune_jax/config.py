@@ -118,10 +118,14 @@ class ModelConfig:
     return self.d_model // self.n_heads
 
   @classmethod
-  def from_config(cls, config, **overrides) -> 'ModelConfig':
+  def from_dict(cls, values, **overrides) -> 'ModelConfig':
+    """From a mapping with these fields (config.model, an export's config.json); others ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in config.model.items() if k in fields}
-    return cls(**{**kwargs, **overrides})
+    return cls(**{**{k: v for k, v in values.items() if k in fields}, **overrides})
+
+  @classmethod
+  def from_config(cls, config, **overrides) -> 'ModelConfig':
+    return cls.from_dict(config.model, **overrides)
 
 
 def _fail(field, value, why):

@@ -131,8 +131,7 @@ def load_dense(directory: str, sharding=None):
     hint = ('; it is a Hugging Face model, use export.load_hf' if 'model_type' in info else '')
     raise ExportError(f'{directory}: not an idea_prune_jax dense export (config.json has no '
                       f'format={DENSE_FORMAT!r}){hint}')
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  cfg = ModelConfig(**{k: v for k, v in info['model'].items() if k in fields})
+  cfg = ModelConfig.from_dict(info['model'])
   abstract = _abstract(cfg)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):

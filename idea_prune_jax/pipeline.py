@@ -88,7 +88,7 @@ def teacher_config(config) -> ModelConfig:
   info = export.export_info(path)
   if info.get('format') != export.DENSE_FORMAT:
     raise ConfigError(f'config.distill.teacher={path!r}: not a dense export (W/export of a run)')
-  teacher = ModelConfig(**info['model'])
+  teacher = ModelConfig.from_dict(info['model'])
   if teacher.vocab_size != config.model.vocab_size:
     raise ConfigError(f'config.distill.teacher={path!r}: vocab {teacher.vocab_size} != '
                       f'model.vocab_size={config.model.vocab_size}; KD needs one vocabulary')
