@@ -8,10 +8,10 @@ one fixed batch of random tokens:
 
   dense     phase 'enlarged': train.train_step, no masks (FFN f_E).
   masked    phase 'prune' with score='magnitude' and its window moved past the run, so the step
-            is the prune step minus scoring: masks.apply on the params before the forward pass,
-            on the grads, and on the params after the update, the width metric, and a lax.cond
-            whose predicate is always false. 'magnitude' has no state (importance.update returns
-            its input) and its scores are computed only inside the never-taken refresh branch.
+            is the prune step minus scoring: masks.apply on the params before the forward pass
+            and after the update, the width metric, and a lax.cond whose predicate is always
+            false. 'magnitude' has no state (importance.update returns its input) and its scores
+            are computed only inside the never-taken refresh branch.
   prune     phase 'prune' as configured (platon): masked step + score update every step.
             Timed at a non-refresh step (t_s + 1) and at a refresh step (t_s + ΔT), where the
             lax.cond also computes scores and re-ranks every layer (3-key sort) against k(t).
