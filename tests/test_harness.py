@@ -43,7 +43,7 @@ def make_export(directory, cfg=CFG, seed=0, spm_chars=100_000):
   tok = os.path.join(directory, 'spm.model')
   text = data_lib.embedded_works()['hamlet'][:spm_chars]
   with open(tok, 'wb') as f:
-    f.write(data_lib.train_spm(data_lib.spm_sentences([text]), min(cfg.vocab_size, 512)))
+    f.write(data_lib.train_spm(data_lib.spm_sentences([text]), cfg.vocab_size))
   import sentencepiece as spm
   sp = spm.SentencePieceProcessor(model_file=tok)
   rng = np.random.default_rng(seed)
