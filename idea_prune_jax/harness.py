@@ -48,6 +48,11 @@ class IdeaPruneLM(TemplateLM):
                prefix_token_id: int | None = None, tokenizer: str | None = None,
                fsdp: int = 1, tensor: int = 1, scorer=None, sp=None, **unused):
     super().__init__()
+    unknown = set(unused) - {'device', 'max_batch_size'}  # lm-eval passes these to every model
+    if unknown:
+      raise HarnessError(f'{MODEL_NAME}: unknown model_args {sorted(unknown)}; use checkpoint, '
+                         'batch_size, max_length, max_gen_toks, prefix_token_id, tokenizer, '
+                         'fsdp, tensor')
     if scorer is None:
       scorer, sp = load(checkpoint, _positive_int(batch_size, 'batch_size'), max_length,
                         tokenizer, int(fsdp), int(tensor))
@@ -168,6 +173,9 @@ def load(checkpoint: str, batch_size: int, max_length: int | None = None,
   from idea_prune_jax.config import ModelConfig
   if not checkpoint:
     raise HarnessError(f'{MODEL_NAME}: pass checkpoint=DIR, a dense export such as W/export')
+  if (not os.path.isfile(os.path.join(checkpoint, 'config.json'))
+      and os.path.isfile(os.path.join(checkpoint, 'export', 'config.json'))):
+    raise HarnessError(f'{checkpoint}: a run directory, not an export; pass {checkpoint}/export')
   info = export.export_info(checkpoint)  # one line if there is no config.json
   if info.get('format') != export.DENSE_FORMAT:
     raise export.ExportError(f'{checkpoint}: not an idea_prune_jax dense export (config.json has '

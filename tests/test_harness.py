@@ -199,34 +199,39 @@ def test_lm_eval_cli_with_the_model_registered(exported, monkeypatch, capsys):
   assert 'idea-prune' in table and '|shakespeare_mc|' in table.replace(' ', '')
 
 
-def test_cli_eval_tasks_and_bad_input(exported, tmp_path):
-  small = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
-  params = nn.unbox(model_lib.init_params(small, jax.random.key(0)))
-  # The 512-piece tokenizer of `exported` on a 256-token model: ids the model cannot embed.
-  mismatched = export.save_dense(str(tmp_path / 'small'), params, small,
-                                 export.export_info(exported)['tokenizer'])
+def test_cli_eval_tasks(exported, tmp_path):
   out_json = tmp_path / 'results.json'
-  task_args = ['--tasks', 'shakespeare_mc', '--include_path', TASKS_DIR, '--limit', '4']
-  procs = {
-      'eval': _cli('eval', '--checkpoint', exported, *task_args, '--batch_size', '4',
-                   '--output', str(out_json)),
-      'no_config': _cli('eval', '--checkpoint', str(tmp_path), *task_args),
-      'tokenizer': _cli('eval', '--checkpoint', mismatched, *task_args),
-  }
-  results = {k: _done(p) for k, p in procs.items()}
-  rc, out, err = results['eval']
+  rc, out, err = _done(_cli('eval', '--checkpoint', exported, '--tasks', 'shakespeare_mc',
+                            '--include_path', TASKS_DIR, '--limit', '4', '--batch_size', '4',
+                            '--output', str(out_json)))
   assert rc == 0, err[-3000:]
   summary = json.loads(out.strip().splitlines()[-1])
   assert summary['shakespeare_mc']['sample_len'] == 4 and 0 <= summary['shakespeare_mc']['acc'] <= 1
   assert json.loads(out_json.read_text())['results']['shakespeare_mc']['acc,none'] == (
       summary['shakespeare_mc']['acc'])
-  # (unknown and network tasks: test_unknown_task_and_network_tasks_are_one_line)
-  for name, match in [('no_config', 'not an export \\(no readable config.json'),
-                      ('tokenizer', 'has 512 pieces but the model\'s vocabulary has 256')]:
-    rc, _, err = results[name]
-    lines = err.strip().splitlines()
-    assert rc == 2 and lines[-1].startswith('idea-prune: error: '), (name, err[-2000:])
-    assert re.search(match, lines[-1]), (name, lines[-1])
+
+
+def test_bad_checkpoints_are_one_line(exported, tmp_path):
+  """What `eval --tasks` prints after 'idea-prune: error: ' (main catches these errors)."""
+  small = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
+  params = nn.unbox(model_lib.init_params(small, jax.random.key(0)))
+  # The 512-piece tokenizer of `exported` on a 256-token model: ids the model cannot embed.
+  mismatched = export.save_dense(str(tmp_path / 'small'), params, small,
+                                 export.export_info(exported)['tokenizer'])
+  run_dir = tmp_path / 'run'
+  (run_dir / 'export').mkdir(parents=True)
+  (run_dir / 'export' / 'config.json').write_text('{}')
+  for kwargs, error, match in [
+      ({'checkpoint': str(tmp_path)}, export.ExportError, r'not an export \(no readable config'),
+      ({'checkpoint': str(run_dir)}, harness.HarnessError, 'a run directory.*pass .*/export'),
+      ({'checkpoint': mismatched}, harness.HarnessError,
+       "has 512 pieces but the model's vocabulary has 256"),
+      ({'checkpoint': exported, 'batch_size': 'auto'}, harness.HarnessError, 'auto'),
+      ({'checkpoint': exported, 'chekpoint': 'x'}, harness.HarnessError,
+       r"unknown model_args \['chekpoint'\]")]:
+    with pytest.raises(error, match=match) as e:
+      harness.IdeaPruneLM(**kwargs)
+    assert '\n' not in str(e.value)
 
 
 def _worker(export_dir, out_dir, n_devices, process=None, port=None):
