@@ -138,8 +138,7 @@ def _tfds_text(record, text_key: str, spec: str) -> str:
 
 def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '') -> Source:
   """A checked Source: works known, files present, text_key in the first record of each format."""
-  spec = (spec or '').strip()
-  if not spec:
+  if not (spec or '').strip():
     raise DataError(f'{flag} is empty; pass embedded, tfds:NAME[:SPLIT] or files/globs')
   if spec == 'embedded' or spec.startswith('embedded:'):
     works = list(embedded_works())

@@ -418,6 +418,8 @@ def _remove_stale(out: _Output, part: int, parts: int) -> None:
 
 def _check_nonempty(manifest: dict) -> None:
   splits = manifest['splits']
+  if not any(splits[s]['documents'] for s in SPLITS):
+    raise DataError(f'--input={manifest["input"]!r}: no documents (every one is empty)')
   if not splits['validation']['documents']:
     flag = (f'--val_input={manifest["val_input"]!r}' if manifest['val_input'] else
             f'--val_fraction={manifest["val_fraction"]}')
