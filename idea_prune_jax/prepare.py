@@ -280,7 +280,7 @@ def _check_args(shard, tokenizer, vocab_size, val_fraction, val_input, tokenizer
   if tokenizer and tokenizer_only:
     raise DataError('--tokenizer_only trains a tokenizer; it takes --vocab_size, not --tokenizer')
   if tokenizer_only:
-    parts = 1  # the tokenizer is trained on the whole input, whichever part asks
+    part, parts = 0, 1  # the tokenizer is trained on the whole input, whichever part asks
   if not tokenizer and vocab_size < 1:
     raise DataError(f'--vocab_size={vocab_size}: set it (e.g. 32000) to train a tokenizer, or '
                     'pass --tokenizer FILE')
