@@ -138,7 +138,8 @@ def _export_command(command):
     print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
   else:
     ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
-                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value)
+                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value,
+                            eos_id=sp.eos_id())
     print(_PROMPT.value + sp.decode(ids))
 
 
