@@ -148,12 +148,11 @@ def _guarded(argv):
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
   from idea_prune_jax.export import ExportError
-  from idea_prune_jax.prepare import DataError as PrepareError  # data.DataError, once merged
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, PrepareError, ExportError, loop.NonFiniteLoss) as e:
+  except (UsageError, ConfigError, DataError, ExportError, loop.NonFiniteLoss) as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
 
