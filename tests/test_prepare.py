@@ -207,6 +207,31 @@ def test_shard_union_equals_the_one_machine_run(tmp_path, tokenizer, works, n_fi
       {k: v for k, v in one.items() if k not in ('parts', 'splits')}
 
 
+def test_max_docs_reads_the_first_documents_whatever_the_parts(tmp_path, tokenizer, works):
+  docs = lines(works, 12)
+  write_jsonl(tmp_path / 'a.jsonl', docs[:6])
+  write_jsonl(tmp_path / 'b.jsonl', docs[6:])
+  spec, kw = f'{tmp_path}/*.jsonl', dict(tokenizer=tokenizer, val_fraction=0.3, max_docs=7,
+                                         progress=False)
+  prepare.prepare(spec, str(tmp_path / 'one'), **kw)
+  for part in range(2):  # 2 files, 2 parts, but max_docs: split by document index instead
+    prepare.prepare(spec, str(tmp_path / 'two'), shard=(part, 2), **kw)
+  for out in ('one', 'two'):
+    assert sorted(texts(tmp_path / out, 'train') + texts(tmp_path / out, 'validation')) == \
+        sorted(docs[:7])
+
+
+def test_plain_progress_lines_off_a_terminal(capsys, monkeypatch):
+  monkeypatch.setattr(prepare._Progress, 'PLAIN_EVERY_S', 0.0)
+  bar = prepare._Progress(True, 'prepare 0/1', 3_000_000, 'B')
+  bar.postfix(train=2, val=1)
+  bar.update(2_000_000)
+  bar.close()
+  lines_out = capsys.readouterr().err.strip().splitlines()
+  assert lines_out[0].startswith('prepare 0/1: 2/3 MB in ') and lines_out[0].endswith('train 2 val 1')
+  assert len(lines_out) == 2 and '\r' not in ''.join(lines_out)  # no bar redraws in log files
+
+
 def test_parts_with_other_tokenizers_do_not_merge(tmp_path, tokenizer, llama_tokenizer, works):
   write_jsonl(tmp_path / 'a.jsonl', lines(works, 10))
   kw = dict(val_fraction=0.5, progress=False)
