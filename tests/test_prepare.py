@@ -228,7 +228,8 @@ def test_plain_progress_lines_off_a_terminal(capsys, monkeypatch):
   bar.update(2_000_000)
   bar.close()
   lines_out = capsys.readouterr().err.strip().splitlines()
-  assert lines_out[0].startswith('prepare 0/1: 2/3 MB in ') and lines_out[0].endswith('train 2 val 1')
+  assert lines_out[0].startswith('prepare 0/1: 2/3 MB in ')
+  assert lines_out[0].endswith('train 2 val 1')
   assert len(lines_out) == 2 and '\r' not in ''.join(lines_out)  # no bar redraws in log files
 
 
