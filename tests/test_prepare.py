@@ -127,11 +127,12 @@ def test_unknown_text_column_names_the_file_and_fields(tmp_path, tokenizer, name
 def test_plain_text_files_are_one_document_each(tmp_path, tokenizer, works):
   (tmp_path / 'a.txt').write_text(works['hamlet'][:3000])
   (tmp_path / 'b.md').write_text(works['macbeth'][:2000])
+  (tmp_path / 'c.txt.gz').write_bytes(gzip.compress(works['tempest'][:1000].encode()))
   (tmp_path / 'empty.txt').write_text('')  # 0 bytes: skipped
   out = tmp_path / 'out'
-  prepare.prepare(f'{tmp_path}/*.txt,{tmp_path}/b.md', str(out), tokenizer=tokenizer,
+  prepare.prepare(f'{tmp_path}/*.txt*,{tmp_path}/b.md', str(out), tokenizer=tokenizer,
                   val_input=f'{tmp_path}/b.md', progress=False)
-  assert texts(out, 'train') == [works['hamlet'][:3000]]
+  assert texts(out, 'train') == [works['hamlet'][:3000], works['tempest'][:1000]]
   assert texts(out, 'validation') == [works['macbeth'][:2000]]
 
 
