@@ -320,6 +320,11 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
   part, parts = _check_args(shard, tokenizer, vocab_size, val_fraction, val_input,
                             tokenizer_only)
   model = load_tokenizer(tokenizer) if tokenizer else None
+  if model and vocab_size:
+    pieces = spm.SentencePieceProcessor(model_proto=model).vocab_size()
+    if pieces != vocab_size:
+      raise DataError(f'--vocab_size={vocab_size}: --tokenizer={tokenizer!r} has {pieces} '
+                      'pieces; drop --vocab_size (it is for training a tokenizer)')
   source = inputs.parse(input_spec, '--input', text_key, tfds_data_dir)
   val_source = inputs.parse(val_input, '--val_input', text_key, tfds_data_dir) if val_input \
       else None

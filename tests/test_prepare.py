@@ -350,6 +350,7 @@ def test_tokenizer_only_then_shards_share_it(tmp_path, works):
      r"SentencePiece model"),
     ('{tmp}/a.txt', dict(tokenizer='{tmp}/none.model'), r"--tokenizer=.*none\.model.*cannot read"),
     ('{tmp}/a.txt', dict(tokenizer='', vocab_size=0), r"--vocab_size=0: set it"),
+    ('{tmp}/a.txt', dict(vocab_size=1000), r"--vocab_size=1000: --tokenizer=.* has 512 pieces"),
     ('{tmp}/a.txt', dict(tokenizer='', vocab_size=512, shard=(0, 2)),
      r"--shard=0/2: all machines must share one tokenizer.*--tokenizer_only"),
     ('{tmp}/a.txt', dict(shard=(2, 2)), r"--shard=2/2: need 0 <= I < N"),
