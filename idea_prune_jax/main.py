@@ -123,7 +123,8 @@ def _prepare_data():
 def _export_command(command):
   import jax
   import sentencepiece as spm
-  from idea_prune_jax import data, evaluate, export
+  from etils import epath
+  from idea_prune_jax import evaluate, export, inputs
   if not _CHECKPOINT.value:
     raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
   params, model_cfg = export.load_dense(_CHECKPOINT.value)
@@ -134,7 +135,8 @@ def _export_command(command):
   if command == 'eval':
     if not _FILES.value:
       raise UsageError('eval needs --files, e.g. --files my.txt')
-    texts = [open(f, encoding='utf-8').read() for f in data.expand_files(_FILES.value, 'files')]
+    texts = [epath.Path(f).read_text(encoding='utf-8')
+             for f in inputs.expand_files(_FILES.value, '--files')]
     print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
   else:
     ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
@@ -148,12 +150,11 @@ def _guarded(argv):
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
   from idea_prune_jax.export import ExportError
-  from idea_prune_jax.prepare import DataError as PrepareError  # data.DataError, once merged
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, PrepareError, ExportError, loop.NonFiniteLoss) as e:
+  except (UsageError, ConfigError, DataError, ExportError, loop.NonFiniteLoss) as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
 
