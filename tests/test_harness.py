@@ -24,8 +24,7 @@ pytest.importorskip('lm_eval')
 pytest.importorskip('torch')
 pytest.importorskip('transformers')
 
-from idea_prune_jax import data as data_lib  # noqa: E402
-from idea_prune_jax import export, harness, scoring  # noqa: E402
+from idea_prune_jax import export, harness, inputs, prepare, scoring  # noqa: E402
 from idea_prune_jax import model as model_lib  # noqa: E402
 from idea_prune_jax.config import ModelConfig  # noqa: E402
 
@@ -41,9 +40,9 @@ def make_export(directory, cfg=CFG, seed=0, spm_chars=100_000):
   text is made of whole pieces (HF's tokenizer decodes stray bytes differently from ours)."""
   os.makedirs(directory, exist_ok=True)
   tok = os.path.join(directory, 'spm.model')
-  text = data_lib.embedded_works()['hamlet'][:spm_chars]
+  text = inputs.embedded_works()['hamlet'][:spm_chars]
   with open(tok, 'wb') as f:
-    f.write(data_lib.train_spm(data_lib.spm_sentences([text]), cfg.vocab_size))
+    f.write(prepare.train_spm(list(prepare.spm_chunks(text)), cfg.vocab_size))
   import sentencepiece as spm
   sp = spm.SentencePieceProcessor(model_file=tok)
   rng = np.random.default_rng(seed)
@@ -147,7 +146,7 @@ def test_tokenizer_matches_the_hf_export(exported):
   for row in map(json.loads, open(os.path.join(TASKS_DIR, 'shakespeare_mc.jsonl'))):
     for text in [row['context']] + [row['context'] + c for c in row['choices']]:
       assert lm.tok_encode(text) == tok(text)['input_ids']  # no BOS on either side
-  assert lm.eot_token_id == tok.eos_token_id == lm.prefix_token_id == data_lib.EOS_ID
+  assert lm.eot_token_id == tok.eos_token_id == lm.prefix_token_id == prepare.EOS_ID
 
 
 def _sp(exported):

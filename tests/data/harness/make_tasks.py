@@ -12,7 +12,7 @@ import json
 import os
 import random
 
-from idea_prune_jax import data
+from idea_prune_jax import inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,7 +23,7 @@ def _lines(text):
 
 
 def main():
-  text = data.embedded_works()['hamlet']
+  text = inputs.embedded_works()['hamlet']
   rng = random.Random(0)
   lines = _lines(text)
   picked = rng.sample(lines, 80)
