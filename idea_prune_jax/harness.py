@@ -299,7 +299,7 @@ def evaluate(lm, tasks: list[str], num_fewshot: int | None = None, limit: int | 
   return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
                                  limit=limit or None, task_manager=tm, log_samples=False,
                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                                 torch_random_seed=0, fewshot_random_seed=0)
+                                 torch_random_seed=None, fewshot_random_seed=0)
 
 
 def summary(results: dict) -> dict:
