@@ -137,6 +137,10 @@ def test_one_compilation_per_bucket_and_kind_and_padding_changes_nothing(exporte
   alone = [scorer.generate([c], 4, sp.eos_id())[0] for c in (contexts[0], contexts[-1])]
   assert [out[0], out[-1]] == alone and scorer.traces['generate_until'] == 2
   assert all(len(o) == 4 for o in out)  # byte pieces aside, random weights rarely say EOS
+  # Greedy flags: a context with its own greedy continuation is greedy; one token off is not.
+  other = out[2][:-1] + [(out[2][-1] + 1) % 500]
+  flags = [g for _, g in scorer.loglikelihood([(contexts[2], out[2]), (contexts[2], other)])]
+  assert flags == [True, False] and scorer.traces['loglikelihood'] == 2
 
 
 def test_tokenizer_matches_the_hf_export(exported):
@@ -212,11 +216,16 @@ def test_cli_eval_tasks(exported, tmp_path):
 
 def test_bad_checkpoints_are_one_line(exported, tmp_path):
   """What `eval --tasks` prints after 'idea-prune: error: ' (main catches these errors)."""
-  small = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
-  params = nn.unbox(model_lib.init_params(small, jax.random.key(0)))
-  # The 512-piece tokenizer of `exported` on a 256-token model: ids the model cannot embed.
-  mismatched = export.save_dense(str(tmp_path / 'small'), params, small,
-                                 export.export_info(exported)['tokenizer'])
+  # The 512-piece tokenizer of `exported` on a 256-token model: ids the model cannot embed. The
+  # tokenizer is checked before the params are read, so config.json and tokenizer.model suffice.
+  mismatched = tmp_path / 'small'
+  mismatched.mkdir()
+  info = json.loads(open(os.path.join(exported, 'config.json')).read())
+  info['model']['vocab_size'] = 256
+  (mismatched / 'config.json').write_text(json.dumps(info))
+  (mismatched / 'tokenizer.model').write_bytes(
+      open(export.export_info(exported)['tokenizer'], 'rb').read())
+  mismatched = str(mismatched)
   run_dir = tmp_path / 'run'
   (run_dir / 'export').mkdir(parents=True)
   (run_dir / 'export' / 'config.json').write_text('{}')
