@@ -88,8 +88,8 @@ def main():
           f'tokens), batch size {BATCH}, max_length 128; model {cfg.n_layers} layers, d_model '
           f'{cfg.d_model}, FFN {cfg.ffn_dim}, vocab {cfg.vocab_size}, f32, '
           f'{jax.device_count()} CPU device(s).\n\n'
-          + common.table(['model', 'requests/s median', 'min', 'max', 'first call req/s (ours compiles)',
-                          'load s'], rows)
+          + common.table(['model', 'requests/s median', 'min', 'max',
+                          'first call req/s (ours compiles)', 'load s'], rows)
           + f'\n\nOurs / hf: **{med["ours"] / med["hf"]:.2f}×** (medians of {args.repeats}); '
           f'compiled programs: {dict(ours.scorer.traces)}; largest |Δ log-likelihood| between '
           f'the two: {diff:.1e}.\n')

@@ -24,7 +24,8 @@ import json
 import os
 import sys
 
-import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval skips them once any is registered)
+# The built-in models first: lm-eval's get_model imports them only while its registry is empty.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models import utils as lm_utils
@@ -146,12 +147,8 @@ class IdeaPruneLM(TemplateLM):
     return out
 
   def get_model_info(self) -> dict:
-    return {'model_num_parameters': sum(x.size for x in _leaves(self.scorer.params))}
-
-
-def _leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
+    import jax
+    return {'model_num_parameters': sum(x.size for x in jax.tree.leaves(self.scorer.params))}
 
 
 def _positive_int(value, name) -> int:
@@ -287,7 +284,8 @@ def check_tasks(tm, tasks: list[str]) -> None:
       elif not os.path.exists(path) and not _hub_cached(path):
         raise HarnessError(f'task {task!r} needs dataset {path!r} from the Hugging Face Hub, '
                            'which is not cached here, and this runs offline; download it once '
-                           'where there is a network (HF_HOME) or use a local task (--include_path)')
+                           'where there is a network (HF_HOME) or use a local task '
+                           '(--include_path)')
 
 
 def evaluate(lm, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
