@@ -10,10 +10,9 @@ CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.h
 it for `lm_eval.simple_evaluate(model='idea-prune', ...)`.
 
 Tokens are what lm-eval's `hf` model gets from our HF export (`export/hf`, LlamaTokenizer with
-add_bos_token=False): the SentencePiece pieces without BOS, since our pipeline trains without it.
-EOS ends a generation and prefixes an empty context and the first rolling window (training puts
-EOS before every document). The `hf` model prefixes with BOS instead unless given
-`prefix_token_id=<EOS id>`; tests/test_harness.py passes it to compare like for like.
+add_bos_token=False): a context's SentencePiece pieces, no BOS added. BOS prefixes an empty context
+and the first rolling window, as prepare-data starts every training document with it (EOS where a
+tokenizer has no BOS), which is also the `hf` model's default prefix; EOS ends a generation.
 
 Nothing is downloaded: a task whose data lives on the Hugging Face Hub and is not cached here is
 refused, by name, before the model is loaded.
@@ -59,7 +58,8 @@ class IdeaPruneLM(TemplateLM):
                         tokenizer, int(fsdp), int(tensor))
     self.scorer, self.sp = scorer, sp
     self._max_gen_toks = int(max_gen_toks)
-    self._prefix = sp.eos_id() if prefix_token_id is None else int(prefix_token_id)
+    default_prefix = sp.bos_id() if sp.bos_id() >= 0 else sp.eos_id()
+    self._prefix = default_prefix if prefix_token_id is None else int(prefix_token_id)
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict, additional_config=None):

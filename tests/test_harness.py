@@ -86,7 +86,7 @@ def test_loglikelihoods_and_accuracies_match_lm_eval_hf_model(exported):
       **common)
   theirs = lm_eval.simple_evaluate(
       model='hf', model_args=f'pretrained={exported}/hf,max_length={MAX_LENGTH},'
-      'prefix_token_id=3,dtype=float32', batch_size=8, device='cpu', **common)
+      'dtype=float32', batch_size=8, device='cpu', **common)
   ll_ours = [r for doc in _resps(ours, 'shakespeare_mc') for [r] in doc]
   ll_theirs = [r for doc in _resps(theirs, 'shakespeare_mc') for [r] in doc]
   assert len(ll_ours) == len(ll_theirs) == 64
@@ -150,7 +150,8 @@ def test_tokenizer_matches_the_hf_export(exported):
   for row in map(json.loads, open(os.path.join(TASKS_DIR, 'shakespeare_mc.jsonl'))):
     for text in [row['context']] + [row['context'] + c for c in row['choices']]:
       assert lm.tok_encode(text) == tok(text)['input_ids']  # no BOS on either side
-  assert lm.eot_token_id == tok.eos_token_id == lm.prefix_token_id == prepare.EOS_ID
+  assert lm.eot_token_id == tok.eos_token_id == prepare.EOS_ID
+  assert lm.prefix_token_id == tok.bos_token_id == prepare.BOS_ID  # the hf model's prefix too
 
 
 def _sp(exported):
