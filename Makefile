@@ -1,20 +1,29 @@
 # `make demo` and `make test` set themselves up on a fresh machine (a .venv with the package).
+# The demo installs what training needs; the tests add the extras they exercise (HF export,
+# lm-eval, gs:// against a local GCS server, libtpu for TPU compiles).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data,hf,eval
+DEMO_EXTRAS ?= data
+TEST_EXTRAS ?= test,data,hf,eval,gcs,tpu
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[$(DEMO_EXTRAS)]'
 	touch $@
 
-demo: $(VENV)/.installed
+$(VENV)/.test-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[$(TEST_EXTRAS)]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/idea-prune run --config configs/tiny.py --workdir runs/tiny
 
-test: $(VENV)/.installed
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
 clean:

@@ -5,7 +5,6 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
-from grain import checkpoint as grain_checkpoint
 
 from idea_prune_jax.config import ConfigError
 
@@ -20,6 +19,7 @@ def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints') -> ocp.Che
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
   """data_iter: the train iterator; grain's handler stores its position, one file per host."""
+  from grain import checkpoint as grain_checkpoint  # the data extra; data.build checked it
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain_checkpoint.CheckpointSave(data_iter),
@@ -40,6 +40,7 @@ def abstract_like(state, shardings):
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
   """(state, meta) at `step`, state placed by the shardings in abstract_state; data_iter is
   moved to the saved position in place."""
+  from grain import checkpoint as grain_checkpoint
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=grain_checkpoint.CheckpointRestore(data_iter),

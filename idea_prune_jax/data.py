@@ -322,6 +322,12 @@ def build(config, workdir: str, process_index: int = 0, process_count: int = 1,
           barrier=lambda: None) -> Data:
   """Prepared data (made once in workdir/data unless source=prepared) -> tokenizer, this host's
   train iterator and validation batches."""
+  try:
+    import grain  # noqa: F401
+    from array_record.python import array_record_module  # noqa: F401
+  except ImportError as e:
+    raise DataError("training reads prepared data through grain and array_record: "
+                    "pip install 'idea-prune-jax[data]'") from e
   path = prepared_dir(config, workdir, process_index == 0, barrier)
   manifest = prepare.read_manifest(path)
   prepare.check_vocab(manifest, config.model.vocab_size)
