@@ -105,6 +105,10 @@ def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:
     if want is not None and manifest.get(key) != want:
       raise DataError(f'{out} was prepared with {key}={manifest.get(key)!r}, but config.data '
                       f'asks for {want!r}; use a fresh --workdir (or delete {out})')
+  if args['vocab_size'] and manifest['vocab_size'] != args['vocab_size']:
+    raise DataError(f'config.model.vocab_size={args["vocab_size"]}: {out} holds a tokenizer of '
+                    f'{manifest["vocab_size"]} pieces trained for this workdir; use a fresh '
+                    f'--workdir (or delete {out})')
 
 
 def local_copy(path: str) -> str:

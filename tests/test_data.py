@@ -199,6 +199,10 @@ def test_workdir_preparation_is_reused_and_a_changed_source_refused(tmp_path):
   config.data.val_works = 'macbeth'
   with pytest.raises(DataError, match=r"was prepared with val_input='embedded:tempest'"):
     data.build(config, workdir)
+  config.data.val_works = 'tempest'
+  config.model.vocab_size = 1024
+  with pytest.raises(DataError, match=r'^config.model.vocab_size=1024: .* 512 pieces'):
+    data.build(config, workdir)
 
 
 def test_missing_prepared_dir_is_one_line(tmp_path):
