@@ -95,11 +95,6 @@ def check_workdir(workdir: str, flag: str = '--workdir') -> None:
   if scheme != 'gs' or not bucket:
     raise StorageError(f'{flag}={workdir}: use a local path or gs://BUCKET/PATH')
   host, port, emulated = _endpoint()
-  try:  # a plain connect fails in seconds; the GCS client retries for a minute first
-    socket.create_connection((host, port), timeout=10).close()
-  except OSError as e:
-    raise StorageError(f'{flag}={workdir}: cannot reach the GCS API at {host}:{port} ({e}); '
-                       'check the network (or STORAGE_EMULATOR_HOST)') from None
   if not emulated:
     import google.auth  # gcsfs's dependency
     try:
@@ -108,6 +103,11 @@ def check_workdir(workdir: str, flag: str = '--workdir') -> None:
       raise StorageError(f'{flag}={workdir}: no Google Cloud credentials ({str(e)[:160]}); run '
                          '`gcloud auth application-default login` or use a VM service account'
                          ) from None
+  try:  # a plain connect fails in seconds; the GCS client retries for a minute first
+    socket.create_connection((host, port), timeout=10).close()
+  except OSError as e:
+    raise StorageError(f'{flag}={workdir}: cannot reach the GCS API at {host}:{port} ({e}); '
+                       'check the network (or STORAGE_EMULATOR_HOST)') from None
   if p.is_file():
     raise StorageError(f'{flag}={workdir}: is an object (a file), not a directory; pass a prefix')
   probe = p / f'.write-check-{socket.gethostname()}-{os.getpid()}'
