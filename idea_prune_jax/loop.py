@@ -93,7 +93,7 @@ class MetricsWriter:
   """metrics.jsonl plus TensorBoard event files, written by process 0 only.
 
   GCS objects cannot be appended to, so with a gs:// workdir both are written in a local twin
-  directory and uploaded whole by `sync` (at checkpoints, evals, close, and every SYNC_S).
+  directory and uploaded whole by `sync` (at checkpoints, at close, and SYNC_S apart otherwise).
   """
   SYNC_S = 60.0
 

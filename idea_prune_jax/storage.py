@@ -94,6 +94,11 @@ def check_workdir(workdir: str, flag: str = '--workdir') -> None:
   scheme, bucket = urllib.parse.urlsplit(workdir)[:2]
   if scheme != 'gs' or not bucket:
     raise StorageError(f'{flag}={workdir}: use a local path or gs://BUCKET/PATH')
+  try:
+    import gcsfs  # noqa: F401  etils.epath's gs:// backend
+  except ImportError:
+    raise StorageError(f'{flag}={workdir}: gs:// needs gcsfs; pip install '
+                       "'idea-prune-jax[gcs]'") from None
   host, port, emulated = _endpoint()
   if not emulated:
     import google.auth  # gcsfs's dependency
