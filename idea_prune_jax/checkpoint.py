@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
 
 from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError
@@ -23,11 +24,15 @@ def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints',
                                item_names=('state', 'data', 'meta'))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
-  """Starts the save of `step` (waits for the previous one first); returns before it commits."""
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
+  """Starts the save of `step` (waits for the previous one first); returns before it commits.
+
+  data_iter: the train iterator; grain's handler stores its position (one file per host) before
+  this returns, so the loop may advance it at once.
+  """
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
+      data=grain_checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta)), force=True)
 
 
@@ -41,13 +46,14 @@ def abstract_like(state, shardings):
                       state, shardings)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """(state, data_state, meta) at `step`, state placed by the shardings in abstract_state."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+  """(state, meta) at `step`, state placed by the shardings in abstract_state; data_iter is
+  moved to the saved position in place."""
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
+      data=grain_checkpoint.CheckpointRestore(data_iter),
       meta=ocp.args.JsonRestore()))
-  return out['state'], out['data'], out['meta']
+  return out['state'], out['meta']
 
 
 def model_meta(model_cfg) -> dict:

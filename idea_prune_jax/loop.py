@@ -167,9 +167,9 @@ def setup(config, workdir: str) -> Run:
   if config.pipeline in ('idea', 'naive'):
     schedules.validate_prune(config, tensor)
   mesh = sharding_lib.make_mesh(config)
-  # The token caches are per host and rebuilt from the same inputs: a local twin of a bucket.
-  data_dir = storage.local_twin(workdir, 'data') if storage.is_url(workdir) else workdir
-  data = data_lib.build(config, data_dir, jax.process_index(), jax.process_count())
+  data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
+                        barrier=lambda: multihost_utils.sync_global_devices(
+                            'idea_prune_jax:data_prepared'))
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt)
   return Run(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
              clock, chips.peak_flops_per_device(jax.devices()[0]))
@@ -180,7 +180,7 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
   sharding = sharding_lib.batch_sharding(run.mesh)
   total = count = 0.0
   for local in run.data.val:
-    batch = data_lib.global_batch(data_lib.split_batch(local), sharding)
+    batch = data_lib.global_batch(local, sharding)
     nll, n = eval_fn(params, batch)
     total, count = total + float(nll), count + float(n)
   val_loss = total / max(count, 1.0)
@@ -190,7 +190,7 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
 def save(run: Run, state, meta: dict) -> None:
   """Starts an async save (blocks only for the copy to host and any previous save)."""
   with run.clock.timing('checkpoint'):
-    ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train.get_state(), meta)
+    ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
   run.writer.sync()
 
 
@@ -214,6 +214,7 @@ def _preempted(step: int) -> bool:
 
 def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
   """Records where the loss broke (step, phase, data position of that batch) and stops."""
+  position = json.loads(position)  # the grain iterator state of each shard this host reads
   info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
   if run.is_main:
     storage.write_text(storage.join(run.workdir, 'nonfinite.json'), json.dumps(info))
@@ -310,7 +311,7 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
       profiler.at(step, state)
       with clock.timing('data'):
         position = run.data.train.get_state()
-        batch = data_lib.global_batch(data_lib.split_batch(next(run.data.train)), sharding)
+        batch = data_lib.global_batch(next(run.data.train), sharding)
       # The first call of a step function traces and compiles it (or loads it from the cache).
       with clock.timing('compile') if step == start else contextlib.nullcontext():
         state, metrics = step_fn(state, batch)
@@ -368,7 +369,7 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
       ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
       abstract = abstract_for(meta)
       with run.clock.timing('restore'):
-        state, data_state, meta = ckpt_lib.restore(run.ckpt, step, abstract)
+        state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
     except config_lib.ConfigError:
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
@@ -385,7 +386,6 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
           storage.path(path).rename(f'{path}.unreadable-{int(time.time())}')
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
       run.ckpt.reload()
-    run.data.train.set_state(data_state)
     logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
     return state, meta
   if errors:

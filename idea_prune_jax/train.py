@@ -18,8 +18,6 @@ from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure as structure_lib
 from idea_prune_jax.config import ModelConfig
 
-PAD_ID = 0
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -47,15 +45,20 @@ def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransfo
                   mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
 
 
-def cross_entropy(logits_BxLxV, targets_BxL):
-  """(summed token NLL, token count) over non-padding targets."""
-  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+  """(weighted summed token NLL, summed weight); the data pipeline's weights mask padding."""
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
+def forward(params, batch, model: nn.Module, **kwargs):
+  """The model on a batch dict (packing fields passed when the batch has them)."""
+  return model.apply({'params': params}, batch['inputs'], **model_lib.batch_inputs(batch),
+                     **kwargs)
+
+
 def lm_loss(params, batch, model: nn.Module):
-  total, count = cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  total, count = cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
   return total / jnp.maximum(count, 1.0), count
 
 
@@ -82,9 +85,9 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
-    out = model.apply({'params': params}, batch['inputs'], mutable=mutable)
+    out = forward(params, batch, model, mutable=mutable)
     logits, inter = out if want_acts else (out, None)
-    total, count = cross_entropy(logits, batch['targets'])
+    total, count = cross_entropy(logits, batch['targets'], batch['weights'])
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
     from idea_prune_jax import distill  # distill builds on this module's TrainState
@@ -140,7 +143,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, lr_offse
 
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
-  return cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  return cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
 
 
 def abstract_params(model_cfg: ModelConfig):
