@@ -9,9 +9,11 @@
 Nothing here holds more than one record batch (Parquet) or one document in memory.
 """
 
+import contextlib
 import functools
 import glob
 import gzip
+import json
 import pathlib
 import re
 import tarfile
@@ -100,8 +102,7 @@ def _check_text_key(path: str, keys, text_key: str) -> None:
 
 
 def _first_json_keys(path: str):
-  import json
-  with _open(path) as f:
+  with _open(path) as (_, f):
     for line in f:
       if line.strip():
         record = json.loads(line)
@@ -109,9 +110,15 @@ def _first_json_keys(path: str):
   return None
 
 
+@contextlib.contextmanager
 def _open(path: str):
-  raw = epath.Path(path).open('rb')
-  return gzip.GzipFile(fileobj=raw) if path.endswith('.gz') else raw
+  """(raw file, readable stream): the stream decompresses .gz; both close on exit."""
+  with epath.Path(path).open('rb') as raw:
+    if path.endswith('.gz'):
+      with gzip.GzipFile(fileobj=raw) as stream:
+        yield raw, stream
+    else:
+      yield raw, raw
 
 
 def _tfds_source(name: str, split: str, data_dir: str, flag: str, spec: str):
@@ -176,9 +183,7 @@ def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '')
 # --- reading ---------------------------------------------------------------------------------
 
 def _jsonl(path: str, text_key: str) -> Iterator[tuple[str, int]]:
-  import json
-  raw = epath.Path(path).open('rb')
-  with raw, (gzip.GzipFile(fileobj=raw) if path.endswith('.gz') else raw) as f:
+  with _open(path) as (raw, f):
     done = 0
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -208,7 +213,7 @@ def _parquet(path: str, text_key: str) -> Iterator[tuple[str, int]]:
 
 
 def _text_file(path: str) -> Iterator[tuple[str, int]]:
-  with _open(path) as f:
+  with _open(path) as (_, f):
     data = f.read()
   yield data.decode('utf-8', errors='replace'), epath.Path(path).stat().length
 

@@ -137,7 +137,8 @@ def _prepare_data():
 def _export_command(command):
   import jax
   import sentencepiece as spm
-  from idea_prune_jax import data, evaluate, export, storage
+  from etils import epath
+  from idea_prune_jax import evaluate, export, inputs, storage
   if not _CHECKPOINT.value:
     raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
   params, model_cfg = export.load_dense(_CHECKPOINT.value)
@@ -148,7 +149,8 @@ def _export_command(command):
   if command == 'eval':
     if not _FILES.value:
       raise UsageError('eval needs --files, e.g. --files my.txt')
-    texts = [open(f, encoding='utf-8').read() for f in data.expand_files(_FILES.value, 'files')]
+    texts = [epath.Path(f).read_text(encoding='utf-8')
+             for f in inputs.expand_files(_FILES.value, '--files')]
     print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
   else:
     ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
@@ -162,13 +164,12 @@ def _guarded(argv):
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
   from idea_prune_jax.export import ExportError
-  from idea_prune_jax.prepare import DataError as PrepareError  # data.DataError, once merged
   from idea_prune_jax.storage import StorageError
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, PrepareError, ExportError, StorageError,
+  except (UsageError, ConfigError, DataError, ExportError, StorageError,
           loop.NonFiniteLoss) as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -280,7 +280,7 @@ def _check_args(shard, tokenizer, vocab_size, val_fraction, val_input, tokenizer
   if tokenizer and tokenizer_only:
     raise DataError('--tokenizer_only trains a tokenizer; it takes --vocab_size, not --tokenizer')
   if tokenizer_only:
-    parts = 1  # the tokenizer is trained on the whole input, whichever part asks
+    part, parts = 0, 1  # the tokenizer is trained on the whole input, whichever part asks
   if not tokenizer and vocab_size < 1:
     raise DataError(f'--vocab_size={vocab_size}: set it (e.g. 32000) to train a tokenizer, or '
                     'pass --tokenizer FILE')
@@ -320,6 +320,11 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
   part, parts = _check_args(shard, tokenizer, vocab_size, val_fraction, val_input,
                             tokenizer_only)
   model = load_tokenizer(tokenizer) if tokenizer else None
+  if model and vocab_size:
+    pieces = spm.SentencePieceProcessor(model_proto=model).vocab_size()
+    if pieces != vocab_size:
+      raise DataError(f'--vocab_size={vocab_size}: --tokenizer={tokenizer!r} has {pieces} '
+                      'pieces; drop --vocab_size (it is for training a tokenizer)')
   source = inputs.parse(input_spec, '--input', text_key, tfds_data_dir)
   val_source = inputs.parse(val_input, '--val_input', text_key, tfds_data_dir) if val_input \
       else None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 
@@ -161,7 +162,8 @@ def test_resume_refuses_a_bucket_checkpoint_of_another_model_shape(gcs, tiny_con
   from idea_prune_jax import loop
   workdir = f'gs://{BUCKET}/shape'
   mngr = ckpt_lib.manager(workdir)
-  ckpt_lib.save(mngr, 1, {'x': np.zeros(2)}, {}, {
+  position = types.SimpleNamespace(get_state=lambda: b'[]')  # what grain's handler stores
+  ckpt_lib.save(mngr, 1, {'x': np.zeros(2)}, position, {
       'model': ckpt_lib.model_meta(ModelConfig.from_config(tiny_config, d_model=64)),
       'pipeline': 'scratch', 'phase': 'scratch'})
   mngr.wait_until_finished()

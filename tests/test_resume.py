@@ -193,3 +193,18 @@ def test_sigterm_under_jax_distributed_stops_at_the_preemption_sync_point(tmp_pa
   steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 2000
   assert f'SIGTERM: saved step {steps[0]}' in err
+
+
+
+def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):
+  from idea_prune_jax import prepare
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_runs['scratch'], workdir)
+  other = str(tmp_path / 'other')
+  prepare.prepare('embedded:sonnets', other, vocab_size=512, val_input='embedded:tempest',
+                  progress=False)
+  config = _config('scratch')
+  config.data.update(source='prepared', prepared_dir=other)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config.data.prepared_dir='.*other': its tokenizer \(digest"):
+    pipeline.run_pipeline(config, workdir)
