@@ -1,7 +1,7 @@
 """Checkpoint save and restore time and size of the `small` run's state, enlarged and shrunk;
 and what async saves cost the training loop.
 
-  .venv/bin/python benchmarks/checkpoint.py [--repeats 3] [--rounds 3] [--no-append]
+  .venv/bin/python benchmarks/checkpoint.py [--repeats 3] [--rounds 3] [--batch_size 4] [--no-append]
 
 The state is what the trainer checkpoints: params + AdamW moments (+ masks and PLATON scores in
 the prune phase), saved and restored through `checkpoint.save` / `checkpoint.restore` exactly
@@ -76,7 +76,7 @@ def measure_async(config, phase, rounds: int) -> dict:
   try:
     mngr = ckpt_lib.manager(workdir, keep=2)
     for r in range(rounds):
-      for _ in range(5):  # no save in flight
+      for _ in range(3):  # no save in flight
         state, dt = one_step(state)
         plain.append(dt)
       t = time.perf_counter()
@@ -133,11 +133,17 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=3, help='async saves measured')
+  parser.add_argument('--batch_size', type=int, default=4,
+                      help='of the async part (the saved state does not depend on it; a CPU '
+                      'step at the config\'s 16 takes minutes)')
   parser.add_argument('--no-append', action='store_true')
   args = parser.parse_args()
   config = config_lib.load(os.path.join(common.REPO, 'configs/small.py'))
   config.pipeline = 'idea'
-  a = measure_async(config, pipeline.plan(config)[0], args.rounds)
+  async_config = config_lib.load(os.path.join(common.REPO, 'configs/small.py'))
+  async_config.pipeline = 'idea'
+  async_config.train.batch_size = args.batch_size
+  a = measure_async(async_config, pipeline.plan(async_config)[0], args.rounds)
   med = {k: common.median(v) if v else float('nan') for k, v in a.items()}
   async_body = common.table(
       ['step s, no save (median)', 'step s, save in flight (median)', 'ratio',
@@ -157,8 +163,8 @@ def main():
                           f'Medians of {args.repeats} synchronous saves and restores to local '
                           'disk (orbax, OCDBT); state = params + AdamW moments (+ masks and '
                           'PLATON scores while pruning).\n\n'
-                          'Async saves (the default, `train.async_ckpt`), enlarged phase, '
-                          f'{args.rounds} saves: step time with no save in flight vs while one '
+                          'Async saves (the default, `train.async_ckpt`), enlarged phase at '
+                          f'batch size {args.batch_size}, {args.rounds} saves: step time with no save in flight vs while one '
                           'is written (the loop trains on), the time the save call blocks the '
                           'loop (copy to host, then the write runs in the background), and '
                           'SIGTERM -> committed when the signal lands at the start of a step '
