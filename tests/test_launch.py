@@ -286,12 +286,12 @@ def test_supervise_dry_run_prints_one_recovery(env):
                              '--config.train.steps=5']
 
 
-def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_path, env):
-  """A fake gcloud: the queued resource is ACTIVE, PREEMPTED, PROVISIONING, ACTIVE; the second
-  start of the run writes the report."""
+def _supervise(tmp_path, env, states, status):
+  """Runs supervise.sh against a fake gcloud: the queued resource goes through `states`, worker
+  status says `status`, and the second start of the run writes the report. Returns the calls."""
   state = tmp_path / 'state'
   state.mkdir()
-  (state / 'states').write_text('ACTIVE\nPREEMPTED\nPROVISIONING\nACTIVE\n')
+  (state / 'states').write_text(''.join(f'{s}\n' for s in states))
   gcloud = pathlib.Path(env['PATH'].split(os.pathsep)[0]) / 'gcloud'
   gcloud.write_text(f"""#!/usr/bin/env bash
 S={state}
@@ -303,22 +303,29 @@ case "$*" in
   *'tpu-vm ssh'*'worker.sh start'*)
     starts=$(( $(cat "$S/starts" 2>/dev/null || echo 0) + 1 )); echo "$starts" > "$S/starts"
     if (( starts == 2 )); then touch "$S/done"; fi ;;
-  *'tpu-vm ssh'*'worker.sh status'*) echo 'w0: running (pid 7): step 3' ;;
+  *'tpu-vm ssh'*'worker.sh status'*) echo 'w0: {status}' ;;
 esac
 """)
   p = launch('supervise.sh', *SUPERVISE, '--poll', '0', env=env)
   assert 'done: gs://my-bucket/runs/paper/report.json exists' in p.stderr
-  calls = [f.read_text().split('\0')[:-1] for f in sorted(state.glob('call.*'))]
+  return [f.read_text().split('\0')[:-1] for f in sorted(state.glob('call.*'))]
 
-  def kind(argv):
-    if argv[:2] == ['storage', 'ls']:
-      return 'ls'
-    if argv[:3] == ['compute', 'tpus', 'queued-resources']:
-      return argv[3]
-    if 'ssh' in argv:
-      line = argv[argv.index('--command') + 1]
-      return 'ssh ' + next(w for w in ('setup', 'start', 'status') if f'worker.sh {w}' in line)
-    return argv[3]  # tpu-vm scp
+
+def _kind(argv):
+  if argv[:2] == ['storage', 'ls']:
+    return 'ls'
+  if argv[:3] == ['compute', 'tpus', 'queued-resources']:
+    return argv[3]
+  if 'ssh' in argv:
+    line = argv[argv.index('--command') + 1]
+    return 'ssh ' + next(w for w in ('setup', 'start', 'status') if f'worker.sh {w}' in line)
+  return argv[3]  # tpu-vm scp
+
+
+def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_path, env):
+  calls = _supervise(tmp_path, env, ['ACTIVE', 'PREEMPTED', 'PROVISIONING', 'ACTIVE'],
+                     'running (pid 7): step 3')
+  kind = _kind
   cycle = ['scp', 'ssh setup', 'ssh start']
   assert [kind(c) for c in calls] == [
       'ls', 'describe', *cycle,  # ACTIVE: set up and start
@@ -328,3 +335,11 @@ esac
       'ls']  # the report is there
   runs = [c for c in calls if kind(c) == 'ssh start']
   assert runs[0] == runs[1]  # the same command both times: it resumes from the checkpoint
+
+
+def test_supervise_restarts_a_run_that_stopped_on_a_healthy_slice(tmp_path, env):
+  calls = _supervise(tmp_path, env, ['ACTIVE', 'ACTIVE'], 'not running: Traceback ...')
+  assert [_kind(c) for c in calls] == [
+      'ls', 'describe', 'scp', 'ssh setup', 'ssh start',
+      'ls', 'describe', 'ssh status', 'ssh start',  # no setup again: the slice is the same
+      'ls']
