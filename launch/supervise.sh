@@ -24,6 +24,7 @@
 #   --mode MODE              run (default) or compare: what writes the report waited for
 #   --env VAR=VALUE          as run.sh (repeatable)
 #   --jax SPEC               as setup.sh
+#   --data-bucket B          as setup.sh: mount gs://B read-only at /mnt/B on every worker
 #   --poll SECONDS           between checks (default 60)
 #   --max-restarts N         slice recreations plus run restarts before giving up (default 20)
 #   --dry-run                print the commands of one recovery (describe, ls, delete, create,
@@ -59,7 +60,7 @@ while (($#)); do
     --mode) need_arg "$@"; MODE=$2; shift 2 ;;
     --config.*=*) RUN+=("$1"); shift ;;
     --config.*) die "write config overrides as one word, $1=VALUE" ;;
-    --jax) need_arg "$@"; SETUP+=("$1" "$2"); shift 2 ;;
+    --jax | --data-bucket) need_arg "$@"; SETUP+=("$1" "$2"); shift 2 ;;
     --poll) need_arg "$@"; POLL=$2; shift 2 ;;
     --max-restarts) need_arg "$@"; MAX_RESTARTS=$2; shift 2 ;;
     --) RUN+=("$@"); break ;;

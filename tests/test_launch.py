@@ -263,7 +263,8 @@ def test_shellcheck():
 
 GS_WORKDIR = 'gs://my-bucket/runs/paper'
 SUPERVISE = [*NZ, '--accelerator-type', 'v5p-64', '--spot', '--queued', '--workdir', GS_WORKDIR,
-             '--config', 'configs/tiny.py:test', '--config.train.steps=5']
+             '--data-bucket', 'idea-data', '--config', 'configs/tiny.py:test',
+             '--config.train.steps=5']
 
 
 def test_run_takes_a_bucket_workdir(env):
@@ -280,7 +281,7 @@ def test_supervise_dry_run_prints_one_recovery(env):
   assert create[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'idea-v5p']
   assert '--spot' in create and '--accelerator-type=v5p-64' in create
   assert tar[2] == 'tar' and scp[4] == 'scp'
-  assert remote(setup)[-2:] == ['setup', 'jax[tpu]']
+  assert 'jax[tpu]' in remote(setup) and remote(setup)[-2:] == ['mount-data', 'idea-data']
   assert remote(run)[2:] == ['start', 'IDEA_PRUNE_DISTRIBUTED=1', 'run', '--config',
                              'configs/tiny.py:test', '--workdir', GS_WORKDIR,
                              '--config.train.steps=5']
