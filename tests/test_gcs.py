@@ -141,6 +141,7 @@ def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, t
     assert got[key] == want[key], key
   assert got['export_dir'] == f'{workdir}/export'
   assert len(got['attempts']) == 1  # a SIGKILLed attempt writes no goodput row
+  assert any(n.startswith('jax_cache/jit_train_step-') for n in _objects(gcs, 'jax_cache/'))
   names = _objects(gcs, 'cli/')
   for want_name in ('export/hf/model.safetensors', 'export/hf/config.json', 'loss.png',
                     'importance/t_end.npz', 'report.md'):
