@@ -1,30 +1,39 @@
 """Orbax checkpoints of the whole run: train state, data iterator position, phase and model shape."""
 
 import dataclasses
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError
 
 
-def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints') -> ocp.CheckpointManager:
-  """Saves are synchronous so SIGTERM-then-exit never leaves a half-written step behind."""
+def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints',
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """Orbax manager of W/checkpoints (local or gs://: orbax commits without renames on GCS).
+
+  With async_save a save returns once the state is copied to host memory and training goes on
+  while it is written; a step only counts (latest_step, restore) once committed, so a process
+  killed mid-write resumes from the previous one. Call `wait_until_finished` before exiting.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False)
-  path = os.path.abspath(os.path.join(workdir, subdir))
-  return ocp.CheckpointManager(path, options=options, item_names=('state', 'data', 'meta'))
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(storage.join(workdir, subdir), options=options,
+                               item_names=('state', 'data', 'meta'))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
-  """data_iter: the train iterator; grain's handler stores its position, one file per host."""
+  """Starts the save of `step` (waits for the previous one first); returns before it commits.
+
+  data_iter: the train iterator; grain's handler stores its position (one file per host) before
+  this returns, so the loop may advance it at once.
+  """
   from grain import checkpoint as grain_checkpoint  # the data extra; data.build checked it
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain_checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta)), force=True)
-  mngr.wait_until_finished()
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

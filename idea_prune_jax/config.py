@@ -69,6 +69,14 @@ def base() -> ml_collections.ConfigDict:
   t.eval_batches = 8
   t.ckpt_every = 200
   t.keep_ckpts = 2
+  t.async_ckpt = True  # training goes on while a checkpoint is written
+  # Compiled steps persist here, so a resumed run does not compile them again ('' = W/jax_cache,
+  # 'none' = off); gs:// works.
+  t.compilation_cache = ''
+
+  c.profile = pf = ml_collections.ConfigDict()
+  pf.start_step = -1  # first step of a jax.profiler trace into W/profile; -1 = no trace
+  pf.steps = 5
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1: whatever is left of the devices
@@ -194,6 +202,8 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('train.steps', t.steps, 'must be >= 1')
   if not 0 <= t.warmup_steps <= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must lie in [0, train.steps={t.steps}]')
+  if config.profile.start_step >= 0 and config.profile.steps < 1:
+    _fail('profile.steps', config.profile.steps, 'must be >= 1 when profile.start_step is set')
   if config.data.seq_len < 2:
     _fail('data.seq_len', config.data.seq_len, 'must be >= 2')
   d = config.data

@@ -7,24 +7,22 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idea_prune_jax import data as data_lib
 from idea_prune_jax import export
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
 from idea_prune_jax import report
+from idea_prune_jax import storage
 from idea_prune_jax.config import ModelConfig
 
 COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
 
 
 def _tokenizer_file(workdir: str, sp) -> str:
-  path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Every host writes the same bytes by atomic rename, so none reads a half-written file.
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(sp.serialized_model_proto())
-  os.replace(tmp, path)
+  """W/tokenizer/tokenizer.model, written by process 0; every host returns once it exists."""
+  path = storage.join(workdir, 'tokenizer', 'tokenizer.model')
+  if jax.process_index() == 0:
+    storage.write_bytes(path, sp.serialized_model_proto())
+  multihost_utils.sync_global_devices('idea_prune_jax:tokenizer_written')
   return path
 
 
@@ -78,19 +76,23 @@ def run(config, workdir: str, do_export: bool = True) -> dict:
       'distill_alpha': config.distill.alpha,
   }
   if do_export:
-    export_dir = os.path.join(os.path.abspath(workdir), 'export')
+    export_dir = storage.join(workdir, 'export')
     tokenizer = _tokenizer_file(workdir, run_.data.sp)
     extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
                                      'tokens', 'steps')}
     extra['seq_len'] = config.data.seq_len  # the harness's default context window
-    export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
-    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
-    if jax.process_index() == 0:
-      export.save_hf(os.path.join(export_dir, 'hf'), params, model_cfg, tokenizer)
+    with run_.clock.timing('checkpoint'):
+      export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
+      params = jax.tree.map(np.asarray,
+                            multihost_utils.process_allgather(state.params, tiled=True))
+      if jax.process_index() == 0:
+        export.save_hf(storage.join(export_dir, 'hf'), params, model_cfg, tokenizer)
     summary['export_dir'] = export_dir
   if tm is not None:
-    summary['downstream'] = downstream(config, state.params, model_cfg, run_.mesh, run_.data.sp,
-                                       tm)
+    with run_.clock.timing('eval'):
+      summary['downstream'] = downstream(config, state.params, model_cfg, run_.mesh,
+                                         run_.data.sp, tm)
+  summary['goodput'] = run_.clock.summary()
   if jax.process_index() == 0:
     report.write_report(workdir, summary)
   return summary

@@ -10,13 +10,11 @@
 Our layout maps onto HF Llama one to one: RoPE is half-split in both (no q/k permutation), weights
 are [in, out] here and [out, in] there, layer params are stacked on a leading axis here and
 numbered there. Writing needs no torch (`safetensors.numpy`); config.json is written last, so an
-interrupted export is not mistaken for a complete one.
+interrupted export is not mistaken for a complete one. Directories may be local or gs://.
 """
 
 import dataclasses
 import json
-import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from idea_prune_jax import model as model_lib
+from idea_prune_jax import storage
 from idea_prune_jax.config import ModelConfig
 
 DENSE_FORMAT = 'idea_prune_jax/dense'
@@ -68,54 +67,49 @@ def _check(params, cfg: ModelConfig):
 
 
 def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _copy_tokenizer(directory, tokenizer_path):
   if tokenizer_path is None:
     return None
-  if os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
-    shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+  target = storage.join(directory, TOKENIZER)
+  if storage.join(tokenizer_path) != target:
+    storage.write_bytes(target, storage.read_bytes(tokenizer_path))
   return TOKENIZER
 
 
 def _check_tokenizer(tokenizer_path):
-  if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+  if tokenizer_path is not None and not storage.path(tokenizer_path).is_file():
     raise ExportError(f'tokenizer_path={tokenizer_path!r}: no such file (a SentencePiece .model)')
 
 
 def export_info(directory: str) -> dict:
   """config.json of a dense or HF export; 'tokenizer': tokenizer.model's absolute path or None."""
-  path = os.path.join(directory, 'config.json')
   try:
-    with open(path) as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(storage.join(directory, 'config.json')))
   except (OSError, ValueError) as e:
     raise ExportError(f'{directory}: not an export (no readable config.json: {e}); write one with '
                       'export.save_dense or export.save_hf') from None
-  tok = os.path.join(os.path.abspath(directory), TOKENIZER)
-  return {**info, 'tokenizer': tok if os.path.isfile(tok) else None}
+  tok = storage.join(directory, TOKENIZER)
+  return {**info, 'tokenizer': tok if storage.path(tok).is_file() else None}
 
 
 def save_dense(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str | None = None,
                extra: dict | None = None) -> str:
   """Writes the dense model (any sharding; all processes call this); returns the absolute path."""
-  directory = os.path.abspath(directory)
+  directory = storage.join(directory)
   params = _check(params, model_cfg)
   _check_tokenizer(tokenizer_path)
   try:
     json.dumps(extra or {})
   except TypeError as e:
     raise ExportError(f'extra={extra!r}: not JSON-serializable ({e})') from None
-  os.makedirs(directory, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, 'params'), params, force=True)
+  ckptr.save(storage.join(directory, 'params'), params, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    _write_json(os.path.join(directory, 'config.json'), {
+    _write_json(storage.join(directory, 'config.json'), {
         'format': DENSE_FORMAT, 'format_version': FORMAT_VERSION,
         'model': dataclasses.asdict(model_cfg), 'param_count': model_lib.param_count(model_cfg),
         'tokenizer': _copy_tokenizer(directory, tokenizer_path), 'extra': extra or {}})
@@ -139,7 +133,7 @@ def load_dense(directory: str, sharding=None):
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, sharding)
   ckptr = ocp.StandardCheckpointer()
-  return ckptr.restore(os.path.join(os.path.abspath(directory), 'params'), target), cfg
+  return ckptr.restore(storage.join(directory, 'params'), target), cfg
 
 
 def _host(x, dtype):
@@ -173,8 +167,8 @@ def save_hf(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str 
   dtype: of the stored weights (default: model_cfg.param_dtype). BOS/EOS/PAD ids in config.json
   come from the tokenizer when one is given, else stay unset (null).
   """
-  from safetensors.numpy import save_file  # the `hf` extra
-  directory = os.path.abspath(directory)
+  from safetensors.numpy import save, save_file  # the `hf` extra
+  directory = storage.join(directory)
   _check_tokenizer(tokenizer_path)
   dtype = dtype or model_cfg.param_dtype
   if dtype not in _DTYPES:
@@ -186,7 +180,7 @@ def save_hf(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str 
   tok_config = None
   if tokenizer_path is not None:
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer_path))
     special = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'pad': sp.pad_id(), 'unk': sp.unk_id()}
     ids = {f'{k}_token_id': (i if i >= 0 else None) for k, i in special.items() if k != 'unk'}
     # Our pipeline trains without BOS and with EOS after each document only.
@@ -207,12 +201,16 @@ def save_hf(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str 
       'tie_word_embeddings': c.tie_embeddings, 'attention_bias': False, 'attention_dropout': 0.0,
       'mlp_bias': False, 'initializer_range': 0.02, 'pretraining_tp': 1, 'use_cache': True,
       'torch_dtype': dtype, 'dtype': dtype, **ids}
-  os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+  weights, metadata = storage.join(directory, 'model.safetensors'), {'format': 'pt'}
+  if storage.is_url(directory):  # one upload of the serialized bytes
+    storage.write_bytes(weights, save(tensors, metadata=metadata))
+  else:
+    storage.path(directory).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, weights, metadata=metadata)
   _copy_tokenizer(directory, tokenizer_path)
   if tok_config:
-    _write_json(os.path.join(directory, 'tokenizer_config.json'), tok_config)
-  _write_json(os.path.join(directory, 'config.json'), config)
+    _write_json(storage.join(directory, 'tokenizer_config.json'), tok_config)
+  _write_json(storage.join(directory, 'config.json'), config)
   return directory
 
 
@@ -226,7 +224,7 @@ def load_hf(directory: str, param_dtype: str | None = None):
   param_dtype: cast the weights to this (default: keep the stored dtype). Refuses, with the reason,
   what our model cannot represent: RoPE scaling, biases, another activation or head_dim.
   """
-  from safetensors.numpy import load_file  # the `hf` extra
+  from safetensors.numpy import load, load_file  # the `hf` extra
   info = export_info(directory)
   if info.get('model_type') != 'llama':
     _hf_config_error(directory, 'model_type', info.get('model_type'),
@@ -246,13 +244,14 @@ def load_hf(directory: str, param_dtype: str | None = None):
   if head_dim * heads != info['hidden_size']:
     _hf_config_error(directory, 'head_dim', head_dim,
                      'must equal hidden_size / num_attention_heads here')
-  files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
+  files = sorted(p.name for p in storage.path(directory).glob('*.safetensors'))
   if not files:
     raise ExportError(f'{directory}: no *.safetensors weights (only safetensors are read; '
                       'convert .bin with transformers save_pretrained(safe_serialization=True))')
   tensors = {}
   for f in files:
-    tensors.update(load_file(os.path.join(directory, f)))
+    path = storage.join(directory, f)
+    tensors.update(load(storage.read_bytes(path)) if storage.is_url(path) else load_file(path))
   stored = str(next(iter(tensors.values())).dtype)
   cfg = ModelConfig(
       vocab_size=info['vocab_size'], d_model=info['hidden_size'],

@@ -1,11 +1,14 @@
 """The host loop: batches in, steps dispatched, metrics out, eval, checkpoints, preemption."""
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -16,10 +19,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax import chips
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
 from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax import storage
+
+# Set by the SIGTERM handler the entry point installs (`install_sigterm_handler`).
+_SIGTERM = threading.Event()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -28,6 +36,40 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was saved at the step boundary."""
+
+
+def install_sigterm_handler() -> None:
+  """For entry points: a SIGTERM then stops the run at the next step, with a checkpoint.
+
+  Multi-host, jax.distributed.initialize() replaces this handler with JAX's preemption notifier,
+  which tells every host through the coordinator (see `_preempted`).
+  """
+  signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+
+
+class Clock:
+  """Where one process's wall time went; goodput is the share spent in training steps."""
+  KINDS = ('train', 'compile', 'data', 'eval', 'checkpoint', 'restore')
+
+  def __init__(self):
+    self.start = time.perf_counter()
+    self.seconds = dict.fromkeys(self.KINDS, 0.0)
+
+  @contextlib.contextmanager
+  def timing(self, kind: str):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[kind] += time.perf_counter() - t
+
+  def summary(self) -> dict:
+    """{'goodput', 'wall_s', '<kind>_s', 'other_s'} (other: setup, data prep, export, ...)."""
+    wall = time.perf_counter() - self.start
+    out = {f'{k}_s': round(v, 3) for k, v in self.seconds.items()}
+    out['other_s'] = round(wall - sum(self.seconds.values()), 3)
+    return {'goodput': round(self.seconds['train'] / max(wall, 1e-9), 4), 'wall_s': round(wall, 3),
+            **out}
 
 
 @dataclasses.dataclass
@@ -39,7 +81,8 @@ class Run:
   data: Any
   ckpt: Any
   writer: 'MetricsWriter'
-  stop: list  # [signal number] once SIGTERM arrived
+  clock: Clock
+  peak_flops: float  # per device, for MFU
 
   @property
   def is_main(self) -> bool:
@@ -47,16 +90,30 @@ class Run:
 
 
 class MetricsWriter:
-  """metrics.jsonl plus TensorBoard event files, written by process 0 only."""
+  """metrics.jsonl plus TensorBoard event files, written by process 0 only.
+
+  GCS objects cannot be appended to, so with a gs:// workdir both are written in a local twin
+  directory and uploaded whole by `sync` (at checkpoints, at close, and SYNC_S apart otherwise).
+  """
+  SYNC_S = 60.0
 
   def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
+    self.enabled, self.workdir, self.remote = enabled, workdir, storage.is_url(workdir)
     self._jsonl = self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    if not enabled:
+      return
+    self._local = storage.local_twin(workdir, 'metrics') if self.remote else workdir
+    os.makedirs(self._local, exist_ok=True)
+    jsonl = os.path.join(self._local, 'metrics.jsonl')
+    if self.remote:  # carry on from the bucket's copy; this attempt's events go to a new file
+      remote = storage.path(workdir) / 'metrics.jsonl'
+      with open(jsonl, 'wb') as f:
+        f.write(remote.read_bytes() if remote.exists() else b'')
+      shutil.rmtree(os.path.join(self._local, 'tb'), ignore_errors=True)
+    self._jsonl = open(jsonl, 'a')
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(self._local, 'tb'))
+    self._synced = time.monotonic()
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -67,11 +124,30 @@ class MetricsWriter:
     for k, v in row.items():
       if isinstance(v, (int, float)) and k != 'step':
         self._tb.add_scalar(k, v, step)
+    if self.remote and time.monotonic() - self._synced > self.SYNC_S:
+      self.sync()
+
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and the event files (gs:// workdirs; a no-op locally)."""
+    if not (self.enabled and self.remote):
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    for rel in ['metrics.jsonl'] + [os.path.join('tb', f)
+                                    for f in os.listdir(os.path.join(self._local, 'tb'))]:
+      with open(os.path.join(self._local, rel), 'rb') as f:
+        storage.write_bytes(storage.join(self.workdir, rel), f.read())
+    self._synced = time.monotonic()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self.remote:
+        self._upload()
 
 
 def _py(v):
@@ -80,13 +156,12 @@ def _py(v):
 
 
 def setup(config, workdir: str) -> Run:
-  """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet."""
-  if '://' in workdir:
-    # Metrics, tokenizer cache, report and export use plain file I/O; orbax alone would
-    # reach the bucket. A gcsfuse mount gives every writer the same path.
-    raise config_lib.ConfigError(
-        f'--workdir={workdir}: URLs are not supported yet; mount the bucket with gcsfuse '
-        '(see docs/tpu.md) and pass the mount path')
+  """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet.
+
+  workdir may be local or gs://; it is checked (bucket, credentials, not a file) up front.
+  """
+  clock = Clock()
+  storage.check_workdir(workdir)
   sharding_lib.maybe_initialize_distributed(config)
   _, _, tensor = config_lib.validate(config, jax.device_count())
   if config.pipeline in ('idea', 'naive'):
@@ -95,14 +170,9 @@ def setup(config, workdir: str) -> Run:
   data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
                         barrier=lambda: multihost_utils.sync_global_devices(
                             'idea_prune_jax:data_prepared'))
-  ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts)
-  stop = []
-  try:
-    signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
-  except ValueError:  # not the main thread: no preemption hook
-    pass
+  ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt)
   return Run(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
-             stop)
+             clock, chips.peak_flops_per_device(jax.devices()[0]))
 
 
 def evaluate(run: Run, eval_fn: Callable, params) -> dict:
@@ -118,17 +188,28 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
 
 
 def save(run: Run, state, meta: dict) -> None:
-  ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
+  """Starts an async save (blocks only for the copy to host and any previous save)."""
+  with run.clock.timing('checkpoint'):
+    ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
+  run.writer.sync()
 
 
-def _should_stop(run: Run, step: int) -> bool:
-  """SIGTERM seen by any host: every host must take the same save-and-exit branch."""
-  if jax.process_count() == 1:
-    return bool(run.stop)
-  if step % run.config.train.log_every:
-    return False
-  flags = multihost_utils.process_allgather(np.asarray(len(run.stop), np.int32))
-  return bool(np.any(flags))
+def finish_saves(run: Run) -> None:
+  """Blocks until every started save is committed (before exit, restore, or reading them)."""
+  with run.clock.timing('checkpoint'):
+    run.ckpt.wait_until_finished()
+
+
+def _preempted(step: int) -> bool:
+  """True at the step every host stops at after a SIGTERM reached any of them.
+
+  Multi-host, JAX's preemption service (started by jax.distributed.initialize, whose handler
+  catches SIGTERM) agrees through the coordinator on one step just past every host's current
+  one; each host calls this every step and all return True at that step. One process: the flag.
+  """
+  if jax.distributed.is_initialized():
+    return multihost_utils.reached_preemption_sync_point(step)
+  return _SIGTERM.is_set()
 
 
 def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
@@ -136,29 +217,68 @@ def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
   position = json.loads(position)  # the grain iterator state of each shard this host reads
   info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
   if run.is_main:
-    with open(os.path.join(run.workdir, 'nonfinite.json'), 'w') as f:
-      json.dump(info, f)
+    storage.write_text(storage.join(run.workdir, 'nonfinite.json'), json.dumps(info))
   raise NonFiniteLoss(
       f'loss is {loss} at step {step} ({phase}; batch at data position {position}); stopped '
       f'without saving, the last good checkpoint in {run.workdir} is kept; lower train.lr or '
       'check that batch')
 
 
+class _Profiler:
+  """A jax.profiler trace of steps [start_step, start_step + steps) into W/profile."""
+
+  def __init__(self, run: Run):
+    cfg = run.config.profile
+    self.start, self.end = cfg.start_step, cfg.start_step + cfg.steps
+    self.target = storage.join(run.workdir, 'profile')
+    # The profiler writes local files; a bucket gets a copy when the trace stops.
+    self.local = (storage.local_twin(run.workdir, 'profile') if storage.is_url(run.workdir)
+                  else self.target)
+    self.on = False
+
+  def at(self, step: int, state) -> None:
+    if step == self.start and self.start >= 0 and not self.on:
+      jax.profiler.start_trace(self.local)
+      self.on = True
+    elif self.on and step >= self.end:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if not self.on:
+      return
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.on = False
+    if self.local != self.target:
+      for root, _, files in os.walk(self.local):
+        for f in files:
+          rel = os.path.relpath(os.path.join(root, f), self.local)
+          with open(os.path.join(root, f), 'rb') as fh:
+            storage.write_bytes(storage.join(self.target, rel), fh.read())
+
+
 def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
-              meta: dict):
+              meta: dict, flops_per_step: float = 0.0):
   """Runs steps state.step .. end-1 and returns the final state.
 
   Step t is dispatched before step t-1's metrics are read, so the host never stalls the device.
-  Checkpoints (with `meta` and the phase) at every train.ckpt_every, at `end`, and on SIGTERM.
+  Checkpoints (with `meta` and the phase) at every train.ckpt_every, at `end`, and when a
+  SIGTERM reached any host (then raises Preempted). Each logged row has the step time, tokens/s,
+  TFLOP/s per device and MFU (flops_per_step: the analytic FLOPs of one step, all devices).
   """
   cfg = run.config.train
   sharding = sharding_lib.batch_sharding(run.mesh)
   start = int(state.step)
   tokens_per_step = cfg.batch_size * run.config.data.seq_len
+  n_devices = jax.device_count()
   # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
   plain = run.is_main and not sys.stderr.isatty()
   bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not run.is_main or start >= end,
                   dynamic_ncols=True, mininterval=1.0)
+  profiler = _Profiler(run)
+  clock = run.clock
+  before = dict(clock.seconds)
+  loop_start = time.perf_counter()
   pending, t_last = None, time.perf_counter()
 
   def flush():
@@ -169,43 +289,64 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     if not math.isfinite(metrics['loss']):
       _non_finite(run, step, phase, metrics['loss'], position)
     now = time.perf_counter()
-    metrics.update(tokens_per_s=tokens_per_step / max(now - t_last, 1e-9), phase=phase,
+    step_s = max(now - t_last, 1e-9)
+    tflops = flops_per_step / step_s / n_devices / 1e12
+    metrics.update(step_s=step_s, tokens_per_s=tokens_per_step / step_s,
+                   tflops_per_device=tflops, mfu=tflops * 1e12 / run.peak_flops, phase=phase,
                    tokens_seen=(step + 1) * tokens_per_step)
     t_last = now
     if step % cfg.log_every == 0 or step == end - 1:
       run.writer.write(step, metrics)
       if plain:
         print(f'{phase} step {step + 1}/{end} loss {metrics["loss"]:.4f} '
-              f'tok/s {metrics["tokens_per_s"]:.0f}', file=sys.stderr, flush=True)
-    bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{metrics["tokens_per_s"]:.0f}')
+              f'tok/s {metrics["tokens_per_s"]:.0f} step_s {step_s:.3f} '
+              f'TFLOP/s/device {tflops:.3g} MFU {metrics["mfu"]:.1%}', file=sys.stderr,
+              flush=True)
+    bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{metrics["tokens_per_s"]:.0f}',
+                    mfu=f'{metrics["mfu"]:.1%}')
     bar.update(1)
 
-  for step in range(start, end):
-    position = run.data.train.get_state()
-    batch = data_lib.global_batch(next(run.data.train), sharding)
-    state, metrics = step_fn(state, batch)
+  try:
+    for step in range(start, end):
+      profiler.at(step, state)
+      with clock.timing('data'):
+        position = run.data.train.get_state()
+        batch = data_lib.global_batch(next(run.data.train), sharding)
+      # The first call of a step function traces and compiles it (or loads it from the cache).
+      with clock.timing('compile') if step == start else contextlib.nullcontext():
+        state, metrics = step_fn(state, batch)
+      if pending is not None:
+        flush()
+      pending = (step, metrics, position)
+      if step == start:
+        flush()  # the first step's time is its compile's; the rest time only themselves
+      done = step + 1
+      if done % cfg.eval_every == 0 or done == end:
+        if pending is not None:
+          flush()
+        with clock.timing('eval'):
+          val = evaluate(run, eval_fn, state.params)
+        run.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
+        if plain:
+          print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
+                flush=True)
+        t_last = time.perf_counter()
+      stop = _preempted(done)
+      if stop or done % cfg.ckpt_every == 0 or done == end:
+        if pending is not None:
+          flush()  # a non-finite loss must stop before it is saved
+        save(run, state, {**meta, 'phase': phase})
+        t_last = time.perf_counter()
+        if stop:
+          bar.close()
+          raise Preempted(f'SIGTERM: saved step {done} in {run.workdir}; rerun to resume')
     if pending is not None:
       flush()
-    pending = (step, metrics, position)
-    done = step + 1
-    if done % cfg.eval_every == 0 or done == end:
-      flush()
-      val = evaluate(run, eval_fn, state.params)
-      run.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
-      if plain:
-        print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
-              flush=True)
-    stop = _should_stop(run, done)
-    if stop or done % cfg.ckpt_every == 0 or done == end:
-      if pending is not None:
-        flush()  # a non-finite loss must stop before it is saved
-      save(run, state, {**meta, 'phase': phase})
-      if stop:
-        bar.close()
-        raise Preempted(f'SIGTERM: saved step {done} in {run.workdir}; rerun to resume')
-  if pending is not None:
-    flush()
-  bar.close()
+  finally:
+    profiler.stop(state)
+    bar.close()
+    spent = sum(clock.seconds[k] - before[k] for k in clock.KINDS)
+    clock.seconds['train'] += time.perf_counter() - loop_start - spent
   return state
 
 
@@ -227,7 +368,8 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
       meta = ckpt_lib.read_meta(run.ckpt, step)
       ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
       abstract = abstract_for(meta)
-      state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
+      with run.clock.timing('restore'):
+        state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
     except config_lib.ConfigError:
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
@@ -241,7 +383,7 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
       if run.is_main:
         for err in errors:
           path = err.split(': ')[0]
-          os.rename(path, f'{path}.unreadable-{int(time.time())}')
+          storage.path(path).rename(f'{path}.unreadable-{int(time.time())}')
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
       run.ckpt.reload()
     logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))

@@ -106,15 +106,29 @@ def _main(argv):
     return
   if not _WORKDIR.value:
     raise UsageError(f'--workdir is required for {command}')
-  from idea_prune_jax import experiment, pipeline
+  from idea_prune_jax import experiment, loop, pipeline
+  _process_setup(config, _WORKDIR.value)
+  loop.install_sigterm_handler()
   if command == 'train':
     print(json.dumps(pipeline.train(config, _WORKDIR.value)))
   elif command == 'run':
     summary = experiment.run(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
   elif command == 'compare':
+    from idea_prune_jax import storage
     experiment.compare(config, _WORKDIR.value)
-    print(open(f'{_WORKDIR.value}/compare.md').read())
+    print(storage.read_text(storage.join(_WORKDIR.value, 'compare.md')))
+
+
+def _process_setup(config, workdir):
+  """The persistent compilation cache: a resumed run loads its compiled steps instead."""
+  import os
+  import jax
+  from idea_prune_jax import storage
+  where = config.train.compilation_cache
+  if where == 'none' or (not where and os.environ.get('JAX_COMPILATION_CACHE_DIR')):
+    return
+  jax.config.update('jax_compilation_cache_dir', where or storage.join(workdir, 'jax_cache'))
 
 
 def _eval_tasks():
@@ -157,14 +171,14 @@ def _export_command(command):
   import jax
   import sentencepiece as spm
   from etils import epath
-  from idea_prune_jax import evaluate, export, inputs
+  from idea_prune_jax import evaluate, export, inputs, storage
   if not _CHECKPOINT.value:
     raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
   params, model_cfg = export.load_dense(_CHECKPOINT.value)
   tokenizer = export.export_info(_CHECKPOINT.value).get('tokenizer')
   if not tokenizer:
     raise UsageError(f'--checkpoint={_CHECKPOINT.value}: the export holds no tokenizer.model')
-  sp = spm.SentencePieceProcessor(model_file=tokenizer)
+  sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer))
   if command == 'eval':
     if not _FILES.value:
       raise UsageError('eval needs --files, e.g. --files my.txt')
@@ -183,7 +197,8 @@ def _guarded(argv):
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
   from idea_prune_jax.export import ExportError
-  errors = (UsageError, ConfigError, DataError, ExportError, loop.NonFiniteLoss)
+  from idea_prune_jax.storage import StorageError
+  errors = (UsageError, ConfigError, DataError, ExportError, StorageError, loop.NonFiniteLoss)
   try:
     if _wants_harness():
       from idea_prune_jax.harness import HarnessError

@@ -6,7 +6,7 @@ from the latest checkpoint, rebuilds that phase's state shapes, restores, and ca
 
 import copy
 import dataclasses
-import os
+import io
 import time
 
 import flax.linen as nn
@@ -24,6 +24,7 @@ from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax import storage
 from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
 from idea_prune_jax.structure import FFN_STRUCTURE
@@ -95,15 +96,18 @@ def teacher_config(config) -> ModelConfig:
   return teacher
 
 
+def step_flops(config, phase: Phase) -> float:
+  """Analytical FLOPs of one training step of `phase` (a KD teacher forward: a third of its 6N)."""
+  seq = config.data.seq_len
+  per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=phase.ffn_dim), seq)
+  if phase.kd:
+    per_token += model_lib.flops_per_token(teacher_config(config), seq) / 3
+  return config.train.batch_size * seq * per_token
+
+
 def train_flops(config, phases) -> float:
-  """Analytical training FLOPs of a plan (a KD teacher forward costs a third of its 6N)."""
-  tokens = config.train.batch_size * config.data.seq_len
-  seq, total = config.data.seq_len, 0.0
-  teacher = model_lib.flops_per_token(teacher_config(config), seq) / 3
-  for ph in phases:
-    per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=ph.ffn_dim), seq)
-    total += (ph.end - ph.start) * tokens * (per_token + (teacher if ph.kd else 0.0))
-  return total
+  """Analytical training FLOPs of a plan."""
+  return sum((ph.end - ph.start) * step_flops(config, ph) for ph in phases)
 
 
 @dataclasses.dataclass
@@ -219,10 +223,9 @@ def _save_importance(workdir, tag, state, config):
                              structure=FFN_STRUCTURE)
   scores, masks = _host(scores), _host(state.masks)
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, 'importance'), exist_ok=True)
-    name = next(iter(scores))
-    np.savez(os.path.join(workdir, 'importance', f'{tag}.npz'), scores=scores[name],
-             mask=masks[name])
+    name, buf = next(iter(scores)), io.BytesIO()
+    np.savez(buf, scores=scores[name], mask=masks[name])
+    storage.write_bytes(storage.join(workdir, 'importance', f'{tag}.npz'), buf.getvalue())
 
 
 def run_pipeline(config, workdir: str) -> dict:
@@ -247,6 +250,21 @@ def run_pipeline(config, workdir: str) -> dict:
     p = parts(config, phases[names.index(saved['phase'])], run.mesh)
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
+  try:
+    state, p, result = _run_phases(run, config, phases, abstract_for, base_cfg, meta)
+  finally:
+    # Every started save committed before the process moves on (or exits, when preempted).
+    loop.finish_saves(run)
+    # One row per attempt (also a preempted one): where its wall time went.
+    run.writer.write(run.ckpt.latest_step() or 0, run.clock.summary())
+    run.writer.close()
+    run.data.train.close()
+  return {'state': state, 'model_cfg': p.model_cfg, 'run': run, 'phases': phases,
+          'wall_s': time.time() - t0, **result}
+
+
+def _run_phases(run, config, phases, abstract_for, base_cfg, meta):
+  names = [ph.name for ph in phases]
   restored = loop.restore_latest(run, abstract_for, base_cfg)
   if restored is None:
     index = 0
@@ -265,20 +283,19 @@ def run_pipeline(config, workdir: str) -> dict:
       continue
     fn = step_fn(config, phase, p, run.mesh)
     eval_fn = train_lib.jit_eval(p.model, p.shardings.params, run.mesh)
-    kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta)
+    kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta,
+                  flops_per_step=step_flops(config, phase))
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
       state = loop.run_steps(run, state, fn, phase.start + 1, **kwargs)
-      _save_importance(workdir, 't_start', state, config)
+      _save_importance(run.workdir, 't_start', state, config)
     state = loop.run_steps(run, state, fn, phase.end, **kwargs)
     if phase.prune:
-      _save_importance(workdir, 't_end', state, config)
-  result = loop.evaluate(run, train_lib.jit_eval(p.model, p.shardings.params, run.mesh),
-                         state.params)
-  run.writer.close()
-  run.data.train.close()
-  return {'state': state, 'model_cfg': p.model_cfg, 'run': run, 'phases': phases,
-          'wall_s': time.time() - t0, **result}
+      _save_importance(run.workdir, 't_end', state, config)
+  with run.clock.timing('eval'):
+    result = loop.evaluate(run, train_lib.jit_eval(p.model, p.shardings.params, run.mesh),
+                           state.params)
+  return state, p, result
 
 
 def train(config, workdir: str) -> dict:

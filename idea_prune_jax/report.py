@@ -1,7 +1,7 @@
 """Run reports (metrics.jsonl + importance snapshots -> report.json/md + PNGs) and the comparison
 of pipelines across seeds (compare.json/md/png)."""
 
-import glob
+import io
 import json
 import math
 import os
@@ -10,6 +10,8 @@ import numpy as np
 # Figure without pyplot: no global backend or figure registry, so reports are safe from any thread.
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from idea_prune_jax import storage
 
 SUMMARY_KEYS = ('pipeline', 'params_enlarged', 'params_final', 'ffn_enlarged', 'ffn_final',
                 'tokens', 'steps', 'val_loss', 'val_ppl', 'wall_s', 'export_dir')
@@ -20,16 +22,15 @@ TAG_ORDER = ('t_start', 't_mid', 't_end')
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   """(train_rows, eval_rows) of W/metrics.jsonl by step, one per step (the last written wins)."""
   by_kind = {'train': {}, 'eval': {}}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a run killed mid-write leaves a torn last line
-      kind = 'train' if 'loss' in row else 'eval' if 'val_loss' in row else None
-      if kind and 'step' in row:
-        # A resumed run re-logs the steps after its checkpoint; those rows describe the run we kept.
-        by_kind[kind][int(row['step'])] = row
+  for line in storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a run killed mid-write leaves a torn last line
+    kind = 'train' if 'loss' in row else 'eval' if 'val_loss' in row else None
+    if kind and 'step' in row:
+      # A resumed run re-logs the steps after its checkpoint; those rows describe the run we kept.
+      by_kind[kind][int(row['step'])] = row
   train, evals = ([rows[s] for s in sorted(rows)] for rows in by_kind.values())
   return train, evals
 
@@ -71,8 +72,23 @@ def _log_y(ax):
     axis(FuncFormatter(lambda v, _: f'{v:g}'))
 
 
+def read_attempts(workdir: str) -> list[dict]:
+  """The goodput row each attempt of the run (first, and every resume) wrote at its end."""
+  rows = []
+  for line in storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'goodput' in row:
+      rows.append(row)
+  return rows
+
+
 def _save(fig, workdir, name):
-  fig.savefig(os.path.join(workdir, name), dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format='png')
+  storage.write_bytes(storage.join(workdir, name), buf.getvalue())
   return name
 
 
@@ -113,10 +129,10 @@ def _plot_vs_step(workdir, train, bounds, key, ylabel, title, name):
 def load_importance(workdir: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
   """[(tag, scores [n_layers, F], mask [n_layers, F] or None)] from W/importance/*.npz."""
   snaps = []
-  for path in glob.glob(os.path.join(workdir, 'importance', '*.npz')):
-    with np.load(path) as z:
+  for path in storage.path(workdir).glob('importance/*.npz'):
+    with np.load(io.BytesIO(path.read_bytes())) as z:
       mask = np.asarray(z['mask']) > 0 if 'mask' in z.files else None
-      snaps.append((os.path.basename(path)[:-4], np.asarray(z['scores'], np.float64), mask))
+      snaps.append((path.name[:-4], np.asarray(z['scores'], np.float64), mask))
   order = {t: i for i, t in enumerate(TAG_ORDER)}
   return sorted(snaps, key=lambda s: (order.get(s[0], len(order)), s[0]))
 
@@ -194,8 +210,10 @@ def write_report(workdir: str, summary: dict) -> None:
   snaps = load_importance(workdir)
   if snaps:
     plots.append(_plot_importance(workdir, snaps))
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump({**summary, 'plots': plots}, f, indent=2, default=_jsonable)
+  attempts = read_attempts(workdir)
+  storage.write_text(storage.join(workdir, 'report.json'),
+                     json.dumps({**summary, 'attempts': attempts, 'plots': plots}, indent=2,
+                                default=_jsonable))
 
   keys = list(SUMMARY_KEYS) + [k for k in summary if k not in SUMMARY_KEYS and
                                       not isinstance(summary[k], (dict, list, tuple))]
@@ -216,9 +234,29 @@ def write_report(workdir: str, summary: dict) -> None:
     lines += [f'| {task} | {metric} | {_fmt(v)} |'
               for task, metrics in summary['downstream'].items()
               for metric, v in metrics.items() if metric != 'sample_len']
+  lines += _goodput_lines(summary.get('goodput'), attempts)
   lines += ['', '## Plots', ''] + [f'![{p[:-4]}]({p})\n' for p in plots]
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  storage.write_text(storage.join(workdir, 'report.md'), '\n'.join(lines) + '\n')
+
+
+def _goodput_lines(last: dict | None, attempts: list[dict]) -> list[str]:
+  """Where the wall time went: this attempt (to the report) and every attempt's own row."""
+  if not last and not attempts:
+    return []
+  kinds = ('train', 'compile', 'data', 'eval', 'checkpoint', 'restore', 'other')
+  lines = ['', '## Goodput', '',
+           'Share of wall time in training steps; the rest went to compiling, waiting for data, '
+           'evaluation, checkpoints (and the export), restoring, and other host work (setup, '
+           'data preparation). One row per attempt: a preemption starts a new one.', '',
+           '| attempt | last step | goodput | wall s | ' + ' | '.join(f'{k} s' for k in kinds) +
+           ' |', '|---' * (4 + len(kinds)) + '|']
+  rows = [(str(i + 1), a) for i, a in enumerate(attempts)]
+  if last:
+    rows.append(('last, with export', last))
+  for name, a in rows:
+    lines.append(f'| {name} | {_fmt(a.get("step"))} | {a.get("goodput", 0):.1%} | ' +
+                 ' | '.join(f'{a.get(f"{k}_s", 0):.1f}' for k in ('wall',) + kinds) + ' |')
+  return lines
 
 
 def _mean_std(xs):
@@ -295,7 +333,7 @@ def _plot_compare(workdir, results, table):
   colors = {name: f'C{i % 10}' for i, name in enumerate(results)}
   for name, r in results.items():
     for seed, wd in enumerate(r.get('workdirs', [])):
-      if not os.path.exists(os.path.join(wd, 'metrics.jsonl')):
+      if not storage.exists(storage.join(wd, 'metrics.jsonl')):
         continue
       x, y = _series(read_metrics(wd)[1], 'tokens_seen', 'val_loss')
       curves.plot(x, y, '-', marker='o', ms=2.5, lw=1.2, color=colors[name], alpha=0.85,
@@ -319,10 +357,9 @@ def _plot_compare(workdir, results, table):
 
 def write_compare(workdir: str, results: dict) -> None:
   """Writes W/compare.json, W/compare.md and W/compare.png for {pipeline: per-seed results}."""
-  os.makedirs(workdir, exist_ok=True)
   table = compare_table(results)
-  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
-    json.dump(table, f, indent=2, default=_jsonable)
+  storage.write_text(storage.join(workdir, 'compare.json'),
+                     json.dumps(table, indent=2, default=_jsonable))
   _plot_compare(workdir, results, table)
   # One column per downstream task (its headline metric, mean over seeds), when run had any.
   tasks = {}
@@ -341,5 +378,4 @@ def write_compare(workdir: str, results: dict) -> None:
                  f'{_fmt(r["tokens"])} | {_fmt(r["train_flops"])} | {_fmt(r["wall_s_mean"])} |'
                  + cells)
   lines += ['', _verdict(table), '', '![compare](compare.png)']
-  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  storage.write_text(storage.join(workdir, 'compare.md'), '\n'.join(lines) + '\n')

@@ -4,7 +4,7 @@
 # on when ssh drops. Rerunning the same command after a preemption resumes from the workdir's
 # latest checkpoint.
 #
-#   launch/run.sh --name NAME --zone ZONE --workdir /mnt/BUCKET/DIR [options] \
+#   launch/run.sh --name NAME --zone ZONE --workdir gs://BUCKET/DIR [options] \
 #       [--config.a.b=v ...] [-- MORE_IDEA_PRUNE_ARGS]
 #   launch/run.sh --name NAME --zone ZONE --stop      SIGTERM: checkpoint and exit, all workers
 #   launch/run.sh --name NAME --zone ZONE --status    running or not, and each log's last line
@@ -12,7 +12,7 @@
 #   --name NAME          TPU VM (node) name
 #   --zone ZONE          its zone
 #   --project PROJECT    default: gcloud's configured project
-#   --workdir DIR        an absolute path every worker shares (gcsfuse-mounted bucket)
+#   --workdir DIR        gs://BUCKET/DIR (or an absolute path every worker shares)
 #   --config FILE        a config in this checkout (default configs/paper_2p8b_to_1p3b.py)
 #   --mode MODE          the idea-prune command: run (default), compare or train
 #   --env VAR=VALUE      an environment variable for the run (repeatable; e.g. LIBTPU_INIT_ARGS=...)
@@ -56,10 +56,10 @@ if [[ $ACTION != start ]]; then
   exit 0
 fi
 
-[[ -n $WORKDIR ]] || die 'missing --workdir (an absolute path shared by all workers); see --help'
+[[ -n $WORKDIR ]] || die 'missing --workdir (gs://BUCKET/DIR, shared by all workers); see --help'
 # Each worker writes its shards of every checkpoint there, so it must be one shared place.
-[[ $WORKDIR == /* ]] ||
-  die "--workdir '$WORKDIR' must be an absolute path all workers share (a gcsfuse mount: docs/tpu.md)"
+[[ $WORKDIR == /* || $WORKDIR == gs://?* ]] ||
+  die "--workdir '$WORKDIR' must be gs://BUCKET/DIR or an absolute path all workers share"
 case $MODE in
   run | compare | train) ;;
   *) die "--mode '$MODE': use run, compare or train" ;;

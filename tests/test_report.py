@@ -90,7 +90,8 @@ def test_write_report(tmp_path):
   _idea_run(tmp_path)
   report.write_report(str(tmp_path), SUMMARY)
   got = json.loads((tmp_path / 'report.json').read_text())
-  assert got == {**SUMMARY, 'plots': ['loss.png', 'lr.png', 'ffn_width.png', 'importance.png']}
+  assert got == {**SUMMARY, 'attempts': [],  # no goodput rows in this metrics.jsonl
+                 'plots': ['loss.png', 'lr.png', 'ffn_width.png', 'importance.png']}
   for name in got['plots']:
     _assert_png(tmp_path / name)
   md = (tmp_path / 'report.md').read_text()

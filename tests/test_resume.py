@@ -165,7 +165,39 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   assert logged.count(0) == 1 and logged.count(399) == 1  # resumed, not restarted
   # stderr is a pipe here, as in pod and CI logs: plain lines, no progress-bar carriage returns
   assert '\r' not in out.stderr
-  assert re.search(r'^\w+ step 400/400 loss \d+\.\d{4} tok/s \d+$', out.stderr, re.M), out.stderr
+  assert re.search(r'^\w+ step 400/400 loss \d+\.\d{4} tok/s \d+ step_s \d+\.\d{3} '
+                   r'TFLOP/s/device \S+ MFU \d+\.\d%$', out.stderr, re.M), out.stderr
+
+
+def test_sigterm_under_jax_distributed_stops_at_the_preemption_sync_point(tmp_path):
+  """One process under jax.distributed: JAX's preemption notifier takes the SIGTERM (it replaces
+  the entry point's handler) and `reached_preemption_sync_point` stops the loop."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / 'w')
+  env = dict(os.environ, IDEA_PRUNE_DISTRIBUTED='1', IDEA_PRUNE_COORDINATOR=f'127.0.0.1:{port}',
+             IDEA_PRUNE_NUM_PROCESSES='1', IDEA_PRUNE_PROCESS_ID='0', JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, '-m', 'idea_prune_jax.main', 'train', '--config',
+                           os.path.join(ROOT, 'configs/tiny.py:test'), '--workdir', workdir,
+                           '--config.train.steps=2000', '--config.train.ckpt_every=5000',
+                           '--config.train.eval_every=5000'], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 2000
+  assert f'SIGTERM: saved step {steps[0]}' in err
+
 
 
 def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):

@@ -1,0 +1,128 @@
+"""Run files on local disk or in a bucket (`gs://...`): a few helpers over etils.epath.
+
+orbax and the JAX compilation cache take `gs://` paths themselves; everything else the project
+writes (metrics, report, plots, export config, tokenizer) goes through these helpers. Local
+writes go through a per-host temporary name and a rename, so a reader never sees half a file; a
+GCS object appears whole when its upload finishes, so there it is written in place.
+"""
+
+import hashlib
+import os
+import socket
+import tempfile
+import urllib.parse
+
+from etils import epath
+
+
+class StorageError(ValueError):
+  """A path that cannot be used (no bucket, no credentials, a file where a directory should be)."""
+
+
+def is_url(path) -> bool:
+  return '://' in str(path)
+
+
+def path(p) -> epath.Path:
+  """An epath.Path; local paths made absolute (orbax needs them so)."""
+  return epath.Path(p) if is_url(p) else epath.Path(os.path.abspath(p))
+
+
+def join(base, *parts) -> str:
+  return os.fspath(path(base).joinpath(*parts))
+
+
+def _tmp_name(target: epath.Path) -> epath.Path:
+  # Hosts may share a directory (NFS, gcsfuse): the host name and pid keep temporaries apart.
+  return target.with_name(f'{target.name}.tmp-{socket.gethostname()}-{os.getpid()}')
+
+
+def write_bytes(p, data: bytes) -> None:
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_url(p):
+    target.write_bytes(data)
+    return
+  tmp = _tmp_name(target)
+  tmp.write_bytes(data)
+  os.replace(tmp, target)
+
+
+def write_text(p, text: str) -> None:
+  write_bytes(p, text.encode('utf-8'))
+
+
+def read_bytes(p) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p) -> str:
+  return path(p).read_text()
+
+
+def exists(p) -> bool:
+  return path(p).exists()
+
+
+def local_twin(url: str, kind: str) -> str:
+  """A local directory standing in for `url` where a library needs local files (one per URL)."""
+  key = hashlib.sha1(url.encode()).hexdigest()[:12]
+  root = os.environ.get('IDEA_PRUNE_CACHE', os.path.join(tempfile.gettempdir(), 'idea_prune'))
+  return os.path.join(root, f'{kind}-{key}')
+
+
+def _endpoint() -> tuple[str, int, bool]:
+  """(host, port, emulated) of the GCS API this process talks to."""
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if emulator:
+    parsed = urllib.parse.urlsplit(emulator if '://' in emulator else f'http://{emulator}')
+    return parsed.hostname, parsed.port or 80, True
+  return 'storage.googleapis.com', 443, False
+
+
+def check_workdir(workdir: str, flag: str = '--workdir') -> None:
+  """A usable run directory, or one StorageError line naming it and what to do."""
+  p = path(workdir)
+  if not is_url(workdir):
+    if p.exists() and not p.is_dir():
+      raise StorageError(f'{flag}={workdir}: is a file, not a directory; pass a directory')
+    try:
+      p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise StorageError(f'{flag}={workdir}: cannot create it ({e.strerror or e})') from None
+    return
+  scheme, bucket = urllib.parse.urlsplit(workdir)[:2]
+  if scheme != 'gs' or not bucket:
+    raise StorageError(f'{flag}={workdir}: use a local path or gs://BUCKET/PATH')
+  try:
+    import gcsfs  # noqa: F401  etils.epath's gs:// backend
+  except ImportError:
+    raise StorageError(f'{flag}={workdir}: gs:// needs gcsfs; pip install '
+                       "'idea-prune-jax[gcs]'") from None
+  host, port, emulated = _endpoint()
+  if not emulated:
+    import google.auth  # gcsfs's dependency
+    try:
+      google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+      raise StorageError(f'{flag}={workdir}: no Google Cloud credentials ({str(e)[:160]}); run '
+                         '`gcloud auth application-default login` or use a VM service account'
+                         ) from None
+  try:  # a plain connect fails in seconds; the GCS client retries for a minute first
+    socket.create_connection((host, port), timeout=10).close()
+  except OSError as e:
+    raise StorageError(f'{flag}={workdir}: cannot reach the GCS API at {host}:{port} ({e}); '
+                       'check the network (or STORAGE_EMULATOR_HOST)') from None
+  if p.is_file():
+    raise StorageError(f'{flag}={workdir}: is an object (a file), not a directory; pass a prefix')
+  probe = p / f'.write-check-{socket.gethostname()}-{os.getpid()}'
+  try:
+    probe.write_bytes(b'')
+    probe.unlink()
+  except FileNotFoundError:
+    raise StorageError(f'{flag}={workdir}: bucket gs://{bucket} does not exist; create it with '
+                       f'`gcloud storage buckets create gs://{bucket}`') from None
+  except (PermissionError, OSError) as e:
+    raise StorageError(f'{flag}={workdir}: cannot write to gs://{bucket} '
+                       f'({type(e).__name__}: {str(e).splitlines()[0][:160]}); check its '
+                       'permissions for this account') from None
