@@ -21,7 +21,6 @@ from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure
 from idea_prune_jax.config import ConfigError, ModelConfig
@@ -156,7 +155,7 @@ def validate(config, n_devices: int):
   """The KD config compile_check compiles, after the checks a run would make."""
   config = kd_config(config)
   _, _, tensor = config_lib.validate(config, n_devices)
-  schedules.validate_prune(config, tensor)
+  config_lib.validate_prune(config, tensor)
   return config
 
 

@@ -30,13 +30,13 @@ def run(config, workdir: str, do_export: bool = True) -> dict:
   out = pipeline.run_pipeline(config, workdir)
   state, model_cfg, run_ = out['state'], out['model_cfg'], out['run']
   enlarged = ModelConfig.from_config(config)
-  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
   summary = {
       'pipeline': config.pipeline, 'seed': config.seed,
       'params_enlarged': model_lib.param_count(enlarged),
       'params_final': model_lib.param_count(model_cfg),
       'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
-      'tokens': tokens, 'steps': int(state.step),
+      # From the executed plan, which is what ran (and what train_flops counts).
+      'tokens': pipeline.plan_tokens(config, out['phases']), 'steps': int(state.step),
       'train_flops': pipeline.train_flops(config, out['phases']),
       'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
       'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}

@@ -18,7 +18,6 @@ from jax.experimental import multihost_utils
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 
 
@@ -90,7 +89,7 @@ def setup(config, workdir: str) -> Run:
   sharding_lib.maybe_initialize_distributed(config)
   _, _, tensor = config_lib.validate(config, jax.device_count())
   if config.pipeline in ('idea', 'naive'):
-    schedules.validate_prune(config, tensor)
+    config_lib.validate_prune(config, tensor)
   mesh = sharding_lib.make_mesh(config)
   data = data_lib.build(config, workdir, jax.process_index(), jax.process_count())
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts)

@@ -14,6 +14,7 @@ from idea_prune_jax import distill
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.errors import PruneError
 
 B, L, V = 2, 8, 64
 STUDENT = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
@@ -43,6 +44,10 @@ def _batch(seed=0, pad_tail=2):
   return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(targets)}
 
 
+def _weights(targets):
+  return (targets != train_lib.PAD_ID).astype(jnp.float32)
+
+
 def _logits(seed, shape=(B, L, V)):
   return jnp.asarray(3.0 * np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
@@ -53,7 +58,7 @@ _kd_loss = jax.jit(distill.kd_loss)
 
 def test_identical_student_and_teacher_has_exactly_zero_kl():
   logits, targets = _logits(0), _batch()['targets']
-  loss, aux = _kd_loss(logits, logits, targets, alpha=0.3, tau=2.0)
+  loss, aux = _kd_loss(logits, logits, targets, _weights(targets), alpha=0.3, tau=2.0)
   assert float(aux['kl']) == 0.0
   np.testing.assert_allclose(loss, 0.7 * aux['ce'], rtol=1e-7)
   np.testing.assert_allclose(aux['teacher_ce'], aux['ce'], rtol=1e-7)
@@ -77,7 +82,8 @@ def test_numpy_reference_with_temperature_and_padding(tau):
   expected = (1 - alpha) * ce.mean() + alpha * tau**2 * kl.mean()
   # A Python τ, bound statically, as distill_step binds it.
   fn = jax.jit(functools.partial(distill.kd_loss, alpha=alpha, tau=tau))
-  loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y))
+  loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y),
+                 jnp.asarray([[1.0, 1.0, 0.0]]))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(aux['ce'], ce.mean(), rtol=1e-6)
   np.testing.assert_allclose(aux['kl'], kl.mean(), rtol=1e-6)
@@ -89,13 +95,14 @@ def test_padding_positions_do_not_matter():
   s, t, targets = _logits(1), _logits(2), _batch(pad_tail=3)['targets']
   noise = 100.0 * _logits(3)
   is_pad = (targets == train_lib.PAD_ID)[..., None]
-  loss, aux = _kd_loss(s, t, targets, alpha=0.5, tau=1.5)
-  loss2, aux2 = _kd_loss(s + noise * is_pad, t - noise * is_pad, targets, alpha=0.5,
-                                tau=1.5)
+  loss, aux = _kd_loss(s, t, targets, _weights(targets), alpha=0.5, tau=1.5)
+  loss2, aux2 = _kd_loss(s + noise * is_pad, t - noise * is_pad, targets, _weights(targets),
+                         alpha=0.5, tau=1.5)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
   assert float(aux['tokens']) == B * L - 3
   # and the gradient at padding positions is exactly zero
-  g = jax.jit(jax.grad(lambda x: distill.kd_loss(x, t, targets, alpha=0.5, tau=1.5)[0]))(s)
+  w = _weights(targets)
+  g = jax.jit(jax.grad(lambda x: distill.kd_loss(x, t, targets, w, alpha=0.5, tau=1.5)[0]))(s)
   assert float(jnp.abs(g * is_pad).max()) == 0.0
   assert float(jnp.abs(g).max()) > 0.0
 
@@ -103,7 +110,7 @@ def test_padding_positions_do_not_matter():
 @functools.cache
 def _kd_grads(chunk):
   """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached: tests share compiles."""
-  fn = lambda p, batch, tp, alpha, tau: distill.kd_loss_fn(
+  fn = lambda p, batch, tp, alpha, tau: train_lib.kd_loss_fn(
       p, batch, tp, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), alpha=alpha, tau=tau, chunk=chunk)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 2), has_aux=True))
@@ -129,7 +136,8 @@ def test_no_gradient_reaches_the_teacher(chunk):
 
 def test_no_gradient_reaches_teacher_logits():
   s, targets = _logits(0), _batch()['targets']
-  g = jax.jit(jax.grad(lambda t: distill.kd_loss(s, t, targets, alpha=1.0, tau=1.0)[0]))(
+  w = _weights(targets)
+  g = jax.jit(jax.grad(lambda t: distill.kd_loss(s, t, targets, w, alpha=1.0, tau=1.0)[0]))(
       _logits(1))
   assert float(jnp.abs(g).max()) == 0.0
 
@@ -150,8 +158,9 @@ def _hidden_grads(chunk):
   rng = np.random.default_rng(0)
   hs, ht, head_s, head_t = (jnp.asarray(rng.normal(size=s), jnp.float32)
                             for s in ((B, L, 16), (B, L, 16), (16, V), (16, V)))
-  fn = lambda *a: distill.chunked_kd_loss(*a, _batch()['targets'], alpha=0.5, tau=2.0,
-                                          chunk=chunk, student_cfg=STUDENT, teacher_cfg=TEACHER)
+  targets = _batch()['targets']
+  fn = lambda *a: distill.chunked_kd_loss(*a, targets, _weights(targets), alpha=0.5, tau=2.0,
+                                          chunk=chunk)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(hs, head_s, ht, head_t)
 
 
@@ -167,9 +176,8 @@ def test_chunked_equals_unchunked_on_hidden_states(chunk):
 
 def test_chunk_that_does_not_divide_the_sequence_is_one_clear_line():
   h, head = jnp.zeros((B, L, 4)), jnp.zeros((4, V))
-  with pytest.raises(config_lib.ConfigError, match=r'^config.distill.chunk=3: does not divide'):
-    jax.jit(functools.partial(distill.chunked_kd_loss, alpha=0.5, tau=1.0, chunk=3,
-                              student_cfg=STUDENT, teacher_cfg=TEACHER))(
+  with pytest.raises(PruneError, match=r'^KD chunk=3: does not divide'):
+    jax.jit(functools.partial(distill.chunked_kd_loss, alpha=0.5, tau=1.0, chunk=3))(
                                   h, head, h, head, jnp.ones((B, L), jnp.int32))
 
 
@@ -181,11 +189,11 @@ def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
   state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=optimizer.init(params))
   step = jax.jit(functools.partial(
-      distill.distill_step, model=model_lib.Transformer(STUDENT),
+      train_lib.distill_step, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), optimizer=optimizer, schedule=schedule,
       alpha=0.5, tau=2.0, chunk=4), donate_argnums=(0,))
   teacher_before = jax.tree.map(np.asarray, teacher_params)
-  run = distill.bind_teacher(step, teacher_params)
+  run = train_lib.bind_teacher(step, teacher_params)
   losses = []
   for _ in range(8):
     state, metrics = run(state, batch)
