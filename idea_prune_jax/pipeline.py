@@ -241,7 +241,8 @@ def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
     # prune_optimizer's init state around the carried (or fresh) AdamW state; the schedule
     # counts global steps.
     masks = masks_lib.init(params, FFN_STRUCTURE)
-    opt_state = PruneState(count=state.step, masks=masks,
+    # A copy of the step: one buffer cannot be donated twice (as step and count).
+    opt_state = PruneState(count=jnp.copy(state.step), masks=masks,
                            scores=importance.init(masks, config.prune.score), inner=opt_state)
   new = train_lib.TrainState(step=state.step, params=params, opt_state=opt_state,
                              teacher=teacher)
