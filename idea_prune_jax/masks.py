@@ -175,6 +175,14 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
   return jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, PruneState))
 
 
+def shrink_params(params: Any, masks: Masks, structure: Structure):
+  """(shrunk params, {unit name: kept width}): rebuild your module at those widths (Linen:
+  `Model(ffn=widths['ffn']).apply({'params': shrunk}, ...)`; NNX: `nnx.update` a module made at
+  them, see docs/pruning_api.md)."""
+  widths = {name: int(idx.shape[-1]) for name, idx in kept_indices(masks).items()}
+  return shrink(params, masks, structure), widths
+
+
 def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
   """(shrunk params, dataclasses.replace(model_config, ffn_dim=kept width)); one width overall."""
   kept = {name: idx.shape[-1] for name, idx in kept_indices(masks).items()}
