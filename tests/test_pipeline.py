@@ -166,7 +166,7 @@ def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny
   assert report['tokens'] == max(_rows(str(tmp_path), 'tokens_seen').values())
   assert report['tokens'] == tiny_config.train.steps * tokens_per_step
   assert report['train_flops'] == pipeline.train_flops(tiny_config, pipeline.plan(tiny_config))
-  assert _ckpt_state(str(tmp_path), 12)['params']['layers']['mlp']['up'].shape[-1] == 32
+  assert summary['ffn_final'] == tiny_config.prune.target_ffn  # shrunk after the last step
 
 
 def test_oneshot_scoring_batches_count_in_train_flops(tiny_config):
