@@ -18,8 +18,8 @@ def get_config(arg: str = ''):
   c.model.update(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
                  ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat=True)
   c.prune.update(target_ffn=FFN_TARGET, round_to=128, t_start=0.5, t_end=0.7)
-  # The tfds source is in-memory: ~0.5B tokens of c4 per host, repeated over the 0.5T-token run.
-  c.data.update(source='tfds', tfds_name='c4/en', seq_len=2048, max_chars=2_000_000_000)
+  # Prepared once with prepare-data into a bucket, read through a gcsfuse mount (docs/tpu.md).
+  c.data.update(source='prepared', prepared_dir='/mnt/idea-data/c4_en', seq_len=2048)
   c.train.update(steps=250_000, batch_size=1024, lr=3e-4, warmup_steps=2000, eval_every=2000,
                  ckpt_every=1000)
   c.mesh.update(data=1, fsdp=-1, tensor=1)

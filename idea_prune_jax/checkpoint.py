@@ -5,6 +5,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
 
 from idea_prune_jax.config import ConfigError
 
@@ -17,10 +18,11 @@ def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints') -> ocp.Che
   return ocp.CheckpointManager(path, options=options, item_names=('state', 'data', 'meta'))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
+  """data_iter: the train iterator; grain's handler stores its position, one file per host."""
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
+      data=grain_checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
 
@@ -35,13 +37,14 @@ def abstract_like(state, shardings):
                       state, shardings)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """(state, data_state, meta) at `step`, state placed by the shardings in abstract_state."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+  """(state, meta) at `step`, state placed by the shardings in abstract_state; data_iter is
+  moved to the saved position in place."""
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
+      data=grain_checkpoint.CheckpointRestore(data_iter),
       meta=ocp.args.JsonRestore()))
-  return out['state'], out['data'], out['meta']
+  return out['state'], out['meta']
 
 
 def model_meta(model_cfg) -> dict:

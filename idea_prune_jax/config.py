@@ -34,18 +34,27 @@ def base() -> ml_collections.ConfigDict:
   m.remat = False
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'embedded'  # embedded | files | tfds
-  d.files = ''  # comma-separated paths or globs, for source=files
-  d.val_files = ''  # optional held-out files; default holds out whole files
+  # Training reads prepared ArrayRecord shards (idea-prune prepare-data). Any other source is
+  # prepared into workdir/data on the first run, once.
+  d.source = 'embedded'  # prepared | embedded | files | tfds
+  d.prepared_dir = ''  # source=prepared: a prepare-data --output dir (local or gs://)
+  d.files = ''  # source=files: comma-separated paths/globs (text, JSONL, Parquet)
+  d.val_files = ''  # source=files: held-out files; else data.val_fraction of the documents
+  d.val_fraction = 0.05  # source=files without val_files: documents held out (by content hash)
   d.val_works = 'julius_caesar,tempest'  # embedded corpus: works held out for validation
   d.tokenizer = ''  # a SentencePiece .model; empty trains one on the training split
   d.tfds_name = ''
   d.tfds_data_dir = ''
   d.tfds_train_split = 'train'
   d.tfds_val_split = 'validation'
-  d.text_key = 'text'
-  d.max_chars = 0  # cap on characters read from a tfds source (0 = all)
+  d.text_key = 'text'  # JSONL/Parquet/TFDS field holding the text
+  d.max_docs = 0  # cap on documents prepared from a source (0 = all)
   d.seq_len = 128
+  d.attention = 'causal'  # causal: one causal sequence per row | document: masked per document
+  d.shards = 0  # document shards of the train stream; 0 = one per process (see data.py)
+  d.read_threads = 2  # grain threads reading records
+  d.prefetch = 2  # batches prefetched by a thread (0: none)
+  d.workers = 0  # grain worker processes (0: read in the training process)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 600
@@ -183,8 +192,18 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('train.warmup_steps', t.warmup_steps, f'must lie in [0, train.steps={t.steps}]')
   if config.data.seq_len < 2:
     _fail('data.seq_len', config.data.seq_len, 'must be >= 2')
-  if config.data.source not in ('embedded', 'files', 'tfds'):
-    _fail('data.source', config.data.source, 'use embedded, files or tfds')
+  d = config.data
+  if d.source not in ('prepared', 'embedded', 'files', 'tfds'):
+    _fail('data.source', d.source, 'use prepared, embedded, files or tfds')
+  if d.source == 'prepared' and not d.prepared_dir:
+    _fail('data.prepared_dir', d.prepared_dir, 'source=prepared needs a prepare-data --output dir')
+  if d.attention not in ('causal', 'document'):
+    _fail('data.attention', d.attention, 'use causal or document')
+  if not 0 <= d.val_fraction < 1:
+    _fail('data.val_fraction', d.val_fraction, 'must lie in [0, 1)')
+  for f in ('shards', 'read_threads', 'prefetch', 'workers', 'max_docs'):
+    if d[f] < 0:
+      _fail(f'data.{f}', d[f], 'must be >= 0')
   n = config.naive
   if not 0 < n.split < 1:
     _fail('naive.split', n.split, 'must lie in (0, 1)')

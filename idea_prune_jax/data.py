@@ -1,384 +1,365 @@
-"""Text sources, a cached SentencePiece tokenizer, and packed, checkpointable batches."""
+"""Prepared data through grain: ArrayRecord shards -> shuffled, packed, per-host batches.
 
-import glob
+Every source (embedded corpus, text/JSONL/Parquet files, TFDS) goes through `prepare.prepare`
+once; training only reads a prepared directory (`prepare.read_manifest`). The train stream:
+
+    ArrayRecord documents -> global shuffle per epoch (seed) -> repeat -> this shard's documents
+    -> decode -> concat-then-split packing into seq_len+1 rows -> batch -> thread prefetch
+
+A host reads `shards / process_count` of the `data.shards` document shards (default: one per
+host) and stacks their rows, so the global batch depends on `data.shards`, not on the host
+count: one process reading two shards feeds exactly what two hosts feed. The iterator state
+(per shard, grain's own) goes into every orbax checkpoint; a resume yields the same batches.
+"""
+
+import dataclasses
 import hashlib
-import io
 import json
 import os
-import pathlib
-import tarfile
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
+from etils import epath
 
-CORPUS = pathlib.Path(__file__).parent / 'corpus' / 'shakespeare.tar.xz'
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# Everything that shapes the trained model goes into the cache key, so changing it retrains.
-SPM_OPTIONS = dict(
-    model_type='bpe',  # ~0.5 s for vocab 4096 on the 5 MB corpus; unigram takes ~10x longer
-    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=True,
-    character_coverage=1.0,
-    # Lossless: keep newlines and runs of spaces so decode(encode(text)) == text.
-    normalization_rule_name='identity', remove_extra_whitespaces=False,
-    user_defined_symbols=['\n'], allow_whitespace_only_pieces=True,
-    num_threads=1,  # BPE merges differ with the thread count; one thread is reproducible
-    input_sentence_size=0, shuffle_input_sentence=False,  # we subsample ourselves, seedlessly
-    max_sentence_length=16384,  # bytes: a 2000-char chunk of 4-byte characters still fits
-)
-SPM_MAX_CHARS = 20_000_000  # bounds tokenizer training at a few seconds on big sources
-SPM_CHUNK_CHARS = 2_000  # SentencePiece drops longer 'sentences'; lines are much shorter
-SINGLE_FILE_VAL_FRACTION = 0.05
-# The tfds source holds its text and tokens in host memory; past this, refuse before reading
-# (hours into a c4 read is the wrong time to run out of memory).
-TFDS_MAX_IN_MEMORY_CHARS = 4_000_000_000
-TFDS_SIZE_SAMPLE = 64  # records read to estimate a split's size
+from idea_prune_jax import prepare
+from idea_prune_jax.inputs import DataError
 
+__all__ = ['DataError', 'Data', 'build', 'split_batch', 'global_batch']
 
-class DataError(ValueError):
-  """A data problem found before compute; the message names the config field and the fix."""
+LOCAL_COPY_WARN_BYTES = 1 << 30  # past this, a bucket copy per host is the wrong tool: gcsfuse
 
 
 class Data(NamedTuple):
-  """What the trainer needs: tokenizer, this host's train iterator and val batches, sizes."""
+  """What the trainer needs: tokenizer, this host's train batches and val batches, sizes."""
   sp: spm.SentencePieceProcessor
-  train: 'PackedBatches'
-  val: list[np.ndarray]
-  train_tokens: int
-  val_tokens: int
+  train: 'TrainBatches'
+  val: list[dict]
+  manifest: dict
+  prepared_dir: str
+
+  @property
+  def train_tokens(self) -> int:
+    return self.manifest['splits']['train']['tokens']
+
+  @property
+  def val_tokens(self) -> int:
+    return self.manifest['splits']['validation']['tokens']
 
 
-def _names(csv: str) -> list[str]:
-  return [s.strip() for s in csv.split(',') if s.strip()]
+# --- where the prepared data comes from -------------------------------------------------------
+
+def prepare_args(config) -> dict:
+  """prepare.prepare's arguments for config.data's source (everything but the output dir)."""
+  d = config.data
+  common = dict(tokenizer=d.tokenizer, vocab_size=0 if d.tokenizer else config.model.vocab_size,
+                text_key=d.text_key, max_docs=d.max_docs)
+  if d.source == 'embedded':
+    return dict(input_spec='embedded', val_input=f'embedded:{d.val_works}', **common)
+  if d.source == 'files':
+    if not d.files:
+      raise DataError("config.data.files='': source=files needs comma-separated paths or globs")
+    if d.val_files:
+      return dict(input_spec=d.files, val_input=d.val_files, **common)
+    return dict(input_spec=d.files, val_fraction=d.val_fraction, **common)
+  if d.source == 'tfds':
+    if not d.tfds_name:
+      raise DataError("config.data.tfds_name='': source=tfds needs a dataset name, e.g. 'c4/en'")
+    return dict(input_spec=f'tfds:{d.tfds_name}:{d.tfds_train_split}',
+                val_input=f'tfds:{d.tfds_name}:{d.tfds_val_split}',
+                tfds_data_dir=d.tfds_data_dir, **common)
+  raise DataError(f'config.data.source={d.source!r}: use prepared, embedded, files or tfds')
 
 
-def embedded_works() -> dict[str, str]:
-  """{work name: text} for the vendored Shakespeare, in name order."""
-  with tarfile.open(CORPUS) as tar:
-    return {m.name: tar.extractfile(m).read().decode('utf-8')
-            for m in sorted(tar.getmembers(), key=lambda m: m.name) if m.isfile()}
+_MANIFEST_KEYS = {'input_spec': 'input', 'val_input': 'val_input', 'val_fraction': 'val_fraction',
+                  'text_key': 'text_key', 'max_docs': 'max_docs'}
 
 
-def _embedded(data_config) -> tuple[list[str], list[str]]:
-  works = embedded_works()
-  val_names = _names(data_config.val_works)
-  unknown = [n for n in val_names if n not in works]
-  if unknown:
-    raise DataError(f'config.data.val_works={data_config.val_works!r}: unknown work(s) {unknown}; '
-                    f'choose from {", ".join(works)}')
-  if not val_names or len(val_names) == len(works):
-    raise DataError(f'config.data.val_works={data_config.val_works!r}: hold out at least one '
-                    'work and leave at least one for training')
-  return ([t for n, t in works.items() if n not in val_names],
-          [works[n] for n in val_names])
+def prepared_dir(config, workdir: str, is_main: bool, barrier) -> str:
+  """The prepared directory to read: config.data.prepared_dir, or workdir/data prepared once.
 
-
-def expand_files(csv: str, field: str) -> list[str]:
-  """Comma-separated paths/globs -> sorted, de-duplicated existing non-empty files."""
-  paths = []
-  for entry in _names(csv):
-    if glob.has_magic(entry):
-      matched = [p for p in glob.glob(entry, recursive=True) if os.path.isfile(p)]
-      if not matched:
-        raise DataError(f'config.{field}={csv!r}: no files match {entry!r}; fix the glob')
-      paths += matched
-    elif not os.path.isfile(entry):
-      raise DataError(f'config.{field}={csv!r}: {entry!r}: no such file; pass existing text files')
+  Process 0 prepares (the first run in a workdir); `barrier()` then lets the other hosts read.
+  """
+  if config.data.source == 'prepared':
+    if not config.data.prepared_dir:
+      raise DataError("config.data.prepared_dir='': source=prepared needs the output of "
+                      'idea-prune prepare-data')
+    return config.data.prepared_dir
+  args = prepare_args(config)
+  out = os.path.join(workdir, 'data') if '://' not in workdir else f'{workdir.rstrip("/")}/data'
+  if is_main:
+    if (epath.Path(out) / prepare.MANIFEST).exists():
+      _check_prepared_from(prepare.read_manifest(out), args, out)
     else:
-      paths.append(entry)
-  if not paths:
-    raise DataError(f'config.{field}={csv!r}: empty; pass comma-separated text files or globs')
-  paths = sorted(set(paths))
-  for p in paths:
-    if os.path.getsize(p) == 0:
-      raise DataError(f'config.{field}={csv!r}: {p!r} is empty; remove it or add text')
-  return paths
+      prepare.prepare(output_dir=out, progress=False, **args)
+  barrier()
+  return out
 
 
-def _read(path: str) -> str:
-  # errors='replace': one stray byte in a scraped file shouldn't stop a run
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return f.read()
+def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:
+  """A workdir's data must be what config.data asks for: a changed source is not reused."""
+  for arg, key in _MANIFEST_KEYS.items():
+    want = args.get(arg, {'val_input': '', 'val_fraction': 0.0}.get(arg))
+    if want is not None and manifest.get(key) != want:
+      raise DataError(f'{out} was prepared with {key}={manifest.get(key)!r}, but config.data '
+                      f'asks for {want!r}; use a fresh --workdir (or delete {out})')
 
 
-def _files(data_config) -> tuple[list[str], list[str]]:
-  train_paths = expand_files(data_config.files, 'data.files')
-  if data_config.val_files:
-    val_paths = expand_files(data_config.val_files, 'data.val_files')
-    # A file in both lists would leak into validation; validation wins.
-    val_real = {os.path.realpath(p) for p in val_paths}
-    train_paths = [p for p in train_paths if os.path.realpath(p) not in val_real]
-    if not train_paths:
-      raise DataError(f'config.data.files={data_config.files!r}: every file is also in '
-                      'data.val_files; leave some for training')
-    return [_read(p) for p in train_paths], [_read(p) for p in val_paths]
-  if len(train_paths) >= 2:  # hold out whole files, never random lines: no shared passages
-    return [_read(p) for p in train_paths[:-1]], [_read(train_paths[-1])]
-  # One file: its final 5% of lines is the only held-out text we can get without a second file.
-  lines = _read(train_paths[0]).splitlines(keepends=True)
-  n_val = max(1, int(len(lines) * SINGLE_FILE_VAL_FRACTION))
-  if n_val >= len(lines):
-    raise DataError(f'config.data.files={data_config.files!r}: one file of {len(lines)} line(s) '
-                    'cannot be split into train and validation; add text or set data.val_files')
-  return [''.join(lines[:-n_val])], [''.join(lines[-n_val:])]
+def local_copy(path: str) -> str:
+  """A local directory with the prepared files: ArrayRecord reads local paths only.
 
-
-def _tfds_split(tfds, data_config, split: str, field: str) -> list[str]:
+  Buckets are copied once per host into the temp dir (keyed by path and manifest); pods reading
+  large data mount the bucket with gcsfuse instead (docs/tpu.md).
+  """
+  if '://' not in path:
+    return path
+  manifest = prepare.read_manifest(path)
+  key = hashlib.sha256((path + json.dumps(manifest, sort_keys=True)).encode()).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), 'idea_prune_jax_data', key)
+  if os.path.isfile(os.path.join(local, prepare.MANIFEST)):
+    return local
+  names = [prepare.TOKENIZER] + [n for s in prepare.SPLITS for n in manifest['splits'][s]['shards']]
+  src = epath.Path(path)
+  size = sum((src / n).stat().length for n in names)
+  if size > LOCAL_COPY_WARN_BYTES:
+    logging.warning('copying %.1f GB of prepared data from %s to local disk; mount the bucket '
+                    'with gcsfuse and pass the mount path instead (docs/tpu.md)', size / 1e9, path)
+  tmp = f'{local}.tmp{os.getpid()}'
+  os.makedirs(tmp, exist_ok=True)
+  for name in names + [prepare.MANIFEST]:  # the manifest last: it marks the copy complete
+    with open(os.path.join(tmp, name), 'wb') as f:
+      f.write((src / name).read_bytes())
   try:
-    source = tfds.data_source(data_config.tfds_name, split=split,
-                              data_dir=data_config.tfds_data_dir or None)
-  except Exception as e:  # tfds raises many types; the user needs the field, not the type
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DataError(f'config.{field}={split!r} of data.tfds_name={data_config.tfds_name!r} '
-                    f'(data_dir={data_config.tfds_data_dir!r}) failed to open: {first_line}') from e
-
-  def text_of(record):
-    if data_config.text_key not in record:
-      raise DataError(f'config.data.text_key={data_config.text_key!r}: not in the records of '
-                      f'{data_config.tfds_name}; keys are {sorted(record)}')
-    text = record[data_config.text_key]
-    return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
-
-  n_records = len(source)
-  sample = [len(text_of(source[i])) for i in range(min(n_records, TFDS_SIZE_SAMPLE))]
-  estimate = int(np.mean(sample) * n_records) if sample else 0
-  limit = data_config.max_chars if data_config.max_chars > 0 else estimate
-  if min(limit, estimate) > TFDS_MAX_IN_MEMORY_CHARS:
-    raise DataError(f'config.data.max_chars={data_config.max_chars}: {split!r} of '
-                    f'data.tfds_name={data_config.tfds_name!r} is ~{estimate:.2e} characters, more '
-                    f'than this in-memory source holds ({TFDS_MAX_IN_MEMORY_CHARS:.0e}); set '
-                    f'data.max_chars <= {TFDS_MAX_IN_MEMORY_CHARS}')
-  docs, n_chars = [], 0
-  for i in range(n_records):
-    text = text_of(source[i])
-    if data_config.max_chars > 0 and n_chars + len(text) > data_config.max_chars:
-      docs.append(text[:data_config.max_chars - n_chars])
-      break
-    docs.append(text)
-    n_chars += len(text)
-  return [d for d in docs if d]
+    os.rename(tmp, local)
+  except OSError:  # another process on this host finished the same copy first
+    pass
+  return local
 
 
-def _tfds(data_config) -> tuple[list[str], list[str]]:
-  if not data_config.tfds_name:
-    raise DataError("config.data.tfds_name='': source=tfds needs a dataset name, e.g. 'c4/en'")
-  try:
-    import tensorflow_datasets as tfds  # optional: only runs on tfds data need it
-  except ImportError as e:
-    raise DataError("config.data.source='tfds': tensorflow_datasets is not installed; "
-                    "pip install 'idea-prune-jax[data]'") from e
-  # max_chars caps each split separately: validation only needs a few batches.
-  return (_tfds_split(tfds, data_config, data_config.tfds_train_split, 'data.tfds_train_split'),
-          _tfds_split(tfds, data_config, data_config.tfds_val_split, 'data.tfds_val_split'))
-
-
-def load_texts(data_config) -> tuple[list[str], list[str]]:
-  """(train_docs, val_docs) from config.data; validation is always whole held-out documents."""
-  loaders = {'embedded': _embedded, 'files': _files, 'tfds': _tfds}
-  if data_config.source not in loaders:
-    raise DataError(f'config.data.source={data_config.source!r}: use embedded, files or tfds')
-  train, val = loaders[data_config.source](data_config)
-  if not any(train):
-    raise DataError(f'config.data.source={data_config.source!r}: the training split is empty')
-  if not any(val):
-    raise DataError(f'config.data.source={data_config.source!r}: the validation split is empty')
-  return train, val
-
-
-def _digest(*parts) -> str:
-  h = hashlib.sha256()
-  for part in parts:
-    h.update(part if isinstance(part, bytes) else part.encode('utf-8', errors='replace'))
-    h.update(b'\0')  # so ['ab', 'c'] and ['a', 'bc'] differ
-  return h.hexdigest()[:16]
-
-
-def spm_sentences(docs: list[str], max_chars: int = SPM_MAX_CHARS) -> list[str]:
-  """Docs cut at line ends into chunks SentencePiece accepts, evenly thinned to max_chars."""
-  # Chunks keep their newlines so training sees text exactly as `tokenize` will encode it.
-  chunks = []
-  for doc in docs:
-    chunk = ''
-    for line in doc.splitlines(keepends=True):
-      if chunk and len(chunk) + len(line) > SPM_CHUNK_CHARS:
-        if chunk.strip():
-          chunks.append(chunk)
-        chunk = ''
-      chunk += line[:SPM_CHUNK_CHARS]
-    if chunk.strip():
-      chunks.append(chunk)
-  total = sum(map(len, chunks))
-  if total <= max_chars:
-    return chunks
-  stride = -(-total // max_chars)  # every stride-th chunk: deterministic, spread over all docs
-  return chunks[::stride]
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  # Hosts sharing a workdir may write the same file at once; rename makes each write whole.
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def train_spm(sentences: list[str], vocab_size: int) -> bytes:
-  """A serialized SentencePiece model trained in memory on `sentences`."""
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
-                                   vocab_size=vocab_size, minloglevel=2, **SPM_OPTIONS)
-  except RuntimeError as e:  # e.g. vocab above what the text supports, or below the byte set
-    reason = str(e).strip().splitlines()[-1].split('] ', 1)[-1]
-    raise DataError(f'config.model.vocab_size={vocab_size}: SentencePiece cannot train it on '
-                    f'the training split: {reason}') from e
-  return model.getvalue()
-
-
-def tokenizer(config, workdir: str | None, train_docs: list[str] | None = None
-              ) -> spm.SentencePieceProcessor:
-  """config.data.tokenizer if set, else one trained on the training split and cached in workdir."""
-  vocab_size = config.model.vocab_size
-  if config.data.tokenizer:
-    path = config.data.tokenizer
-    if not os.path.isfile(path):
-      raise DataError(f'config.data.tokenizer={path!r}: no such file; pass a SentencePiece '
-                      '.model or leave it empty to train one')
+def _source(local_dir: str, manifest: dict, split: str):
+  """A grain ArrayRecord source over a split's shards; a truncated shard is named, not hit later."""
+  import grain
+  from array_record.python import array_record_module
+  paths = [os.path.join(local_dir, n) for n in manifest['splits'][split]['shards']]
+  records = 0
+  for path in paths:
     try:
-      sp = spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:
-      raise DataError(f'config.data.tokenizer={path!r}: not a SentencePiece model ({e})') from e
-    if sp.vocab_size() > vocab_size:
-      raise DataError(f'config.model.vocab_size={vocab_size}: smaller than the '
-                      f'{sp.vocab_size()} pieces of data.tokenizer; set it to >= {sp.vocab_size()}')
-    return sp
-  if train_docs is None:
-    train_docs = load_texts(config.data)[0]
-  sentences = spm_sentences(train_docs)
-  key = _digest(json.dumps(SPM_OPTIONS, sort_keys=True), str(SPM_MAX_CHARS), *sentences)
-  path = workdir and os.path.join(workdir, 'tokenizer', f'spm_{vocab_size}_{key}.model')
-  if path and os.path.isfile(path):
-    return spm.SentencePieceProcessor(model_file=path)
-  model = train_spm(sentences, vocab_size)
-  if path:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, model)
-  return spm.SentencePieceProcessor(model_proto=model)
+      reader = array_record_module.ArrayRecordReader(path)
+      records += reader.num_records()
+      reader.close()
+    except Exception as e:  # noqa: BLE001  array_record raises RuntimeError/ValueError/OSError
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataError(f'{path}: not a readable ArrayRecord shard ({why}); prepare the data '
+                      'again') from e
+  if records != manifest['splits'][split]['documents']:
+    raise DataError(f'{local_dir}: the {split} shards hold {records} documents, the manifest '
+                    f'says {manifest["splits"][split]["documents"]}; prepare the data again')
+  return grain.sources.ArrayRecordDataSource(paths)
 
 
-def tokenize(sp: spm.SentencePieceProcessor, docs: list[str], cache_dir: str | None = None,
-             split: str = 'tokens') -> np.ndarray:
-  """int32 ids of all docs, each followed by EOS; cached as .npy in cache_dir if given."""
-  eos = sp.eos_id()
-  if eos < 0:
-    raise DataError('config.data.tokenizer: the model has no EOS piece; train it with eos_id set')
-  # Keyed by the model bytes too: the same text under another tokenizer is other ids.
-  path = cache_dir and os.path.join(
-      cache_dir, f'{split}_{_digest(sp.serialized_model_proto(), *docs)}.npy')
-  if path and os.path.isfile(path):
-    return np.load(path)
-  tokens = np.concatenate([np.asarray(doc + [eos], np.int32) for doc in sp.encode(docs)]
-                          or [np.zeros(0, np.int32)])
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, tokens)
-    write_atomic(path, buf.getvalue())
-  return tokens
+def _decode(record: bytes) -> dict:
+  return {'tokens': np.frombuffer(record, '<i4').astype(np.int32)}
 
 
-def _host_rows(global_batch: int, process_index: int, process_count: int) -> slice:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise DataError(f'process_index={process_index} / process_count={process_count}: invalid')
-  if global_batch % process_count:
-    raise DataError(f'config.train.batch_size={global_batch}: not divisible by the '
-                    f'{process_count} processes; make it a multiple')
-  local = global_batch // process_count
-  return slice(process_index * local, (process_index + 1) * local)
+# --- packed batches ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """How documents become rows: seq_len, attention over documents, read threads, prefetch."""
+  seq_len: int
+  document_attention: bool = False
+  read_threads: int = 2
+  prefetch: int = 2
+  workers: int = 0  # grain worker processes (they need a __main__ guard in the caller)
+
+  @classmethod
+  def from_config(cls, config) -> 'Packing':
+    d = config.data
+    return cls(d.seq_len, d.attention == 'document', d.read_threads, d.prefetch, d.workers)
 
 
-def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-  """[n, seq_len+1] view of non-overlapping windows; the ragged tail is dropped."""
-  n = len(tokens) // (seq_len + 1)
-  return tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1)
+def to_batch(packed: dict, document_attention: bool) -> dict:
+  """Packed [r, L+1] rows -> inputs/targets/weights (+ segment_ids/positions) of length L."""
+  tokens, segments = packed['tokens'], packed['tokens_segment_ids']
+  weights = segments[:, 1:] != 0  # padding (segment 0) is never a target
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  if document_attention:
+    # A document's first token is not predicted from the previous document's last one.
+    weights &= segments[:, 1:] == segments[:, :-1]
+    batch.update(segment_ids=segments[:, :-1], positions=packed['tokens_positions'][:, :-1])
+  return {**batch, 'weights': weights.astype(np.float32)}
 
 
-class PackedBatches:
-  """Deterministic, resumable iterator of this host's rows of shuffled packed windows."""
+def _rows(source, packing: Packing, *, shuffle_seed: int | None, shard: int = 0,
+          n_shards: int = 1):
+  """IterDataset of packed rows from a document source (shuffled and repeated if seeded)."""
+  import grain
+  ds = grain.MapDataset.source(source)
+  if shuffle_seed is not None:
+    # shuffle, then repeat: grain reseeds the permutation each epoch (index // len).
+    ds = ds.shuffle(seed=shuffle_seed % 2**32).repeat(None)
+  ds = ds[shard::n_shards].map(_decode)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=packing.read_threads,
+                                            prefetch_buffer_size=64))
+  return grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={'tokens': packing.seq_len + 1})
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    self.windows = windows(np.asarray(tokens, np.int32), seq_len)
-    self.rows = _host_rows(global_batch, process_index, process_count)
-    self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
-    self.batches_per_epoch = len(self.windows) // global_batch  # drop each epoch's ragged end
-    if self.batches_per_epoch == 0:
-      raise DataError(f'config.train.batch_size={global_batch}: the training split has only '
-                      f'{len(self.windows)} windows of data.seq_len+1={seq_len + 1} tokens, fewer '
-                      'than one batch; lower train.batch_size or data.seq_len, or add text')
-    self.epoch, self.index = 0, 0
-    self._perm_epoch, self._perm = None, None
 
-  def _fingerprint(self) -> dict:
-    return dict(seed=self.seed, seq_len=self.seq_len, global_batch=self.global_batch,
-                n_windows=len(self.windows))
+class TrainBatches:
+  """This host's rows of every global batch: its shards' packed rows, stacked in shard order.
 
-  def permutation(self, epoch: int) -> np.ndarray:
-    """Window order of an epoch; depends on (seed, epoch) only, never on the host count."""
-    if self._perm_epoch != epoch:  # memo: one permutation per epoch, not per batch
-      rng = np.random.default_rng([self.seed % 2**63, epoch])
-      self._perm_epoch, self._perm = epoch, rng.permutation(len(self.windows))
-    return self._perm
+  get_state/set_state speak bytes (JSON of the per-shard grain states), which is what
+  `grain.checkpoint.CheckpointSave` stores for a non-grain iterator.
+  """
+
+  def __init__(self, source, packing: Packing, seed: int, shards: list[int], n_shards: int,
+               rows_per_shard: int):
+    import grain
+    self._args = (source, packing, seed, shards, n_shards, rows_per_shard)
+    self._iters = []
+    for shard in shards:
+      ds = _rows(source, packing, shuffle_seed=seed, shard=shard, n_shards=n_shards)
+      ds = ds.batch(rows_per_shard, drop_remainder=True)
+      ds = ds.map(lambda rows: to_batch(rows, packing.document_attention))
+      if packing.workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=packing.workers))
+      elif packing.prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=packing.prefetch)
+      self._iters.append(iter(ds))
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> np.ndarray:
-    if self.index == self.batches_per_epoch:
-      self.epoch, self.index = self.epoch + 1, 0
-    start = self.index * self.global_batch
-    batch_windows = self.permutation(self.epoch)[start:start + self.global_batch][self.rows]
-    self.index += 1
-    return self.windows[batch_windows]
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self._iters]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def get_state(self) -> dict:
-    """JSON-serializable position; the fingerprint catches a resume with other data."""
-    return dict(epoch=self.epoch, index=self.index, **self._fingerprint())
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self._iters]).encode()
 
-  def set_state(self, state: dict) -> None:
-    saved = {k: state.get(k) for k in self._fingerprint()}
-    if saved != self._fingerprint():
-      raise DataError(f'data iterator state was saved for {saved} but this run has '
-                      f'{self._fingerprint()}; resume with the same data, seq_len, batch and seed')
-    if not 0 <= state['index'] <= self.batches_per_epoch or state['epoch'] < 0:
-      raise DataError(f'data iterator state {state} is out of range')
-    self.epoch, self.index = int(state['epoch']), int(state['index'])
+  def set_state(self, state: bytes) -> None:
+    states = json.loads(state)
+    if len(states) != len(self._iters):
+      raise DataError(f'the checkpoint holds the data position of {len(states)} shard(s) on this '
+                      f'host, this run reads {len(self._iters)}; resume with the same '
+                      'data.shards and host count')
+    for it, s in zip(self._iters, states):
+      it.set_state(_tuples_restored(s))
+
+  def close(self) -> None:
+    """Stops prefetch threads/workers now (left to interpreter exit, grain's cleanup is noisy)."""
+    for it in self._iters:
+      if hasattr(it, 'close'):
+        it.close()
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore; our iterators start on demand."""
+
+  def fork(self) -> 'TrainBatches':
+    """An independent iterator at the same position (naive's scoring must not move this one)."""
+    other = TrainBatches(*self._args)
+    other.set_state(self.get_state())
+    return other
 
 
-def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int,
-                process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
-  """The first n_batches batches of in-order windows (fewer if short), this host's rows."""
+def _tuples_restored(state):
+  """grain's concat-then-split compares its remainder slices with a tuple sentinel (-1, -1);
+  JSON turned those tuples into lists, which would read as a remainder that is not there."""
+  if not isinstance(state, dict):
+    return state
+  return {k: ({n: tuple(s) for n, s in v.items()} if k == 'remainder_slices'
+              else _tuples_restored(v)) for k, v in state.items()}
+
+
+def host_shards(n_shards: int, global_batch: int, process_index: int, process_count: int):
+  """(this host's shard indices, rows per shard); one-line errors for impossible splits."""
+  n_shards = n_shards or process_count
+  if n_shards % process_count:
+    raise DataError(f'config.data.shards={n_shards}: not a multiple of the {process_count} '
+                    'processes; use a multiple (0 = one per process)')
+  if global_batch % n_shards:
+    raise DataError(f'config.train.batch_size={global_batch}: not divisible by the {n_shards} '
+                    'data shards (config.data.shards, default one per process); make it a multiple')
+  per_host = n_shards // process_count
+  return list(range(process_index * per_host, (process_index + 1) * per_host)), n_shards
+
+
+def val_batches(source, packing: Packing, batch_size: int, n_batches: int,
+                process_index: int = 0, process_count: int = 1) -> list[dict]:
+  """The first n_batches global batches of in-order held-out rows (fewer if short), this host's
+  rows; read once, so evaluation sees the same tokens every time and never the whole split."""
   if n_batches < 1:
     raise DataError(f'config.train.eval_batches={n_batches}: must be >= 1')
-  rows = _host_rows(batch_size, process_index, process_count)
-  val_windows = windows(np.asarray(tokens, np.int32), seq_len)
-  n = min(n_batches, len(val_windows) // batch_size)
+  if batch_size % process_count:
+    raise DataError(f'config.train.batch_size={batch_size}: not divisible by the '
+                    f'{process_count} processes; make it a multiple')
+  rows = []
+  for row in _rows(source, dataclasses.replace(packing, read_threads=0), shuffle_seed=None):
+    rows.append(row)
+    if len(rows) == n_batches * batch_size:
+      break
+  n = len(rows) // batch_size
   if n == 0:
-    raise DataError(f'config.train.batch_size={batch_size}: the validation split has only '
-                    f'{len(tokens)} tokens, fewer than one batch of data.seq_len+1={seq_len + 1}; '
-                    'hold out more text or lower the batch size / seq_len')
-  return [val_windows[b * batch_size:(b + 1) * batch_size][rows] for b in range(n)]
+    raise DataError(f'config.train.batch_size={batch_size}: the validation split packs into '
+                    f'{len(rows)} rows of data.seq_len+1={packing.seq_len + 1} tokens, fewer than '
+                    'one batch; hold out more text or lower the batch size / seq_len')
+  local = batch_size // process_count
+  out = []
+  for b in range(n):
+    mine = rows[b * batch_size + process_index * local:b * batch_size + (process_index + 1) * local]
+    packed = {k: np.stack([r[k] for r in mine]) for k in mine[0]}
+    out.append(to_batch(packed, packing.document_attention))
+  return out
 
 
-def split_batch(batch: np.ndarray) -> dict:
-  """Next-token pairs: inputs are all but the last token, targets all but the first."""
-  return {'inputs': batch[:, :-1], 'targets': batch[:, 1:]}
+def tokenizer(path: str) -> spm.SentencePieceProcessor:
+  return spm.SentencePieceProcessor(model_proto=(epath.Path(path) / prepare.TOKENIZER).read_bytes())
+
+
+def build(config, workdir: str, process_index: int = 0, process_count: int = 1,
+          barrier=lambda: None) -> Data:
+  """Prepared data (made once in workdir/data unless source=prepared) -> tokenizer, this host's
+  train iterator and validation batches."""
+  path = prepared_dir(config, workdir, process_index == 0, barrier)
+  manifest = prepare.read_manifest(path)
+  prepare.check_vocab(manifest, config.model.vocab_size)
+  local = local_copy(path)
+  packing = Packing.from_config(config)
+  shards, n_shards = host_shards(config.data.shards, config.train.batch_size, process_index,
+                                 process_count)
+  train = TrainBatches(_source(local, manifest, 'train'), packing, config.seed, shards, n_shards,
+                       config.train.batch_size // n_shards)
+  val = val_batches(_source(local, manifest, 'validation'), packing, config.train.batch_size,
+                    config.train.eval_batches, process_index, process_count)
+  return Data(tokenizer(local), train, val, manifest, path)
+
+
+# --- batches from token arrays (eval of text files, tests, benchmarks) ----------------------
+
+def document_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+  """A document's ids as prepare writes them: [bos] + ids + [eos], each where the tokenizer has it."""
+  return ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text) + (
+      [sp.eos_id()] if sp.eos_id() >= 0 else [])
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+  """[n, seq_len+1] non-overlapping windows of a token stream; the ragged tail is dropped."""
+  n = len(tokens) // (seq_len + 1)
+  return tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1)
+
+
+def split_batch(rows: np.ndarray) -> dict:
+  """Unpacked [B, L+1] rows -> a batch: inputs all but the last token, targets all but the first."""
+  return {'inputs': rows[:, :-1], 'targets': rows[:, 1:],
+          'weights': np.ones(rows[:, 1:].shape, np.float32)}
 
 
 def global_batch(local, sharding):
   """This host's numpy rows -> one global jax.Array (per entry if given a dict).
 
-  Hosts hold disjoint equal row blocks (`_host_rows`), so the global batch is process_count
+  Hosts hold disjoint equal row blocks (`host_shards`), so the global batch is process_count
   times the local one. Saying so makes jax reject a mesh whose batch shards split otherwise
   (e.g. tensor across hosts: every host holds all rows) instead of building a smaller batch.
   """
@@ -389,18 +370,3 @@ def global_batch(local, sharding):
     return jax.make_array_from_process_local_data(sharding, rows, shape)
 
   return {k: one(v) for k, v in local.items()} if isinstance(local, dict) else one(local)
-
-
-def build(config, workdir: str | None, process_index: int = 0, process_count: int = 1) -> Data:
-  """Texts -> tokenizer -> token caches -> this host's train iterator and val batches."""
-  train_docs, val_docs = load_texts(config.data)
-  sp = tokenizer(config, workdir, train_docs)
-  cache_dir = workdir and os.path.join(workdir, 'tokenizer')
-  train_tokens = tokenize(sp, train_docs, cache_dir, 'train')
-  val_tokens = tokenize(sp, val_docs, cache_dir, 'val')
-  seq_len, batch_size = config.data.seq_len, config.train.batch_size
-  train = PackedBatches(train_tokens, seq_len, batch_size, config.seed,
-                        process_index, process_count)
-  val = val_batches(val_tokens, seq_len, batch_size, config.train.eval_batches,
-                    process_index, process_count)
-  return Data(sp, train, val, train_tokens=len(train_tokens), val_tokens=len(val_tokens))

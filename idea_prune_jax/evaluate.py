@@ -9,10 +9,12 @@ import numpy as np
 
 from idea_prune_jax import data as data_lib
 from idea_prune_jax import model as model_lib
+from idea_prune_jax import prepare
 from idea_prune_jax import train as train_lib
 
-# Training streams separate documents with EOS, so EOS is what precedes a document's start.
-START_ID = data_lib.EOS_ID
+# prepare-data starts every document with BOS (tokenizers trained here have one), so a request's
+# context is scored after BOS, as training saw document starts.
+START_ID = prepare.BOS_ID
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -38,7 +40,7 @@ def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: l
 
 def perplexity(params, model_cfg, sp, texts: list[str], seq_len: int, batch_size: int = 8) -> dict:
   """Token-level loss and perplexity of texts, packed into seq_len windows."""
-  tokens = data_lib.tokenize(sp, texts)
+  tokens = np.asarray([i for text in texts for i in data_lib.document_ids(sp, text)], np.int32)
   windows = data_lib.windows(tokens, seq_len)
   if len(windows) == 0:
     raise data_lib.DataError(f'--files: fewer than {seq_len + 1} tokens; pass more text')
@@ -52,7 +54,8 @@ def perplexity(params, model_cfg, sp, texts: list[str], seq_len: int, batch_size
 
 
 def generate(params, model_cfg, prompt_ids: list[int], max_new_tokens: int, key,
-             temperature: float = 0.0, top_p: float = 1.0, max_len: int = 512) -> list[int]:
+             temperature: float = 0.0, top_p: float = 1.0, max_len: int = 512,
+             eos_id: int = prepare.EOS_ID) -> list[int]:
   """Greedy (temperature 0) or nucleus sampling; one compiled step for every position.
 
   No KV cache: each step re-runs a fixed [1, max_len] buffer, which keeps one compilation and
@@ -85,6 +88,6 @@ def generate(params, model_cfg, prompt_ids: list[int], max_new_tokens: int, key,
     tok = int(next_token(params, jnp.asarray(buf), pos, sub))
     buf[0, pos] = tok
     pos += 1
-    if tok == data_lib.EOS_ID:
+    if tok == eos_id:
       break
   return buf[0, len(ids):pos].tolist()

@@ -21,7 +21,10 @@ def _tokenizer_file(workdir: str, sp) -> str:
   path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # Every host writes the same bytes by atomic rename, so none reads a half-written file.
-  data_lib.write_atomic(path, sp.serialized_model_proto())
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(sp.serialized_model_proto())
+  os.replace(tmp, path)
   return path
 
 
@@ -78,6 +81,12 @@ def compare(config, workdir: str) -> dict:
     raise ConfigError(f'config.compare.pipelines={config.compare.pipelines!r}: unknown '
                       f'{sorted(unknown)}; use some of {",".join(COMPARE_PIPELINES)}')
   # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
+  if config.data.source != 'prepared':  # every variant reads one preparation of the data
+    config = copy.deepcopy(config)
+    config.data.prepared_dir = data_lib.prepared_dir(
+        config, workdir, jax.process_index() == 0,
+        lambda: multihost_utils.sync_global_devices('idea_prune_jax:compare_data'))
+    config.data.source = 'prepared'
   idea_cfg = _variant(config, 'idea', config.seed)
   scratch_cfg = _variant(config, 'scratch', config.seed)
   ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))

@@ -91,7 +91,9 @@ def setup(config, workdir: str) -> Run:
   if config.pipeline in ('idea', 'naive'):
     config_lib.validate_prune(config, tensor)
   mesh = sharding_lib.make_mesh(config)
-  data = data_lib.build(config, workdir, jax.process_index(), jax.process_count())
+  data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
+                        barrier=lambda: multihost_utils.sync_global_devices(
+                            'idea_prune_jax:data_prepared'))
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts)
   stop = []
   try:
@@ -107,7 +109,7 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
   sharding = sharding_lib.batch_sharding(run.mesh)
   total = count = 0.0
   for local in run.data.val:
-    batch = data_lib.global_batch(data_lib.split_batch(local), sharding)
+    batch = data_lib.global_batch(local, sharding)
     nll, n = eval_fn(params, batch)
     total, count = total + float(nll), count + float(n)
   val_loss = total / max(count, 1.0)
@@ -115,7 +117,7 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
 
 
 def save(run: Run, state, meta: dict) -> None:
-  ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train.get_state(), meta)
+  ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
 
 
 def _should_stop(run: Run, step: int) -> bool:
@@ -130,6 +132,7 @@ def _should_stop(run: Run, step: int) -> bool:
 
 def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
   """Records where the loss broke (step, phase, data position of that batch) and stops."""
+  position = json.loads(position)  # the grain iterator state of each shard this host reads
   info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
   if run.is_main:
     with open(os.path.join(run.workdir, 'nonfinite.json'), 'w') as f:
@@ -178,7 +181,7 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
 
   for step in range(start, end):
     position = run.data.train.get_state()
-    batch = data_lib.global_batch(data_lib.split_batch(next(run.data.train)), sharding)
+    batch = data_lib.global_batch(next(run.data.train), sharding)
     state, metrics = step_fn(state, batch)
     if pending is not None:
       flush()
@@ -223,7 +226,7 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
       meta = ckpt_lib.read_meta(run.ckpt, step)
       ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
       abstract = abstract_for(meta)
-      state, data_state, meta = ckpt_lib.restore(run.ckpt, step, abstract)
+      state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
     except config_lib.ConfigError:
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
@@ -240,7 +243,6 @@ def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
           os.rename(path, f'{path}.unreadable-{int(time.time())}')
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
       run.ckpt.reload()
-    run.data.train.set_state(data_state)
     logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
     return state, meta
   if errors:

@@ -8,6 +8,10 @@
   generate  text from an export: --checkpoint W/export --prompt "..."
   compile-check  per-device memory of the idea steps, compiled (not run) on fake CPU devices:
             --devices 64 --mesh data=1,fsdp=64,tensor=1 [--hbm_gib 95]
+  prepare-data   tokenized ArrayRecord shards for training (no --config):
+            --input SPEC --output DIR [--tokenizer FILE | --vocab_size N]
+            [--val_fraction F | --val_input SPEC] [--text_key K] [--shard I/N] [--tokenizer_only]
+            SPEC: embedded[:work,...] | tfds:NAME[:SPLIT] | files/globs (.jsonl .parquet .txt)
 """
 
 import json
@@ -17,7 +21,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate', 'compile-check')
+COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate', 'compile-check',
+            'prepare-data')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')
@@ -31,6 +36,22 @@ _SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
 _DEVICES = flags.DEFINE_integer('devices', None, 'compile-check: fake CPU devices to compile for.')
 _MESH = flags.DEFINE_string('mesh', None, 'compile-check: data=D,fsdp=F,tensor=T into config.mesh.')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'compile-check: HBM per chip in GiB (v5p: 95).')
+_INPUT = flags.DEFINE_string('input', None, 'prepare-data: embedded[:works] | tfds:NAME[:SPLIT] | '
+                             'comma-separated files/globs (local or gs://).')
+_OUTPUT = flags.DEFINE_string('output', None, 'prepare-data: the prepared dir (local or gs://).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'prepare-data: a SentencePiece .model to use.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 0, 'prepare-data: train a tokenizer this big.')
+_VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.0, 'prepare-data: share of documents held '
+                                   'out, chosen by a hash of their content.')
+_VAL_INPUT = flags.DEFINE_string('val_input', '', 'prepare-data: validation documents (a SPEC); '
+                                 'equal training documents are dropped.')
+_TEXT_KEY = flags.DEFINE_string('text_key', 'text', 'prepare-data: JSONL/Parquet/tfds text field.')
+_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'prepare-data: tfds data_dir.')
+_SHARD = flags.DEFINE_string('shard', '0/1', 'prepare-data: part I of N machines (needs '
+                             '--tokenizer when N > 1).')
+_MAX_DOCS = flags.DEFINE_integer('max_docs', 0, 'prepare-data: read only the first N documents.')
+_TOKENIZER_ONLY = flags.DEFINE_bool('tokenizer_only', False, 'prepare-data: train and write '
+                                    'DIR/tokenizer.model, then stop.')
 
 
 class UsageError(ValueError):
@@ -57,6 +78,9 @@ def _main(argv):
   if command in ('eval', 'generate'):
     _export_command(command)
     return
+  if command == 'prepare-data':
+    _prepare_data()
+    return
   if config is None:
     raise UsageError('--config is required, e.g. --config configs/tiny.py')
   if command == 'params':
@@ -80,10 +104,27 @@ def _main(argv):
     print(open(f'{_WORKDIR.value}/compare.md').read())
 
 
+def _prepare_data():
+  from idea_prune_jax import prepare
+  if not _INPUT.value or not _OUTPUT.value:
+    raise UsageError('prepare-data needs --input SPEC and --output DIR, e.g. --input embedded '
+                     '--output data/shakespeare --vocab_size 4096 --val_fraction 0.05')
+  manifest = prepare.prepare(
+      _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, vocab_size=_VOCAB_SIZE.value,
+      val_fraction=_VAL_FRACTION.value, val_input=_VAL_INPUT.value, text_key=_TEXT_KEY.value,
+      tfds_data_dir=_TFDS_DATA_DIR.value, shard=prepare.parse_shard(_SHARD.value),
+      max_docs=_MAX_DOCS.value, tokenizer_only=_TOKENIZER_ONLY.value)
+  summary = {'output': _OUTPUT.value, **manifest}
+  for split in summary.get('splits', {}).values():  # thousands of shard names: a count will do
+    split['shards'] = len(split['shards'])
+  print(json.dumps(summary, indent=1))
+
+
 def _export_command(command):
   import jax
   import sentencepiece as spm
-  from idea_prune_jax import data, evaluate, export
+  from etils import epath
+  from idea_prune_jax import evaluate, export, inputs
   if not _CHECKPOINT.value:
     raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
   params, model_cfg = export.load_dense(_CHECKPOINT.value)
@@ -94,11 +135,13 @@ def _export_command(command):
   if command == 'eval':
     if not _FILES.value:
       raise UsageError('eval needs --files, e.g. --files my.txt')
-    texts = [open(f, encoding='utf-8').read() for f in data.expand_files(_FILES.value, 'files')]
+    texts = [epath.Path(f).read_text(encoding='utf-8')
+             for f in inputs.expand_files(_FILES.value, '--files')]
     print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
   else:
     ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
-                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value)
+                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value,
+                            eos_id=sp.eos_id())
     print(_PROMPT.value + sp.decode(ids))
 
 

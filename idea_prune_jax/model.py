@@ -45,12 +45,15 @@ def shard_batch(x_BxLxD):
   return jax.lax.with_sharding_constraint(x_BxLxD, spec)
 
 
-def rope(x_BxLxHxK, positions_L, theta):
-  """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`)."""
+def rope(x_BxLxHxK, positions_BxL, theta):
+  """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`).
+
+  positions [B, L], or [L] shared by every row.
+  """
   half = x_BxLxHxK.shape[-1] // 2
   freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_LxK2 = positions_L[:, None].astype(jnp.float32) * freq_K2[None, :]
-  sin, cos = jnp.sin(angle_LxK2)[None, :, None, :], jnp.cos(angle_LxK2)[None, :, None, :]
+  angle_BxLxK2 = jnp.atleast_2d(positions_BxL)[..., None].astype(jnp.float32) * freq_K2
+  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -61,7 +64,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, KV, K = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -75,12 +78,17 @@ class Attention(nn.Module):
     q_BxLxHxK = (x @ wq.astype(cfg.dtype)).reshape(B, L, H, K)
     k_BxLxKVxK = (x @ wk.astype(cfg.dtype)).reshape(B, L, KV, K)
     v_BxLxKVxK = (x @ wv.astype(cfg.dtype)).reshape(B, L, KV, K)
-    positions_L = jnp.arange(L)
-    q_BxLxHxK = rope(q_BxLxHxK, positions_L, cfg.rope_theta)
-    k_BxLxKVxK = rope(k_BxLxKVxK, positions_L, cfg.rope_theta)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+    k_BxLxKVxK = rope(k_BxLxKVxK, positions_BxL, cfg.rope_theta)
+    mask_Bx1xLxL = None
+    if segment_ids_BxL is not None:  # packed documents: a token sees only its own document
+      mask_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
     # jax.nn.dot_product_attention handles GQA (H a multiple of KV) and picks a fused kernel
     # where the backend has one.
-    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, is_causal=True)
+    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK,
+                                               mask=mask_Bx1xLxL, is_causal=True)
     return out_BxLxHxK.reshape(B, L, H * K) @ wo.astype(cfg.dtype)
 
 
@@ -108,10 +116,16 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, _):
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(RMSNorm(self.cfg, name='attn_norm')(x_BxLxD))
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(
+        RMSNorm(self.cfg, name='attn_norm')(x_BxLxD), segment_ids_BxL, positions_BxL)
     x_BxLxD = x_BxLxD + SwiGLU(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_BxLxD))
     return x_BxLxD, None
+
+
+def batch_inputs(batch) -> dict:
+  """The model's keyword inputs from a batch dict: the packing fields when present."""
+  return {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
 
 
 class Transformer(nn.Module):
@@ -119,8 +133,10 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, return_hidden: bool = False):
-    """return_hidden: the final-norm output [B, L, D] instead of logits, for chunked heads."""
+  def __call__(self, tokens_BxL, segment_ids=None, positions=None, return_hidden: bool = False):
+    """segment_ids/positions [B, L]: packed documents (attention within a document, RoPE from
+    each document's start); None is one causal sequence per row. return_hidden: the final-norm
+    output [B, L, D] instead of logits, for chunked heads."""
     cfg = self.cfg
     embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                        ('vocab', 'embed'), cfg.param_dtype)
@@ -130,8 +146,9 @@ class Transformer(nn.Module):
       block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                      split_rngs={'params': True}, length=cfg.n_layers,
+                     in_axes=(nn.broadcast, nn.broadcast),
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, None)
+    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, segment_ids, positions)
     x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
     if not cfg.tie_embeddings:
       _param(self, 'lm_head', nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),

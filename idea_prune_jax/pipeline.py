@@ -204,10 +204,10 @@ def _oneshot_masks(run, config, state, model_cfg: ModelConfig):
   masks = masks_lib.init(state.params, FFN_STRUCTURE)
   scores = importance.init(masks, config.prune.score)
   accumulate = oneshot_score_fn(config, model_cfg, run.mesh)
-  stream = copy.deepcopy(run.data.train)  # scoring must not move the training data order
+  stream = run.data.train.fork()  # scoring must not move the training data order
   sharding = sharding_lib.batch_sharding(run.mesh)
   for _ in range(config.naive.score_batches):
-    batch = data_lib.global_batch(data_lib.split_batch(next(stream)), sharding)
+    batch = data_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
   final = importance.scores(scores, config.prune.score, params=state.params,
                             structure=FFN_STRUCTURE)
@@ -267,12 +267,18 @@ def run_pipeline(config, workdir: str) -> dict:
   run = loop.setup(config, workdir)
   phases, names = plan(config), [ph.name for ph in plan(config)]
   base_cfg = ModelConfig.from_config(config)
-  meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline}
+  digest = run.data.manifest['tokenizer_digest']
+  meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline,
+          'tokenizer_digest': digest}
 
   def abstract_for(saved):
     if saved.get('pipeline') != config.pipeline or saved.get('phase') not in names:
       raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
+    if saved.get('tokenizer_digest', digest) != digest:
+      raise ConfigError(f'config.data.prepared_dir={run.data.prepared_dir!r}: its tokenizer '
+                        f'(digest {digest}) is not the one the checkpoint in {workdir} was '
+                        f'trained with ({saved["tokenizer_digest"]}); resume with the same data')
     p = parts(config, phases[names.index(saved['phase'])], run.mesh)
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
@@ -305,6 +311,7 @@ def run_pipeline(config, workdir: str) -> dict:
   result = loop.evaluate(run, train_lib.jit_eval(p.model, p.shardings.params, run.mesh),
                          state.params)
   run.writer.close()
+  run.data.train.close()
   return {'state': state, 'model_cfg': p.model_cfg, 'run': run, 'phases': phases,
           'wall_s': time.time() - t0, **result}
 

@@ -20,8 +20,6 @@ from idea_prune_jax.config import ModelConfig
 from idea_prune_jax.prune_optax import PruneState, find as find_prune_state, prune_optimizer
 from idea_prune_jax.schedules import PruneSchedule
 
-PAD_ID = 0
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -98,22 +96,20 @@ def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransfo
                   mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
 
 
-def loss_weights(batch):
-  """[B, L] float32 loss weights: the batch's own, else 1 for every non-padding target."""
-  if 'weights' in batch:
-    return batch['weights'].astype(jnp.float32)
-  return (batch['targets'] != PAD_ID).astype(jnp.float32)
-
-
-def cross_entropy(logits_BxLxV, targets_BxL):
-  """(summed token NLL, token count) over non-padding targets."""
-  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+  """(weighted summed token NLL, summed weight); the data pipeline's weights mask padding."""
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
+def forward(params, batch, model: nn.Module, **kwargs):
+  """The model on a batch dict (packing fields passed when the batch has them)."""
+  return model.apply({'params': params}, batch['inputs'], **model_lib.batch_inputs(batch),
+                     **kwargs)
+
+
 def lm_loss(params, batch, model: nn.Module):
-  total, count = cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  total, count = cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
   return total / jnp.maximum(count, 1.0), count
 
 
@@ -153,16 +149,15 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
   # Stopping gradients at the params (not only at the logits) keeps the teacher forward out of
   # any autodiff trace: its activations are never saved for a backward pass.
   teacher_params = jax.lax.stop_gradient(teacher_params)
-  t_hidden_BxLxD = teacher_model.apply({'params': teacher_params}, batch['inputs'],
-                                       return_hidden=True)
+  t_hidden_BxLxD = forward(teacher_params, batch, teacher_model, return_hidden=True)
   if intermediates:
-    s_hidden_BxLxD, extra = model.apply({'params': params}, batch['inputs'], return_hidden=True,
-                                        mutable=['intermediates'])
+    s_hidden_BxLxD, extra = forward(params, batch, model, return_hidden=True,
+                                    mutable=['intermediates'])
   else:
-    s_hidden_BxLxD = model.apply({'params': params}, batch['inputs'], return_hidden=True)
+    s_hidden_BxLxD = forward(params, batch, model, return_hidden=True)
   loss, aux = distill.chunked_kd_loss(
       s_hidden_BxLxD, model_lib.head(params, model.cfg), t_hidden_BxLxD,
-      model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], loss_weights(batch),
+      model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], batch['weights'],
       alpha=alpha, tau=tau, chunk=chunk, student_dtype=model.cfg.dtype,
       teacher_dtype=teacher_model.cfg.dtype)
   if intermediates:
@@ -174,9 +169,9 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
-    out = model.apply({'params': params}, batch['inputs'], mutable=mutable)
+    out = forward(params, batch, model, mutable=mutable)
     logits, inter = out if want_acts else (out, None)
-    total, count = cross_entropy(logits, batch['targets'])
+    total, count = cross_entropy(logits, batch['targets'], batch['weights'])
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
     loss, aux = kd_loss_fn(params, batch, teacher, model=model, teacher_model=kd.teacher_model,
@@ -245,7 +240,7 @@ def bind_teacher(step_fn, teacher_params):
 
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
-  return cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  return cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
 
 
 def abstract_params(model_cfg: ModelConfig):

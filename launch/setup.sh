@@ -13,6 +13,8 @@
 #   --project PROJECT    default: gcloud's configured project
 #   --jax SPEC           the JAX requirement to install (default 'jax[tpu]'; e.g. 'jax[tpu]==0.7.2')
 #   --sync-only          copy the code, skip the install (code/config edits after a full setup)
+#   --data-bucket B      also mount bucket B read-only at /mnt/B on every worker (gcsfuse,
+#                        installed if missing), for --config.data.prepared_dir=/mnt/B/...
 #   --remote-dir DIR     on each worker, relative to the home directory (default idea_prune_jax)
 #   --dry-run            print the tar and gcloud commands instead of running them
 #   -h, --help           this text
@@ -22,6 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 JAX_SPEC='jax[tpu]'
 SYNC_ONLY=0
+DATA_BUCKET=''
 
 split_equals "$@"
 set -- ${ARGS[@]+"${ARGS[@]}"}
@@ -30,10 +33,17 @@ while (($#)); do
     --jax) need_arg "$@"; JAX_SPEC=$2; shift 2 ;;
     --sync-only) SYNC_ONLY=1; shift ;;
     --remote-dir) need_arg "$@"; REMOTE_DIR=$2; shift 2 ;;
+    --data-bucket) need_arg "$@"; DATA_BUCKET=$2; shift 2 ;;
     *) common_opt "$@" || die "unknown argument '$1'; see --help"; shift "$SHIFT" ;;
   esac
 done
 require_name_zone
+if [[ -n $DATA_BUCKET ]]; then
+  DATA_BUCKET=${DATA_BUCKET#gs://}
+  DATA_BUCKET=${DATA_BUCKET%/}
+  [[ $DATA_BUCKET =~ ^[a-z0-9][a-z0-9._-]*$ ]] ||
+    die "--data-bucket '$DATA_BUCKET': pass a bucket name; the whole bucket is mounted at /mnt/NAME"
+fi
 
 TARBALL=${TMPDIR:-/tmp}/idea_prune_jax-$NAME.tgz
 REMOTE_TARBALL=$REMOTE_DIR.tgz
@@ -51,5 +61,8 @@ line="mkdir -p $(remote "$REMOTE_DIR") && tar -xzf $(remote "$REMOTE_TARBALL") \
 -C $(remote "$REMOTE_DIR") && rm $(remote "$REMOTE_TARBALL")"
 if ((!SYNC_ONLY)); then
   line+=" && $(remote bash "$REMOTE_DIR/launch/worker.sh" setup "$JAX_SPEC")"
+fi
+if [[ -n $DATA_BUCKET ]]; then
+  line+=" && $(remote bash "$REMOTE_DIR/launch/worker.sh" mount-data "$DATA_BUCKET")"
 fi
 ssh_workers all "$line"

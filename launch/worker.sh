@@ -8,6 +8,8 @@
 #                                     (setsid + nohup), appending to REPO/logs/run.log
 #   worker.sh stop                    SIGTERM to that run: it checkpoints and exits
 #   worker.sh status                  running or not, and the log's last line
+#   worker.sh mount-data BUCKET       gcsfuse-mounts BUCKET read-only at /mnt/BUCKET (installs
+#                                     gcsfuse from Google's apt repository if missing)
 #
 # REPO is the directory above this script.
 set -euo pipefail
@@ -113,12 +115,44 @@ status() {
   fi
 }
 
+install_gcsfuse() {
+  local repo keyring=/usr/share/keyrings/cloud.google.asc
+  repo=gcsfuse-$(lsb_release -c -s)
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee "$keyring" >/dev/null
+  echo "deb [signed-by=$keyring] https://packages.cloud.google.com/apt $repo main" |
+    sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  apt_install gcsfuse
+}
+
+# Prepared data never changes once its manifest.json exists, so metadata is cached for the life
+# of the mount (-1): ArrayRecord's random reads then cost one GCS range read each, no stat calls.
+# Mount after prepare-data has finished: files written later stay invisible to this mount.
+mount_data() {
+  local bucket=${1:-} mnt
+  [[ $bucket =~ ^[a-z0-9][a-z0-9._-]*$ ]] || die "mount-data needs a bucket name, got '$bucket'"
+  mnt=/mnt/$bucket
+  command -v gcsfuse >/dev/null || install_gcsfuse
+  if mountpoint -q "$mnt"; then
+    echo "$HOST: $mnt is already mounted"
+    return 0
+  fi
+  sudo mkdir -p "$mnt"
+  sudo chown "$(id -u):$(id -g)" "$mnt"
+  gcsfuse -o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1 \
+    --type-cache-max-size-mb=-1 --kernel-list-cache-ttl-secs=-1 "$bucket" "$mnt"
+  echo "$HOST: gs://$bucket mounted read-only at $mnt"
+}
+
 case ${1:-} in
   setup | start | stop | status)
     cmd=$1
     shift
     "$cmd" "$@"
     ;;
+  mount-data)
+    shift
+    mount_data "$@"
+    ;;
   -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ;;
-  *) die "unknown command ${1:-(none)}; use setup, start, stop or status" ;;
+  *) die "unknown command ${1:-(none)}; use setup, start, stop, status or mount-data" ;;
 esac

@@ -35,6 +35,7 @@ def make_config():
   config.mesh.update(data=1, fsdp=2, tensor=2)
   # Steps 0-5 enlarged, 6-8 pruning, shrink, 9-11 recovery; a checkpoint at 10, after the shrink.
   config.train.ckpt_every = 5
+  config.data.shards = 2  # one data shard per host; the one-process reference reads both
   return config
 
 

@@ -10,7 +10,7 @@ import jax
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import data, export, model as model_lib
+from idea_prune_jax import export, model as model_lib, prepare
 
 
 def _cli(*args):
@@ -45,10 +45,9 @@ def test_bad_value_is_refused_before_compute(tmp_path):
 
 def test_eval_and_generate_on_an_export(tmp_path):
   config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
-  sp = data.tokenizer(config, str(tmp_path))
-  tok_path = str(tmp_path / 'spm.model')
-  with open(tok_path, 'wb') as f:
-    f.write(sp.serialized_model_proto())
+  prepare.prepare('embedded:hamlet,macbeth', str(tmp_path / 'data'), progress=False,
+                  vocab_size=config.model.vocab_size, val_input='embedded:macbeth')
+  tok_path = str(tmp_path / 'data' / 'tokenizer.model')
   cfg = config_lib.ModelConfig.from_config(config, ffn_dim=40)
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
   export_dir = export.save_dense(str(tmp_path / 'export'), params, cfg, tok_path)

@@ -1,340 +1,259 @@
-"""Data pipeline: sources, cached tokenizer, packed resumable batches, errors that name fields."""
+"""Reading prepared data through grain: packing, loss weights, shards, resume, errors."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import data
+from idea_prune_jax import data, inputs, prepare
+from idea_prune_jax.inputs import DataError
 
-SMALL_VOCAB = 512  # keeps SentencePiece training well under a second
+SMALL_VOCAB = 512
 
 
-def make_config(**data_overrides):
+def make_config(prepared_dir='', **data_overrides):
   config = config_lib.base()
   config.model.vocab_size = SMALL_VOCAB
-  config.data.seq_len = 32
-  config.train.batch_size = 4
-  config.train.eval_batches = 3
-  for k, v in data_overrides.items():
-    config.data[k] = v
+  config.data.update(source='prepared', prepared_dir=str(prepared_dir), seq_len=32,
+                     **data_overrides)
+  config.train.update(batch_size=4, eval_batches=3)
   return config
 
 
-def write(path, text):
-  path.write_text(text)
-  return str(path)
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  out = tmp_path_factory.mktemp('tokenizer')
+  prepare.prepare('embedded:lovers_complaint,passionate_pilgrim', str(out), vocab_size=SMALL_VOCAB,
+                  tokenizer_only=True, progress=False)
+  return str(out / prepare.TOKENIZER)
 
 
 @pytest.fixture(scope='module')
-def works():
-  return data.embedded_works()
+def prepared(tmp_path_factory, tokenizer):
+  """20 sonnets, one document each (~20 batches an epoch: resume tests cross an epoch)."""
+  src = tmp_path_factory.mktemp('src') / 'docs.jsonl'
+  sonnets = [t for t in inputs.embedded_works()['sonnets'].split('\n\n') if len(t) > 100][:20]
+  src.write_text(''.join(json.dumps({'text': t}) + '\n' for t in sonnets))
+  out = tmp_path_factory.mktemp('prepared')
+  prepare.prepare(str(src), str(out), tokenizer=tokenizer, val_fraction=0.3, progress=False)
+  return out
 
 
 @pytest.fixture(scope='module')
-def small_docs(works):
-  """Three plays for training, one for validation: enough text for a 512-piece tokenizer."""
-  return [works['hamlet'], works['macbeth'], works['sonnets']], [works['tempest']]
+def built(prepared):
+  return data.build(make_config(prepared), '/unused')
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, small_docs):
-  """(workdir, sp) with a tokenizer trained once for the module."""
-  workdir = str(tmp_path_factory.mktemp('work'))
-  return workdir, data.tokenizer(make_config(), workdir, small_docs[0])
-
-
-# --- sources -------------------------------------------------------------------------------
-
-def test_embedded_corpus_has_42_works_and_the_default_val_works(works):
-  assert len(works) == 42
-  assert {'hamlet', 'sonnets', 'julius_caesar', 'tempest'} <= set(works)
-  assert all(len(t) > 1_000 for t in works.values())
-
-
-def test_embedded_val_works_are_held_out_whole(works):
-  train, val = data.load_texts(config_lib.base().data)
-  assert val == [works['julius_caesar'], works['tempest']]
-  assert len(train) == 40
-  assert works['tempest'] not in train and works['julius_caesar'] not in train
-  assert works['hamlet'] in train
-
-
-def test_unknown_val_work_names_the_field():
-  with pytest.raises(data.DataError, match=r"config\.data\.val_works='hamlet,nope'.*'nope'"):
-    data.load_texts(make_config(val_works='hamlet,nope').data)
-
-
-def test_files_hold_out_the_last_file(tmp_path):
-  a, b = write(tmp_path / 'a.txt', 'alpha\n'), write(tmp_path / 'b.txt', 'beta\n')
-  write(tmp_path / 'c.md', 'not matched\n')
-  train, val = data.load_texts(make_config(source='files', files=f'{b},{tmp_path}/*.txt').data)
-  assert (train, val) == (['alpha\n'], ['beta\n'])  # deduplicated, sorted, last held out
-  assert a in data.expand_files(f'{tmp_path}/*.txt', 'data.files')
-
-
-def test_single_file_holds_out_its_last_5_percent_of_lines(tmp_path):
-  lines = [f'line {i}\n' for i in range(100)]
-  path = write(tmp_path / 'one.txt', ''.join(lines))
-  train, val = data.load_texts(make_config(source='files', files=path).data)
-  assert train == [''.join(lines[:95])] and val == [''.join(lines[95:])]
-
-
-def test_val_files_are_removed_from_training(tmp_path):
-  a, b = write(tmp_path / 'a.txt', 'alpha\n'), write(tmp_path / 'b.txt', 'beta\n')
-  train, val = data.load_texts(
-      make_config(source='files', files=f'{tmp_path}/*.txt', val_files=a).data)
-  assert (train, val) == (['beta\n'], ['alpha\n'])
-
-
-@pytest.mark.parametrize('files, message', [
-    ('{tmp}/missing.txt', r"config\.data\.files=.*missing\.txt.*no such file"),
-    ('{tmp}/empty.txt', r"config\.data\.files=.*empty\.txt.* is empty"),
-    ('{tmp}/*.nothing', r"config\.data\.files=.*no files match"),
-    (' , ', r"config\.data\.files=' , ': empty"),
-])
-def test_bad_files_name_the_field(tmp_path, files, message):
-  write(tmp_path / 'empty.txt', '')
-  with pytest.raises(data.DataError, match=message):
-    data.load_texts(make_config(source='files', files=files.format(tmp=tmp_path)).data)
-
-
-def test_tfds_missing_name_or_package_names_the_field(monkeypatch):
-  with pytest.raises(data.DataError, match=r"config\.data\.tfds_name=''"):
-    data.load_texts(make_config(source='tfds').data)
-  monkeypatch.setitem(__import__('sys').modules, 'tensorflow_datasets', None)  # import fails
-  with pytest.raises(data.DataError, match=r"config\.data\.source='tfds'.*not installed"):
-    data.load_texts(make_config(source='tfds', tfds_name='lm1b').data)
-
-
-def test_tfds_data_source_with_mock_data(monkeypatch):
-  tfds = pytest.importorskip('tensorflow_datasets')
-  # mock_data patches tfds.data_source too (tfds 4.9.10), so the real code path runs, no TF needed.
-  config = make_config(source='tfds', tfds_name='lm1b', tfds_val_split='test')
-  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    mocked, splits = tfds.data_source, []  # mock splits hold identical records: spy on the args
-    monkeypatch.setattr(tfds, 'data_source', lambda name, split, data_dir: (
-        splits.append((name, split, data_dir)) or mocked(name, split=split, data_dir=data_dir)))
-    train, val = data.load_texts(config.data)
-    assert splits == [('lm1b', 'train', None), ('lm1b', 'test', None)]
-    assert 0 < len(train) <= 20 and 0 < len(val) <= 20  # empty records are dropped
-    assert all(isinstance(d, str) and d for d in train)
-    config.data.max_chars = 50
-    capped, _ = data.load_texts(config.data)
-    assert ''.join(capped) == ''.join(train)[:50] and len(''.join(train)) > 50
-    config.data.text_key = 'body'
-    with pytest.raises(data.DataError, match=r"config\.data\.text_key='body'.*\['text'\]"):
-      data.load_texts(config.data)
-    config.data.text_key, config.data.tfds_val_split = 'text', 'nosuch'
-    def checked(name, split, data_dir):  # mock_data accepts any split; real tfds raises
-      if split not in ('train', 'test'):
-        raise ValueError(f'Unknown split {split!r}. Should be one of [train, test].')
-      return mocked(name, split=split, data_dir=data_dir)
-    monkeypatch.setattr(tfds, 'data_source', checked)
-    with pytest.raises(data.DataError, match=r"config\.data\.tfds_val_split='nosuch'.*Unknown"):
-      data.load_texts(config.data)
-
-
-
-def test_tfds_split_too_big_for_memory_is_refused_before_reading(monkeypatch):
-  tfds = pytest.importorskip('tensorflow_datasets')
-  config = make_config(source='tfds', tfds_name='lm1b', tfds_val_split='test')
-  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    train, _ = data.load_texts(config.data)
-    size = sum(map(len, train))
-    monkeypatch.setattr(data, 'TFDS_MAX_IN_MEMORY_CHARS', size // 4)
-    with pytest.raises(data.DataError, match=r"config\.data\.max_chars=0: 'train' of data\.tfds_"
-                       r"name='lm1b' is ~.* characters.*set data\.max_chars <= "):
-      data.load_texts(config.data)
-    config.data.max_chars = size // 8  # a cap under the limit reads
-    capped, _ = data.load_texts(config.data)
-    assert sum(map(len, capped)) == size // 8
-
-# --- tokenizer -----------------------------------------------------------------------------
-
-def test_tokenizer_is_trained_with_fixed_ids_and_round_trips(trained, small_docs):
-  _, sp = trained
-  assert sp.vocab_size() == SMALL_VOCAB
-  assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
-  text = small_docs[1][0][:5000]  # unseen play: newlines and indentation must survive
-  assert sp.decode(sp.encode(text)) == text
-  assert sp.decode(sp.encode('ünïcode ☃ text')) == 'ünïcode ☃ text'  # byte fallback
-  # A newline is always its own piece (never merged into '.\n\n'): line structure stays visible.
-  assert sp.encode('Exit.\n\n', out_type=str)[-3:] == ['.', '\n', '\n']
-
-
-def test_tokenizer_is_reused_from_cache(trained, small_docs, monkeypatch):
-  workdir, sp = trained
-  (model_file,) = os.listdir(os.path.join(workdir, 'tokenizer'))
-  assert model_file.startswith(f'spm_{SMALL_VOCAB}_') and model_file.endswith('.model')
-
-  def no_training(*args, **kwargs):
-    raise AssertionError('retrained although the cached model was present')
-  monkeypatch.setattr(data, 'train_spm', no_training)
-  again = data.tokenizer(make_config(), workdir, small_docs[0])
-  assert again.serialized_model_proto() == sp.serialized_model_proto()
-  with pytest.raises(AssertionError, match='retrained'):  # other text -> other key -> trains
-    data.tokenizer(make_config(), workdir, small_docs[0][:2])
-
-
-def test_tokenizer_training_is_deterministic(trained, small_docs):
-  _, sp = trained
-  assert data.tokenizer(make_config(), None, small_docs[0]).serialized_model_proto() == \
-      sp.serialized_model_proto()
-
-
-def test_user_tokenizer_errors_name_the_field(trained, tmp_path):
-  workdir, _ = trained
-  with pytest.raises(data.DataError, match=r"config\.data\.tokenizer=.*nope\.model.*no such file"):
-    data.tokenizer(make_config(tokenizer=str(tmp_path / 'nope.model')), workdir)
-  (model_file,) = os.listdir(os.path.join(workdir, 'tokenizer'))
-  config = make_config(tokenizer=os.path.join(workdir, 'tokenizer', model_file))
-  assert data.tokenizer(config, None).vocab_size() == SMALL_VOCAB
-  config.model.vocab_size = 256
-  with pytest.raises(data.DataError, match=r"config\.model\.vocab_size=256"):
-    data.tokenizer(config, None)
-
-
-@pytest.mark.parametrize('vocab_size, reason', [(4096, 'too high'), (100, 'smaller than')])
-def test_untrainable_vocab_names_the_field(vocab_size, reason):
-  config = make_config()
-  config.model.vocab_size = vocab_size
-  with pytest.raises(data.DataError, match=rf"config\.model\.vocab_size={vocab_size}.*{reason}"):
-    data.tokenizer(config, None, ['hello world\n' * 50])
-
-
-def test_tokenize_appends_eos_and_caches(trained, tmp_path):
-  _, sp = trained
-  docs = ['To be, or not to be', 'that is the question']
-  tokens = data.tokenize(sp, docs, str(tmp_path), 'train')
-  assert tokens.dtype == np.int32 and tokens.ndim == 1
-  expected = sp.encode(docs[0]) + [3] + sp.encode(docs[1]) + [3]
-  np.testing.assert_array_equal(tokens, expected)
-  (cached,) = os.listdir(tmp_path)
-  assert cached.startswith('train_') and cached.endswith('.npy')
-  np.save(tmp_path / cached, np.array([7, 7], np.int32))  # a second call must read the file
-  np.testing.assert_array_equal(data.tokenize(sp, docs, str(tmp_path), 'train'), [7, 7])
-
-
-# --- batches -------------------------------------------------------------------------------
-
-TOKENS = np.arange(10 * 33 * 8, dtype=np.int32)  # 80 windows of 33: 10 batches of 8 per epoch
-
-
-def take(it, n):
+def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def test_packed_batches_are_windows_in_a_seeded_order():
-  batches = take(data.PackedBatches(TOKENS, 32, 8, seed=0), 10)
-  assert all(b.shape == (8, 33) and b.dtype == np.int32 for b in batches)
-  starts = np.concatenate([b[:, 0] for b in batches])
-  assert sorted(starts) == list(range(0, len(TOKENS), 33))  # one epoch: every window once
-  assert all((b == b[:, :1] + np.arange(33)).all() for b in batches)  # contiguous windows
-  assert not (starts == np.sort(starts)).all()  # shuffled
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_batch_b_is_rows_b_of_the_epoch_permutation():
-  it = data.PackedBatches(TOKENS, 32, 8, seed=2)
-  for b, batch in enumerate(take(it, 10)):
-    np.testing.assert_array_equal(batch, it.windows[it.permutation(0)[b * 8:(b + 1) * 8]])
+def test_batches_are_packed_next_token_pairs(built):
+  batch = next(data.build(make_config(built.prepared_dir), '/unused').train)
+  assert set(batch) == {'inputs', 'targets', 'weights'}
+  assert batch['inputs'].shape == batch['targets'].shape == batch['weights'].shape == (4, 32)
+  assert batch['inputs'].dtype == np.int32 and batch['weights'].dtype == np.float32
+  # Rows are windows of one stream: targets are the inputs shifted by one.
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  assert float(batch['weights'].min()) == 1.0  # concat-then-split rows are full: no padding
 
 
-def test_packed_batches_deterministic_per_seed_and_per_epoch():
-  a = np.stack(take(data.PackedBatches(TOKENS, 32, 8, seed=0), 20))
-  b = np.stack(take(data.PackedBatches(TOKENS, 32, 8, seed=0), 20))
-  c = np.stack(take(data.PackedBatches(TOKENS, 32, 8, seed=1), 20))
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-  assert not np.array_equal(a[:10], a[10:])  # epoch 2 is another permutation
+def test_packing_is_lossless_and_documents_carry_bos_and_eos(prepared):
+  manifest = prepare.read_manifest(str(prepared))
+  source = data._source(str(prepared), manifest, 'train')
+  rows = list(data._rows(source, data.Packing(32), shuffle_seed=None))
+  tokens = np.concatenate([r['tokens'] for r in rows])
+  segments = np.concatenate([r['tokens_segment_ids'] for r in rows])
+  docs = [data._decode(source[i])['tokens'] for i in range(len(source))]
+  stream = np.concatenate(docs)
+  np.testing.assert_array_equal(tokens[segments > 0], stream)  # nothing lost or reordered
+  ids = manifest['special_ids']
+  assert all(d[0] == ids['bos'] and d[-1] == ids['eos'] for d in docs)
 
 
-@pytest.mark.parametrize('consumed', [0, 3, 10, 13])  # includes an epoch boundary
-def test_packed_batches_resume_exactly(consumed):
-  original = data.PackedBatches(TOKENS, 32, 8, seed=5)
-  take(original, consumed)
-  state = json.loads(json.dumps(original.get_state()))
-  resumed = data.PackedBatches(TOKENS, 32, 8, seed=5)
+def test_document_attention_batches_restart_positions_and_mask_boundaries(prepared):
+  batches = _take(data.build(make_config(prepared, attention='document'), '/unused').train, 10)
+  seg, pos, w = (np.concatenate([b[k] for b in batches])
+                 for k in ('segment_ids', 'positions', 'weights'))
+  starts = np.argwhere(np.diff(seg, axis=1) != 0)
+  assert len(starts)  # some row packs more than one document
+  for r, c in starts:
+    assert pos[r, c + 1] == 0  # RoPE restarts inside the row
+    assert w[r, c] == 0.0  # the next document's first token is not predicted across the border
+  assert w.sum() == w.size - len(starts)
+
+
+@pytest.mark.parametrize('consumed', [0, 5, 30])  # 30 batches cross an epoch boundary
+def test_resume_yields_bit_identical_batches(prepared, consumed):
+  config = make_config(prepared, attention='document')
+  first = data.build(config, '/unused').train
+  _take(first, consumed)
+  state = first.get_state()
+  expected = _take(first, 4)
+  resumed = data.build(config, '/unused').train
   resumed.set_state(state)
-  for want, got in zip(take(original, 12), take(resumed, 12)):
-    np.testing.assert_array_equal(want, got)
+  _assert_same(_take(resumed, 4), expected)
 
 
-def test_state_resumes_under_another_host_count():
-  single = data.PackedBatches(TOKENS, 32, 8, seed=5)
-  take(single, 7)
-  hosts = [data.PackedBatches(TOKENS, 32, 8, 5, i, 2) for i in range(2)]
-  for host in hosts:
-    host.set_state(single.get_state())
-  for want in take(single, 6):
-    np.testing.assert_array_equal(np.concatenate([next(h) for h in hosts]), want)
+def test_the_order_is_seeded(prepared):
+  def tokens(seed):
+    config = make_config(prepared)
+    config.seed = seed
+    return np.concatenate([b['inputs'] for b in _take(data.build(config, '/unused').train, 8)])
+  np.testing.assert_array_equal(tokens(1), tokens(1))
+  assert not np.array_equal(tokens(1), tokens(2))
 
 
-def test_set_state_rejects_other_data():
-  state = data.PackedBatches(TOKENS, 32, 8, seed=0).get_state()
-  with pytest.raises(data.DataError, match='saved for'):
-    data.PackedBatches(TOKENS, 32, 4, seed=0).set_state(state)
+def test_fork_does_not_move_the_original(built):
+  config = make_config(built.prepared_dir)
+  a, b = data.build(config, '/unused').train, data.build(config, '/unused').train
+  _take(a, 2)
+  _take(b, 2)
+  _take(a.fork(), 5)
+  _assert_same(_take(a, 2), _take(b, 2))
 
 
 @pytest.mark.parametrize('process_count', [2, 4])
-def test_host_slices_concatenate_to_the_global_batch(process_count):
-  single = take(data.PackedBatches(TOKENS, 32, 8, seed=3), 12)
-  hosts = [take(data.PackedBatches(TOKENS, 32, 8, 3, i, process_count), 12)
+def test_hosts_get_disjoint_rows_covering_the_global_batch(prepared, process_count):
+  """One process reading every shard feeds exactly what the hosts feed, row block by block."""
+  config = make_config(prepared, shards=process_count)
+  config.train.batch_size = 8
+  whole = _take(data.build(config, '/unused').train, 3)
+  hosts = [_take(data.build(config, '/unused', i, process_count).train, 3)
            for i in range(process_count)]
-  for step, want in enumerate(single):
-    assert hosts[0][step].shape == (8 // process_count, 33)
-    np.testing.assert_array_equal(np.concatenate([h[step] for h in hosts]), want)
+  for step, batch in enumerate(whole):
+    stacked = np.concatenate([h[step]['inputs'] for h in hosts])
+    np.testing.assert_array_equal(stacked, batch['inputs'])
+    assert all(h[step]['inputs'].shape[0] == 8 // process_count for h in hosts)
+  # Shards hold different documents: two hosts' rows are not copies of each other.
+  assert not np.array_equal(hosts[0][0]['inputs'], hosts[1][0]['inputs'])
 
 
-def test_corpus_too_small_names_the_field():
-  with pytest.raises(data.DataError, match=r"config\.train\.batch_size=8.*only 7 windows"):
-    data.PackedBatches(TOKENS[:33 * 7 + 5], 32, 8, seed=0)
-  with pytest.raises(data.DataError, match=r"config\.train\.batch_size=6.*not divisible"):
-    data.PackedBatches(TOKENS, 32, 6, seed=0, process_count=4)
+def test_validation_is_a_fixed_in_order_set_read_once(prepared):
+  config = make_config(prepared)
+  one, two = data.build(config, '/unused').val, data.build(config, '/unused').val
+  assert len(one) == 3 and all(b['inputs'].shape == (4, 32) for b in one)
+  _assert_same(one, two)
+  host1 = data.build(config, '/unused', 1, 2).val
+  np.testing.assert_array_equal(host1[0]['inputs'], one[0]['inputs'][2:])
 
 
-def test_val_batches_fixed_in_order_and_sliced():
-  val = data.val_batches(TOKENS, 32, 8, 3)
-  assert len(val) == 3
-  np.testing.assert_array_equal(np.concatenate(val).ravel(), TOKENS[:3 * 8 * 33])
-  halves = [data.val_batches(TOKENS, 32, 8, 3, i, 2) for i in range(2)]
-  for b in range(3):
-    np.testing.assert_array_equal(np.concatenate([halves[0][b], halves[1][b]]), val[b])
-  assert len(data.val_batches(TOKENS[:33 * 8 * 2 + 10], 32, 8, 5)) == 2  # short split: fewer
-  with pytest.raises(data.DataError, match=r"config\.train\.batch_size=8.*validation split"):
-    data.val_batches(TOKENS[:33 * 7], 32, 8, 5)
+def test_documents_shorter_than_seq_len_still_pack(tmp_path):
+  docs = tmp_path / 'short.jsonl'
+  docs.write_text(''.join(f'{{"text": "line {i} of a tiny document"}}\n' for i in range(400)))
+  out = tmp_path / 'out'
+  prepare.prepare(str(docs), str(out), vocab_size=300, val_fraction=0.2, progress=False)
+  config = make_config(out, attention='document')
+  config.model.vocab_size = 300
+  batch = next(data.build(config, '/unused').train)
+  assert batch['segment_ids'].max() > 2  # several documents per row
+
+
+def test_llama_layout_special_ids_weight_token_zero(tmp_path):
+  """pad=-1, unk=0, bos=1, eos=2: id 0 is a real token, so the loss mask cannot be `targets != 0`."""
+  text = ''.join(f'the snow {i} and the wind\n' for i in range(3000))  # no ☃: it becomes unk
+  model_path = tmp_path / 'llama.model'
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()),
+                                 model_prefix=str(tmp_path / 'llama'), vocab_size=64,
+                                 pad_id=-1, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+  src = tmp_path / 'docs.jsonl'
+  src.write_text(''.join(f'{{"text": "snow {i} ☃☃ wind"}}\n' for i in range(300)))
+  out = tmp_path / 'out'
+  prepare.prepare(str(src), str(out), tokenizer=str(model_path), val_fraction=0.2,
+                  progress=False)
+  assert prepare.read_manifest(str(out))['special_ids'] == {'pad': -1, 'unk': 0, 'bos': 1,
+                                                            'eos': 2}
+  config = make_config(out)
+  config.model.vocab_size = 64
+  built = data.build(config, '/unused')
+  assert (built.sp.pad_id(), built.sp.bos_id(), built.sp.eos_id()) == (-1, 1, 2)
+  batch = next(built.train)
+  is_unk = batch['targets'] == 0
+  assert is_unk.any() and float(batch['weights'][is_unk].min()) == 1.0
+
+
+def test_workdir_preparation_is_reused_and_a_changed_source_refused(tmp_path):
+  config = config_lib.base()
+  config.model.vocab_size = SMALL_VOCAB
+  config.data.update(val_works='tempest', seq_len=32, max_docs=3)
+  config.train.batch_size = 4
+  workdir = str(tmp_path)
+  first = data.build(config, workdir)
+  manifest = tmp_path / 'data' / 'manifest.json'
+  mtime = manifest.stat().st_mtime_ns
+  data.build(config, workdir)
+  assert manifest.stat().st_mtime_ns == mtime  # prepared once
+  assert first.prepared_dir == os.path.join(workdir, 'data')
+  config.data.val_works = 'macbeth'
+  with pytest.raises(DataError, match=r"was prepared with val_input='embedded:tempest'"):
+    data.build(config, workdir)
+
+
+def test_missing_prepared_dir_is_one_line(tmp_path):
+  with pytest.raises(DataError, match=r'no manifest.json; prepare it with idea-prune prepare-data'):
+    data.build(make_config(tmp_path / 'nowhere'), '/unused')
+
+
+def test_vocab_smaller_than_the_tokenizer_names_the_field(prepared):
+  config = make_config(prepared)
+  config.model.vocab_size = 100
+  with pytest.raises(DataError, match=r'^config.model.vocab_size=100: the prepared tokenizer has'):
+    data.build(config, '/unused')
+
+
+def test_truncated_shard_is_named(prepared, tmp_path):
+  import shutil
+  copy = tmp_path / 'copy'
+  shutil.copytree(prepared, copy)
+  shard = copy / prepare.read_manifest(str(copy))['splits']['train']['shards'][0]
+  shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+  with pytest.raises(DataError, match=rf'{shard}: not a readable ArrayRecord shard'):
+    data.build(make_config(copy), '/unused')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('shards', 3, r'config.train.batch_size=4: not divisible by the 3 data shards'),
+])
+def test_impossible_shard_split_names_the_field(prepared, field, value, message):
+  with pytest.raises(DataError, match=message):
+    data.build(make_config(prepared, **{field: value}), '/unused')
+
+
+def test_config_validation_names_data_fields():
+  config = config_lib.base()
+  config.data.attention = 'full'
+  with pytest.raises(config_lib.ConfigError, match=r"^config.data.attention='full'"):
+    config_lib.validate(config, 1)
+  config = config_lib.base()
+  config.data.source = 'prepared'
+  with pytest.raises(config_lib.ConfigError, match=r"^config.data.prepared_dir=''"):
+    config_lib.validate(config, 1)
 
 
 def test_split_batch_and_global_batch():
   import jax
-  batch = data.val_batches(TOKENS, 32, 8, 1)[0]
-  pair = data.split_batch(batch)
+  rows = np.arange(8 * 33, dtype=np.int32).reshape(8, 33)
+  pair = data.split_batch(rows)
   np.testing.assert_array_equal(pair['inputs'][:, 1:], pair['targets'][:, :-1])
-  assert pair['inputs'].shape == pair['targets'].shape == (8, 32)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   arrays = data.global_batch(pair, sharding)
-  assert isinstance(arrays['inputs'], jax.Array) and arrays['inputs'].shape == (8, 32)
   np.testing.assert_array_equal(np.asarray(arrays['targets']), pair['targets'])
-  np.testing.assert_array_equal(np.asarray(data.global_batch(batch, sharding)), batch)
 
 
-def test_build_end_to_end_from_files(tmp_path, small_docs):
-  (tmp_path / 'in').mkdir()
-  write(tmp_path / 'in' / 'a.txt', small_docs[0][0])
-  write(tmp_path / 'in' / 'b.txt', small_docs[1][0])
-  config = make_config(source='files', files=f'{tmp_path}/in/*.txt')
-  workdir = str(tmp_path / 'work')
-  built = data.build(config, workdir)
-  assert built.sp.vocab_size() == SMALL_VOCAB and built.val_tokens < built.train_tokens
-  assert len(built.val) == 3 and built.val[0].shape == (4, 33)
-  assert next(built.train).max() < SMALL_VOCAB
-  assert sorted(f.split('_')[0] for f in os.listdir(f'{workdir}/tokenizer')) == \
-      ['spm', 'train', 'val']
-  rebuilt = data.build(config, workdir, process_index=1, process_count=2)
-  assert rebuilt.train_tokens == built.train_tokens and rebuilt.val[0].shape == (2, 33)
-  config.train.batch_size = 4096
-  with pytest.raises(data.DataError, match=r"config\.train\.batch_size=4096"):
-    data.build(config, workdir)
+def test_packing_dataclass_from_config():
+  config = make_config('/x', attention='document', read_threads=1, prefetch=0, workers=0)
+  assert data.Packing.from_config(config) == dataclasses.replace(
+      data.Packing(32), document_attention=True, read_threads=1, prefetch=0)

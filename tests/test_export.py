@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import data as data_lib
+from idea_prune_jax import inputs, prepare
 from idea_prune_jax import export
 from idea_prune_jax import model as model_lib
 from idea_prune_jax.config import ModelConfig
@@ -58,9 +58,9 @@ def _assert_trees_equal(a, b):
 @pytest.fixture(scope='module')
 def spm_model(tmp_path_factory):
   """A small SentencePiece model trained as the pipeline trains its own (PAD 0, BOS 2, EOS 3)."""
-  text = next(iter(data_lib.embedded_works().values()))[:100_000]
+  text = next(iter(inputs.embedded_works().values()))[:100_000]
   path = tmp_path_factory.mktemp('tok') / 'spm.model'
-  path.write_bytes(data_lib.train_spm(data_lib.spm_sentences([text]), 512))
+  path.write_bytes(prepare.train_spm(list(prepare.spm_chunks(text)), 512))
   return str(path)
 
 
@@ -143,7 +143,7 @@ def test_hf_layout_and_config(tmp_path, spm_model):
   assert config['intermediate_size'] == 20 and config['num_key_value_heads'] == 2
   assert config['head_dim'] == 8 and config['rope_theta'] == 500.0
   assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (
-      data_lib.BOS_ID, data_lib.EOS_ID, data_lib.PAD_ID)
+      prepare.BOS_ID, prepare.EOS_ID, prepare.PAD_ID)
   tied = export.save_hf(str(tmp_path / 'tied'), _params(TIED), TIED)
   assert 'lm_head.weight' not in load_file(os.path.join(tied, 'model.safetensors'))
 
@@ -194,7 +194,7 @@ def test_transformers_tokenizer_matches_sentencepiece(tmp_path, spm_model, trans
   out = export.save_hf(str(tmp_path / 'hf'), _params(CFG), CFG, tokenizer_path=spm_model)
   tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
   sp = spm.SentencePieceProcessor(model_file=spm_model)
-  assert (tok.eos_token_id, tok.pad_token_id) == (data_lib.EOS_ID, data_lib.PAD_ID)
+  assert (tok.eos_token_id, tok.pad_token_id) == (prepare.EOS_ID, prepare.PAD_ID)
   # Text starting with whitespace or a newline is where HF's converted tokenizer can differ.
   for text in ['First Citizen:\nBefore we proceed any further, hear me speak.',
                'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.',

@@ -100,6 +100,15 @@ def test_setup_copies_and_installs_on_all_workers(env):
   assert 'worker.sh' not in sync[-1]
 
 
+def test_setup_mounts_the_data_bucket_read_only(env):
+  *_, ssh = dry('setup.sh', *NZ, '--sync-only', '--data-bucket=gs://my-data/', env=env)
+  steps = [shlex.split(s) for s in ssh[ssh.index('--command') + 1].split(' && ')]
+  assert steps[-1] == ['bash', 'idea_prune_jax/launch/worker.sh', 'mount-data', 'my-data']
+  assert 'gcsfuse -o ro ' in (LAUNCH / 'worker.sh').read_text()
+  bad = launch('setup.sh', *NZ, '--dry-run', '--data-bucket', 'my-data/c4', env=env, check=False)
+  assert bad.returncode == 2 and "--data-bucket 'my-data/c4': pass a bucket name" in bad.stderr
+
+
 def test_run_on_all_workers_with_overrides_intact(env):
   overrides = ['--config.data.files=a b,c.txt', "--config.data.tokenizer=it's.model",
                '--config.data.tfds_data_dir=gs://my-bucket/tfds', '--config.mesh.fsdp=-1']

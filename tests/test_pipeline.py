@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import experiment, export, importance, masks as masks_lib, pipeline
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import sharding as sharding_lib
@@ -191,6 +192,7 @@ def test_oneshot_scoring_runs_under_the_steps_mesh(tiny_config):
                                                  mesh).init_fn(jax.random.key(0)).params)
   scores = importance.init({'ffn': jnp.zeros((2, 96))}, tiny_config.prune.score)
   batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in ('inputs', 'targets')}
+  batch['weights'] = jax.ShapeDtypeStruct((8, 32), jnp.float32)
   text = fn.lower(scores, params, batch).as_text()
   step_text = pipeline.step_fn(tiny_config, pipeline.plan(tiny_config)[0], pipeline.parts(
       tiny_config, pipeline.plan(tiny_config)[0], mesh), mesh).lower(
@@ -218,7 +220,7 @@ def test_applied_lr_at_phase_boundaries(tiny_config, name):
   count = int(train_lib.lr_count(new.opt_state))
   assert count == (prune.start if name == 'idea' else 0)
   x = np.random.RandomState(0).randint(4, 512, (8, 33)).astype(np.int32)
-  batch = {'inputs': x[:, :-1], 'targets': x[:, 1:]}
+  batch = data_lib.split_batch(x)
   before = jax.tree.map(np.asarray, new.params)
   step = pipeline.step_fn(tiny_config, prune, p_prune, mesh)
   after, metrics = step(new, batch)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import pipeline, sharding
 
 
@@ -20,7 +21,7 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
   widths, ks = [], []
   for t in range(phase.start, phase.end):
     x = rng.randint(4, 512, (tiny_config.train.batch_size, tiny_config.data.seq_len + 1))
-    batch = {'inputs': x[:, :-1].astype(np.int32), 'targets': x[:, 1:].astype(np.int32)}
+    batch = data_lib.split_batch(x.astype(np.int32))
     state, metrics = step(state, batch)
     widths.append(int(np.asarray(state.masks['ffn']).sum(-1).max()))
     assert np.all(np.asarray(state.masks['ffn']).sum(-1) == widths[-1])  # every layer: exact k
@@ -40,7 +41,7 @@ def _batches(config, n, seed=0):
   rng = np.random.RandomState(seed)
   for _ in range(n):
     x = rng.randint(4, 512, (config.train.batch_size, config.data.seq_len + 1)).astype(np.int32)
-    yield {'inputs': x[:, :-1], 'targets': x[:, 1:]}
+    yield data_lib.split_batch(x)
 
 
 @pytest.mark.parametrize('kind', ['magnitude', 'sensitivity_ema', 'activation', 'activation_kd'])

@@ -162,3 +162,17 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   # stderr is a pipe here, as in pod and CI logs: plain lines, no progress-bar carriage returns
   assert '\r' not in out.stderr
   assert re.search(r'^\w+ step 400/400 loss \d+\.\d{4} tok/s \d+$', out.stderr, re.M), out.stderr
+
+
+def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):
+  from idea_prune_jax import prepare
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_runs['scratch'], workdir)
+  other = str(tmp_path / 'other')
+  prepare.prepare('embedded:sonnets', other, vocab_size=512, val_input='embedded:tempest',
+                  progress=False)
+  config = _config('scratch')
+  config.data.update(source='prepared', prepared_dir=other)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config.data.prepared_dir='.*other': its tokenizer \(digest"):
+    pipeline.run_pipeline(config, workdir)
