@@ -149,12 +149,13 @@ def _guarded(argv):
   from idea_prune_jax import loop
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
+  from idea_prune_jax.errors import PruneError
   from idea_prune_jax.export import ExportError
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, ExportError, loop.NonFiniteLoss) as e:
+  except (UsageError, ConfigError, DataError, ExportError, PruneError, loop.NonFiniteLoss) as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
 
