@@ -28,10 +28,10 @@ def _tokenizer_file(workdir: str, sp) -> str:
   return path
 
 
-def run(config, workdir: str, do_export: bool = True) -> dict:
+def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
   """One pipeline end to end: train (resuming), export the dense final model, write the report."""
   out = pipeline.run_pipeline(config, workdir)
-  state, model_cfg, run_ = out['state'], out['model_cfg'], out['run']
+  state, model_cfg, ctx = out['state'], out['model_cfg'], out['ctx']
   enlarged = ModelConfig.from_config(config)
   summary = {
       'pipeline': config.pipeline, 'seed': config.seed,
@@ -48,7 +48,7 @@ def run(config, workdir: str, do_export: bool = True) -> dict:
   }
   if do_export:
     export_dir = os.path.join(os.path.abspath(workdir), 'export')
-    tokenizer = _tokenizer_file(workdir, run_.data.sp)
+    tokenizer = _tokenizer_file(workdir, ctx.data.sp)
     extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
                                      'tokens', 'steps')}
     export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
@@ -98,7 +98,7 @@ def compare(config, workdir: str) -> dict:
     for name in names:
       c = _variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
       run_dir = os.path.join(workdir, name, f'seed{seed}')
-      s = run(c, run_dir, do_export=False)
+      s = run_experiment(c, run_dir, do_export=False)
       r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],
                                     'params_final': s['params_final'], 'tokens': s['tokens'],
                                     'train_flops': s['train_flops']})

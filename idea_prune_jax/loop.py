@@ -30,8 +30,8 @@ class Preempted(Exception):
 
 
 @dataclasses.dataclass
-class Run:
-  """What stays fixed across the phases of one run."""
+class RunContext:
+  """What stays fixed across the phases of one run: config, mesh, data, checkpoints."""
   config: Any
   workdir: str
   mesh: Any
@@ -78,7 +78,7 @@ def _py(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def setup(config, workdir: str) -> Run:
+def setup(config, workdir: str) -> RunContext:
   """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet."""
   if '://' in workdir:
     # Metrics, tokenizer cache, report and export use plain file I/O; orbax alone would
@@ -100,15 +100,15 @@ def setup(config, workdir: str) -> Run:
     signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
   except ValueError:  # not the main thread: no preemption hook
     pass
-  return Run(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
-             stop)
+  return RunContext(config, workdir, mesh, data, ckpt,
+                    MetricsWriter(workdir, jax.process_index() == 0), stop)
 
 
-def evaluate(run: Run, eval_fn: Callable, params) -> dict:
+def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
   """Validation loss and perplexity over the fixed held-out batches."""
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   total = count = 0.0
-  for local in run.data.val:
+  for local in ctx.data.val:
     batch = data_lib.global_batch(local, sharding)
     nll, n = eval_fn(params, batch)
     total, count = total + float(nll), count + float(n)
@@ -116,47 +116,47 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
   return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50.0))}
 
 
-def save(run: Run, state, meta: dict) -> None:
-  ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
+def save(ctx: RunContext, state, meta: dict) -> None:
+  ckpt_lib.save(ctx.ckpt, int(state.step), state, ctx.data.train, meta)
 
 
-def _should_stop(run: Run, step: int) -> bool:
+def _should_stop(ctx: RunContext, step: int) -> bool:
   """SIGTERM seen by any host: every host must take the same save-and-exit branch."""
   if jax.process_count() == 1:
-    return bool(run.stop)
-  if step % run.config.train.log_every:
+    return bool(ctx.stop)
+  if step % ctx.config.train.log_every:
     return False
-  flags = multihost_utils.process_allgather(np.asarray(len(run.stop), np.int32))
+  flags = multihost_utils.process_allgather(np.asarray(len(ctx.stop), np.int32))
   return bool(np.any(flags))
 
 
-def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
+def _non_finite(ctx: RunContext, step: int, phase: str, loss: float, position: dict):
   """Records where the loss broke (step, phase, data position of that batch) and stops."""
   position = json.loads(position)  # the grain iterator state of each shard this host reads
   info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
-  if run.is_main:
-    with open(os.path.join(run.workdir, 'nonfinite.json'), 'w') as f:
+  if ctx.is_main:
+    with open(os.path.join(ctx.workdir, 'nonfinite.json'), 'w') as f:
       json.dump(info, f)
   raise NonFiniteLoss(
       f'loss is {loss} at step {step} ({phase}; batch at data position {position}); stopped '
-      f'without saving, the last good checkpoint in {run.workdir} is kept; lower train.lr or '
+      f'without saving, the last good checkpoint in {ctx.workdir} is kept; lower train.lr or '
       'check that batch')
 
 
-def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
+def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
               meta: dict):
   """Runs steps state.step .. end-1 and returns the final state.
 
   Step t is dispatched before step t-1's metrics are read, so the host never stalls the device.
   Checkpoints (with `meta` and the phase) at every train.ckpt_every, at `end`, and on SIGTERM.
   """
-  cfg = run.config.train
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  cfg = ctx.config.train
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   start = int(state.step)
-  tokens_per_step = cfg.batch_size * run.config.data.seq_len
+  tokens_per_step = cfg.batch_size * ctx.config.data.seq_len
   # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
-  plain = run.is_main and not sys.stderr.isatty()
-  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not run.is_main or start >= end,
+  plain = ctx.is_main and not sys.stderr.isatty()
+  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not ctx.is_main or start >= end,
                   dynamic_ncols=True, mininterval=1.0)
   pending, t_last = None, time.perf_counter()
 
@@ -166,13 +166,13 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     pending = None
     metrics = {k: _py(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(metrics['loss']):
-      _non_finite(run, step, phase, metrics['loss'], position)
+      _non_finite(ctx, step, phase, metrics['loss'], position)
     now = time.perf_counter()
     metrics.update(tokens_per_s=tokens_per_step / max(now - t_last, 1e-9), phase=phase,
                    tokens_seen=(step + 1) * tokens_per_step)
     t_last = now
     if step % cfg.log_every == 0 or step == end - 1:
-      run.writer.write(step, metrics)
+      ctx.writer.write(step, metrics)
       if plain:
         print(f'{phase} step {step + 1}/{end} loss {metrics["loss"]:.4f} '
               f'tok/s {metrics["tokens_per_s"]:.0f}', file=sys.stderr, flush=True)
@@ -180,8 +180,8 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     bar.update(1)
 
   for step in range(start, end):
-    position = run.data.train.get_state()
-    batch = data_lib.global_batch(next(run.data.train), sharding)
+    position = ctx.data.train.get_state()
+    batch = data_lib.global_batch(next(ctx.data.train), sharding)
     state, metrics = step_fn(state, batch)
     if pending is not None:
       flush()
@@ -189,19 +189,19 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     done = step + 1
     if done % cfg.eval_every == 0 or done == end:
       flush()
-      val = evaluate(run, eval_fn, state.params)
-      run.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
+      val = evaluate(ctx, eval_fn, state.params)
+      ctx.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
       if plain:
         print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
               flush=True)
-    stop = _should_stop(run, done)
+    stop = _should_stop(ctx, done)
     if stop or done % cfg.ckpt_every == 0 or done == end:
       if pending is not None:
         flush()  # a non-finite loss must stop before it is saved
-      save(run, state, {**meta, 'phase': phase})
+      save(ctx, state, {**meta, 'phase': phase})
       if stop:
         bar.close()
-        raise Preempted(f'SIGTERM: saved step {done} in {run.workdir}; rerun to resume')
+        raise Preempted(f'SIGTERM: saved step {done} in {ctx.workdir}; rerun to resume')
   if pending is not None:
     flush()
   bar.close()
@@ -212,40 +212,40 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the workdir can be read."""
 
 
-def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
+def restore_latest(ctx: RunContext, abstract_for: Callable[[dict], Any], model_cfg):
   """(state, meta) of the newest readable checkpoint, or None when there is none.
 
   abstract_for(meta) gives the abstract state (shapes + shardings) of the phase a checkpoint
   was written in. An unreadable checkpoint (truncated, corrupted) is skipped with a warning
   naming it; if none is readable the run stops with a clear error rather than start over.
   """
-  steps = sorted(run.ckpt.all_steps(), reverse=True)
+  steps = sorted(ctx.ckpt.all_steps(), reverse=True)
   errors = []
   for step in steps:
     try:
-      meta = ckpt_lib.read_meta(run.ckpt, step)
-      ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
+      meta = ckpt_lib.read_meta(ctx.ckpt, step)
+      ckpt_lib.check_same_model(meta, model_cfg, ctx.workdir)
       abstract = abstract_for(meta)
-      state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
+      state, meta = ckpt_lib.restore(ctx.ckpt, step, abstract, ctx.data.train)
     except config_lib.ConfigError:
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
-      where = os.path.join(str(run.ckpt.directory), str(step))
+      where = os.path.join(str(ctx.ckpt.directory), str(step))
       logging.warning('checkpoint %s is unreadable, skipping it: %s', where,
                       str(e).splitlines()[0][:300])
       errors.append(f'{where}: {type(e).__name__}')
       continue
     if errors:
       # Keep the unreadable ones for inspection, out of the way of this step number's next save.
-      if run.is_main:
+      if ctx.is_main:
         for err in errors:
           path = err.split(': ')[0]
           os.rename(path, f'{path}.unreadable-{int(time.time())}')
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
-      run.ckpt.reload()
-    logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
+      ctx.ckpt.reload()
+    logging.info('resumed %s at step %d (phase %s)', ctx.workdir, step, meta.get('phase'))
     return state, meta
   if errors:
-    raise CheckpointError(f'no readable checkpoint in {run.ckpt.directory} ({"; ".join(errors)}); '
+    raise CheckpointError(f'no readable checkpoint in {ctx.ckpt.directory} ({"; ".join(errors)}); '
                           'move the directory away to start fresh')
   return None

@@ -95,9 +95,9 @@ def _main(argv):
     raise UsageError(f'--workdir is required for {command}')
   from idea_prune_jax import experiment, pipeline
   if command == 'train':
-    print(json.dumps(pipeline.train(config, _WORKDIR.value)))
+    print(json.dumps(pipeline.train_dense(config, _WORKDIR.value)))
   elif command == 'run':
-    summary = experiment.run(config, _WORKDIR.value)
+    summary = experiment.run_experiment(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
   elif command == 'compare':
     experiment.compare(config, _WORKDIR.value)
@@ -180,9 +180,10 @@ def _parse(argv):
     sys.exit(2)
 
 
-def run():
+def cli():
+  """The `idea-prune` console script."""
   app.run(_guarded, flags_parser=_parse)
 
 
 if __name__ == '__main__':
-  run()
+  cli()

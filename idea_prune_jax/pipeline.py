@@ -199,13 +199,13 @@ def oneshot_score_fn(config, model_cfg: ModelConfig, mesh):
   return sharding_lib.MeshJit(jitted, mesh)
 
 
-def _oneshot_masks(run, config, state, model_cfg: ModelConfig):
+def _oneshot_masks(ctx, config, state, model_cfg: ModelConfig):
   """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
   masks = masks_lib.init(state.params, FFN_STRUCTURE)
   scores = importance.init(masks, config.prune.score)
-  accumulate = oneshot_score_fn(config, model_cfg, run.mesh)
-  stream = run.data.train.fork()  # scoring must not move the training data order
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  accumulate = oneshot_score_fn(config, model_cfg, ctx.mesh)
+  stream = ctx.data.train.fork()  # scoring must not move the training data order
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   for _ in range(config.naive.score_batches):
     batch = data_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
@@ -214,7 +214,7 @@ def _oneshot_masks(run, config, state, model_cfg: ModelConfig):
   return masks_lib.refresh(masks, final, config.prune.target_ffn)
 
 
-def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
+def transition(ctx, config, prev: Phase, nxt: Phase, state, p_next: Parts):
   """The state of `nxt` at its first step, from the state `prev` ended with."""
   teacher = state.teacher if nxt.teacher else None
   if nxt.teacher and teacher is None and config.distill.teacher:
@@ -230,7 +230,7 @@ def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
     masks = None
   if prev.ffn_dim != nxt.ffn_dim:
     if masks is None:
-      masks = _oneshot_masks(run, config, state,
+      masks = _oneshot_masks(ctx, config, state,
                              ModelConfig.from_config(config, ffn_dim=prev.ffn_dim))
     masks = _host(masks)
     params = masks_lib.shrink(params, masks, FFN_STRUCTURE)
@@ -264,10 +264,10 @@ def run_pipeline(config, workdir: str) -> dict:
   """Runs (or resumes) config.pipeline to the end; returns the final state, model and figures."""
   t0 = time.time()
   teacher_config(config)  # a bad distill.teacher fails here, before any compute
-  run = loop.setup(config, workdir)
+  ctx = loop.setup(config, workdir)
   phases, names = plan(config), [ph.name for ph in plan(config)]
   base_cfg = ModelConfig.from_config(config)
-  digest = run.data.manifest['tokenizer_digest']
+  digest = ctx.data.manifest['tokenizer_digest']
   meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline,
           'tokenizer_digest': digest}
 
@@ -276,47 +276,47 @@ def run_pipeline(config, workdir: str) -> dict:
       raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
     if saved.get('tokenizer_digest', digest) != digest:
-      raise ConfigError(f'config.data.prepared_dir={run.data.prepared_dir!r}: its tokenizer '
+      raise ConfigError(f'config.data.prepared_dir={ctx.data.prepared_dir!r}: its tokenizer '
                         f'(digest {digest}) is not the one the checkpoint in {workdir} was '
                         f'trained with ({saved["tokenizer_digest"]}); resume with the same data')
-    p = parts(config, phases[names.index(saved['phase'])], run.mesh)
+    p = parts(config, phases[names.index(saved['phase'])], ctx.mesh)
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
-  restored = loop.restore_latest(run, abstract_for, base_cfg)
+  restored = loop.restore_latest(ctx, abstract_for, base_cfg)
   if restored is None:
     index = 0
-    p = parts(config, phases[0], run.mesh)
+    p = parts(config, phases[0], ctx.mesh)
     state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(config.seed))
   else:
     state, saved = restored
     index = names.index(saved['phase'])
-    p = parts(config, phases[index], run.mesh)
+    p = parts(config, phases[index], ctx.mesh)
   for i in range(index, len(phases)):
     phase = phases[i]
     if i > index:
-      p_next = parts(config, phase, run.mesh)
-      state, p = transition(run, config, phases[i - 1], phase, state, p_next), p_next
+      p_next = parts(config, phase, ctx.mesh)
+      state, p = transition(ctx, config, phases[i - 1], phase, state, p_next), p_next
     if int(state.step) >= phase.end:
       continue
-    fn = step_fn(config, phase, p, run.mesh)
-    eval_fn = train_lib.jit_eval(p.model, p.shardings.params, run.mesh)
+    fn = step_fn(config, phase, p, ctx.mesh)
+    eval_fn = train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh)
     kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta)
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
-      state = loop.run_steps(run, state, fn, phase.start + 1, **kwargs)
+      state = loop.run_steps(ctx, state, fn, phase.start + 1, **kwargs)
       _save_importance(workdir, 't_start', state, config)
-    state = loop.run_steps(run, state, fn, phase.end, **kwargs)
+    state = loop.run_steps(ctx, state, fn, phase.end, **kwargs)
     if phase.prune:
       _save_importance(workdir, 't_end', state, config)
-  result = loop.evaluate(run, train_lib.jit_eval(p.model, p.shardings.params, run.mesh),
+  result = loop.evaluate(ctx, train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                          state.params)
-  run.writer.close()
-  run.data.train.close()
-  return {'state': state, 'model_cfg': p.model_cfg, 'run': run, 'phases': phases,
+  ctx.writer.close()
+  ctx.data.train.close()
+  return {'state': state, 'model_cfg': p.model_cfg, 'ctx': ctx, 'phases': phases,
           'wall_s': time.time() - t0, **result}
 
 
-def train(config, workdir: str) -> dict:
+def train_dense(config, workdir: str) -> dict:
   """Dense pretraining of config.model for train.steps; resumes from workdir's latest checkpoint."""
   config = copy.deepcopy(config)
   config.pipeline = 'train'

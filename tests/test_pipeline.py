@@ -36,7 +36,7 @@ def idea_run(tmp_path_factory):
   config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.train.keep_ckpts = 20
   workdir = str(tmp_path_factory.mktemp('idea'))
-  return config, workdir, experiment.run(config, workdir)
+  return config, workdir, experiment.run_experiment(config, workdir)
 
 
 def test_idea_plan_is_one_cosine_and_never_rewarms(idea_run):
@@ -160,7 +160,7 @@ def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny
   # split 0.5 + window 0.49 of 12 steps: the window must end at the last step, not step 12.
   tiny_config.pipeline = 'naive'
   tiny_config.naive.update(prune='iterative', split=0.5, window=0.49)
-  summary = experiment.run(tiny_config, str(tmp_path), do_export=False)
+  summary = experiment.run_experiment(tiny_config, str(tmp_path), do_export=False)
   assert summary['steps'] == tiny_config.train.steps == summary['phases'][-1]['end']
   tokens_per_step = tiny_config.train.batch_size * tiny_config.data.seq_len
   report = json.load(open(os.path.join(str(tmp_path), 'report.json')))
