@@ -100,6 +100,13 @@ def base() -> ml_collections.ConfigDict:
   cp.seeds = 2
   cp.pipelines = 'idea,idea_kd,naive,scratch,scratch_flops'
 
+  c.eval = e = ml_collections.ConfigDict()  # lm-eval tasks on the final model, by `run`
+  e.tasks = ''  # comma-separated task names; empty: none (needs the `eval` extra)
+  e.num_fewshot = -1  # -1: each task's own default
+  e.limit = 0  # at most this many docs per task; 0: all
+  e.include_path = ''  # a directory of task YAMLs (local tasks, e.g. tests/data/harness)
+  e.batch_size = 16  # requests per batch; a multiple of mesh.data * mesh.fsdp
+
   c.distill = k = ml_collections.ConfigDict()
   k.alpha = 0.0  # 0 disables KD
   k.tau = 1.0
@@ -221,6 +228,10 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
   if k.chunk and config.data.seq_len % k.chunk:
     _fail('distill.chunk', k.chunk, f'must divide data.seq_len={config.data.seq_len}')
   data, fsdp, tensor = shape = mesh_shape(config, n_devices)
+  e = config.eval
+  if e.tasks and e.batch_size % (data * fsdp):
+    _fail('eval.batch_size', e.batch_size,
+          f'not divisible by the data-parallel size data*fsdp={data * fsdp}')
   if t.batch_size % (data * fsdp):
     _fail('train.batch_size', t.batch_size,
           f'not divisible by the data-parallel size data*fsdp={data * fsdp}')

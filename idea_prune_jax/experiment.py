@@ -28,8 +28,39 @@ def _tokenizer_file(workdir: str, sp) -> str:
   return path
 
 
+def _eval_tasks(config) -> list[str]:
+  return [t.strip() for t in config.eval.tasks.split(',') if t.strip()]
+
+
+def check_downstream(config):
+  """The lm-eval task manager for config.eval.tasks, the tasks checked (names, offline); or None."""
+  tasks = _eval_tasks(config)
+  if not tasks:
+    return None
+  from idea_prune_jax import harness  # the `eval` extra
+  tm = harness.task_manager(config.eval.include_path or None, tasks)
+  harness.check_tasks(tm, tasks)
+  return tm
+
+
+def downstream(config, params, model_cfg, mesh, sp, tm=None) -> dict:
+  """{task: {metric: value}} of config.eval.tasks on params as they lie on the training mesh."""
+  import flax.linen as nn
+  from idea_prune_jax import harness, scoring
+  tm = tm or check_downstream(config)
+  scorer = scoring.Scorer(nn.unbox(params), model_cfg, mesh, config.eval.batch_size,
+                          config.data.seq_len)
+  e = config.eval
+  results = harness.evaluate(harness.IdeaPruneLM(scorer=scorer, sp=sp), _eval_tasks(config),
+                             None if e.num_fewshot < 0 else e.num_fewshot, e.limit or None,
+                             tm=tm)
+  return harness.summary(results)
+
+
 def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
-  """One pipeline end to end: train (resuming), export the dense final model, write the report."""
+  """One pipeline end to end: train (resuming), export the dense final model, write the report;
+  with config.eval.tasks, lm-eval's tasks on the final model too (checked before training)."""
+  tm = check_downstream(config)
   out = pipeline.run_pipeline(config, workdir)
   state, model_cfg, ctx = out['state'], out['model_cfg'], out['ctx']
   enlarged = ModelConfig.from_config(config)
@@ -51,11 +82,15 @@ def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
     tokenizer = _tokenizer_file(workdir, ctx.data.sp)
     extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
                                      'tokens', 'steps')}
+    extra['seq_len'] = config.data.seq_len  # the harness's default context window
     export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
     if jax.process_index() == 0:
       export.save_hf(os.path.join(export_dir, 'hf'), params, model_cfg, tokenizer)
     summary['export_dir'] = export_dir
+  if tm is not None:
+    summary['downstream'] = downstream(config, state.params, model_cfg, ctx.mesh, ctx.data.sp,
+                                       tm)
   if jax.process_index() == 0:
     report.write_report(workdir, summary)
   return summary
@@ -92,6 +127,7 @@ def compare(config, workdir: str) -> dict:
   ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))
            / pipeline.train_flops(scratch_cfg, pipeline.plan(scratch_cfg)))
   flops_steps = int(round(config.train.steps * ratio))
+  check_downstream(config)  # bad task names fail now, not after the first pipeline
   results = {}
   for seed_index in range(config.compare.seeds):
     seed = config.seed + seed_index
@@ -100,10 +136,12 @@ def compare(config, workdir: str) -> dict:
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       s = run_experiment(c, run_dir, do_export=False)
       r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],
-                                    'params_final': s['params_final'], 'tokens': s['tokens'],
-                                    'train_flops': s['train_flops']})
+                                    'downstream': [], 'params_final': s['params_final'],
+                                    'tokens': s['tokens'], 'train_flops': s['train_flops']})
       for k in ('val_loss', 'val_ppl', 'wall_s'):
         r[k].append(s[k])
+      if 'downstream' in s:
+        r['downstream'].append(s['downstream'])
       r['workdirs'].append(run_dir)
   if jax.process_index() == 0:
     report.write_compare(workdir, results)

@@ -4,7 +4,9 @@
   compare   idea, idea+KD, naive, scratch and FLOP-matched scratch over config.compare.seeds
   train     dense pretraining of config.model
   params    parameter counts of the enlarged and target models
-  eval      perplexity of an export on text files: --checkpoint W/export --files a.txt,b.txt
+  eval      perplexity of an export on text files: --checkpoint W/export --files a.txt,b.txt;
+            or lm-eval tasks: --checkpoint W/export --tasks T1,T2 [--num_fewshot N]
+            [--include_path DIR] [--limit N] [--batch_size B] [--output results.json]
   generate  text from an export: --checkpoint W/export --prompt "..."
   compile-check  per-device memory of the idea steps, compiled (not run) on fake CPU devices:
             --devices 64 --mesh data=1,fsdp=64,tensor=1 [--hbm_gib 95]
@@ -28,6 +30,13 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'An export directory (W/export).')
 _FILES = flags.DEFINE_string('files', None, 'eval: comma-separated text files or globs.')
+_TASKS = flags.DEFINE_string('tasks', None, 'eval: comma-separated lm-eval task names.')
+_NUM_FEWSHOT = flags.DEFINE_integer('num_fewshot', None, 'eval --tasks: few-shot examples.')
+_INCLUDE_PATH = flags.DEFINE_string('include_path', None, 'eval --tasks: a dir of task YAMLs.')
+_LIMIT = flags.DEFINE_integer('limit', None, 'eval --tasks: at most this many docs per task.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'eval --tasks: requests per batch.')
+_MAX_LENGTH = flags.DEFINE_integer('max_length', None,
+                                   'eval --tasks: context window (default: training seq_len).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'generate: the prompt text.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to sample.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 is greedy.')
@@ -38,7 +47,8 @@ _MESH = flags.DEFINE_string('mesh', None, 'compile-check: data=D,fsdp=F,tensor=T
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'compile-check: HBM per chip in GiB (v5p: 95).')
 _INPUT = flags.DEFINE_string('input', None, 'prepare-data: embedded[:works] | tfds:NAME[:SPLIT] | '
                              'comma-separated files/globs (local or gs://).')
-_OUTPUT = flags.DEFINE_string('output', None, 'prepare-data: the prepared dir (local or gs://).')
+_OUTPUT = flags.DEFINE_string('output', None, 'prepare-data: the prepared dir (local or gs://); '
+                              'eval --tasks: where to write lm-eval results JSON.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', 'prepare-data: a SentencePiece .model to use.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 0, 'prepare-data: train a tokenizer this big.')
 _VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.0, 'prepare-data: share of documents held '
@@ -75,6 +85,9 @@ def _main(argv):
   command, config = argv[1], _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if command == 'eval' and _TASKS.value:
+    _eval_tasks()
+    return
   if command in ('eval', 'generate'):
     _export_command(command)
     return
@@ -102,6 +115,26 @@ def _main(argv):
   elif command == 'compare':
     experiment.compare(config, _WORKDIR.value)
     print(open(f'{_WORKDIR.value}/compare.md').read())
+
+
+def _eval_tasks():
+  """lm-eval tasks on an export; prints {task: {metric: value}}, writes the full results."""
+  from idea_prune_jax import harness
+  if not _CHECKPOINT.value:
+    raise UsageError('eval needs --checkpoint, an export directory such as W/export')
+  tasks = [t.strip() for t in _TASKS.value.split(',') if t.strip()]
+  tm = harness.task_manager(_INCLUDE_PATH.value, tasks)
+  harness.check_tasks(tm, tasks)  # before the model is loaded
+  lm = harness.IdeaPruneLM(checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
+                           max_length=_MAX_LENGTH.value)
+  results = harness.evaluate(lm, tasks, _NUM_FEWSHOT.value, _LIMIT.value, tm=tm)
+  if _OUTPUT.value:
+    import jax
+    if jax.process_index() == 0:
+      from lm_eval.utils import handle_non_serializable
+      with open(_OUTPUT.value, 'w') as f:
+        json.dump(results, f, indent=2, default=handle_non_serializable)
+  print(json.dumps(harness.summary(results)))
 
 
 def _prepare_data():
@@ -151,13 +184,32 @@ def _guarded(argv):
   from idea_prune_jax.data import DataError
   from idea_prune_jax.errors import PruneError
   from idea_prune_jax.export import ExportError
+  errors = (UsageError, ConfigError, DataError, ExportError, PruneError, loop.NonFiniteLoss)
+  try:
+    if _wants_harness():
+      from idea_prune_jax.harness import HarnessError
+      errors += (HarnessError,)
+  except ImportError as e:
+    print(f'idea-prune: error: lm-eval tasks need the `eval` extra ({e}); '
+          "pip install 'idea-prune-jax[eval]'", file=sys.stderr)
+    sys.exit(2)
   try:
     _main(argv)
   except loop.Preempted as e:
     logging.warning('%s', e)
-  except (UsageError, ConfigError, DataError, ExportError, PruneError, loop.NonFiniteLoss) as e:
+  except errors as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def _wants_harness() -> bool:
+  """eval --tasks, or run/compare with config.eval.tasks: lm-eval is needed (an optional extra)."""
+  config = _CONFIG.value
+  wanted = bool(_TASKS.value) or bool(config is not None and config.get('eval', {}).get('tasks'))
+  if wanted:
+    from idea_prune_jax import harness
+    harness.set_offline()  # nothing is downloaded at run time
+  return wanted
 
 
 def _parse(argv):

@@ -211,6 +211,11 @@ def write_report(workdir: str, summary: dict) -> None:
   else:
     phase = (train or evals or [{}])[0].get('phase', '—')
     lines.append(f'One phase only: {phase}.')
+  if summary.get('downstream'):
+    lines += ['', '## Downstream tasks (lm-eval)', '', '| task | metric | value |', '|---|---|---|']
+    lines += [f'| {task} | {metric} | {_fmt(v)} |'
+              for task, metrics in summary['downstream'].items()
+              for metric, v in metrics.items() if metric != 'sample_len']
   lines += ['', '## Plots', ''] + [f'![{p[:-4]}]({p})\n' for p in plots]
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
@@ -222,6 +227,30 @@ def _mean_std(xs):
     return math.nan, math.nan
   # Sample std (ddof=1): with 2-3 seeds the population std understates the spread.
   return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+
+
+# The metric a task's compare column shows: the first of these it reports.
+HEADLINE_METRICS = ('acc', 'exact_match', 'acc_norm', 'word_perplexity', 'bits_per_byte')
+
+
+def headline(metrics: dict) -> tuple[str, float] | None:
+  """(metric, value) a task is summarised by in the comparison."""
+  names = [m for m in HEADLINE_METRICS if m in metrics] or [m for m in metrics
+                                                            if m != 'sample_len']
+  return (names[0], metrics[names[0]]) if names else None
+
+
+def _downstream_means(runs: list[dict]) -> dict:
+  """{task: {'metric', 'mean', 'values'}} over seeds from each seed's {task: {metric: value}}."""
+  out = {}
+  for run in runs:
+    for task, metrics in run.items():
+      pick = headline(metrics)
+      if pick:
+        out.setdefault(task, {'metric': pick[0], 'values': []})['values'].append(pick[1])
+  for row in out.values():
+    row['mean'] = float(np.mean(row['values']))
+  return out
 
 
 def compare_table(results: dict) -> dict:
@@ -238,7 +267,8 @@ def compare_table(results: dict) -> dict:
         'train_flops': r.get('train_flops'),
         'wall_s_mean': _mean_std(r.get('wall_s', []))[0],
         'wall_s': [float(v) for v in r.get('wall_s', [])],
-        'n_seeds': len(r.get('val_loss', [])), 'workdirs': list(r.get('workdirs', []))}
+        'n_seeds': len(r.get('val_loss', [])), 'workdirs': list(r.get('workdirs', [])),
+        'downstream': _downstream_means(r.get('downstream', []))}
   # NaN means (no finished seed) sort last instead of poisoning the order.
   return dict(sorted(table.items(), key=lambda kv: (math.isnan(kv[1]['val_loss_mean']),
                                                     kv[1]['val_loss_mean'])))
@@ -294,15 +324,22 @@ def write_compare(workdir: str, results: dict) -> None:
   with open(os.path.join(workdir, 'compare.json'), 'w') as f:
     json.dump(table, f, indent=2, default=_jsonable)
   _plot_compare(workdir, results, table)
+  # One column per downstream task (its headline metric, mean over seeds), when run had any.
+  tasks = {}
+  for r in table.values():
+    for task, row in r['downstream'].items():
+      tasks.setdefault(task, row['metric'])
   lines = ['# Pipeline comparison', '', 'Sorted by mean validation loss; ± is the seed std.', '',
            '| rank | pipeline | val loss | seeds | val ppl | params | tokens | train FLOPs '
-           '| wall s |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| wall s |' + ''.join(f' {t} {m} |' for t, m in tasks.items()),
+           '|---|---|---|---|---|---|---|---|---|' + '---|' * len(tasks)]
   for rank, (name, r) in enumerate(table.items(), 1):
     seeds = ', '.join(f'{v:.4f}' for v in r['val_loss'])
+    cells = ''.join(f' {_fmt(r["downstream"].get(t, {}).get("mean"))} |' for t in tasks)
     lines.append(f'| {rank} | {name} | {r["val_loss_mean"]:.4f} ± {r["val_loss_std"]:.4f} | '
                  f'{seeds} | {_fmt(r["val_ppl_mean"])} | {_fmt(r["params_final"])} | '
-                 f'{_fmt(r["tokens"])} | {_fmt(r["train_flops"])} | {_fmt(r["wall_s_mean"])} |')
+                 f'{_fmt(r["tokens"])} | {_fmt(r["train_flops"])} | {_fmt(r["wall_s_mean"])} |'
+                 + cells)
   lines += ['', _verdict(table), '', '![compare](compare.png)']
   with open(os.path.join(workdir, 'compare.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
