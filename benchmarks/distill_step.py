@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/distill_step.py             # both parts; appends to BENCHMARKS.md
   .venv/bin/python benchmarks/distill_step.py --quick     # fewer repeats; prints only
 
-(1) Time. `distill.distill_step` (teacher forward and student forward+backward+AdamW in one
+(1) Time. `train.distill_step` (teacher forward and student forward+backward+AdamW in one
 program) against the two-program alternative: a jitted teacher forward that returns [B, L, V]
 logits, then a jitted student step that takes them as an input. Both unchunked, both donate the
 state; a third row times the fused step with chunked KD logits (the price of the recompute).
@@ -79,7 +79,7 @@ def time_fused_vs_separate(rounds, steps_per_round, batch_size=8, seq_len=256, c
   optimizer, schedule = _optimizer()
   state, teacher, batch = _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer)
   statics = dict(model=model, optimizer=optimizer, schedule=schedule)
-  fused = {c: jax.jit(functools.partial(distill.distill_step, teacher_model=teacher_model,
+  fused = {c: jax.jit(functools.partial(train_lib.distill_step, teacher_model=teacher_model,
                                         alpha=ALPHA, tau=TAU, chunk=c, **statics),
                       donate_argnums=(0,)) for c in (0, chunk)}
   teacher_fwd = jax.jit(lambda p, inputs: teacher_model.apply({'params': p}, inputs))
@@ -123,7 +123,7 @@ def compiled_temp_bytes(chunks, batch_size=2, seq_len=1024, vocab=32000):
                                  schedule=schedule), donate_argnums=(0,))
   out['lm'] = lm.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   for chunk in chunks:
-    step = jax.jit(functools.partial(distill.distill_step, model=model,
+    step = jax.jit(functools.partial(train_lib.distill_step, model=model,
                                      teacher_model=teacher_model, optimizer=optimizer,
                                      schedule=schedule, alpha=ALPHA, tau=TAU, chunk=chunk),
                    donate_argnums=(0,))

@@ -8,9 +8,8 @@ one fixed batch of random tokens:
 
   dense     phase 'enlarged': train.train_step, no masks (FFN f_E).
   masked    phase 'prune' with score='magnitude' and its window moved past the run, so the step
-            is the prune step minus scoring: masks.apply on the params before the forward pass
-            and after the update, the width metric, and a lax.cond whose predicate is always
-            false. 'magnitude' has no state (importance.update returns its input) and its scores
+            is the prune step minus scoring: `prune_optimizer`'s masks.zero_pruned on the
+            updates, the width metric, and a lax.cond whose predicate is always false. 'magnitude' has no state (importance.update returns its input) and its scores
             are computed only inside the never-taken refresh branch.
   prune     phase 'prune' as configured (platon): masked step + score update every step.
             Timed at a non-refresh step (t_s + 1) and at a refresh step (t_s + ΔT), where the
@@ -22,7 +21,7 @@ masks, scores) weigh ~16x more against the matmuls, so its ratios are a smoke ch
 script, not figures to hold against the targets.
 
 The step donates its state, so each step's output state is the next call's input; the prune
-steps get `state.step` reset before every call (the step is traced: no recompile). A round runs
+steps get `state.step` and the prune optimizer's count reset before every call (the step is traced: no recompile). A round runs
 every step once, in an order rotated each round; a ratio is the median over rounds of the two
 steps' times within the same round (the machine is shared and noisy), of wall time and of process
 CPU time (all threads), which moves much less when other jobs take the cores. The jit cache of the
@@ -68,7 +67,8 @@ class Runner:
   def call(self, batch, record=False):
     state = self.chain['state']
     if self.at is not None:
-      state = state.replace(step=jax.device_put(np.int32(self.at), self.step_sharding))
+      at = lambda: jax.device_put(np.int32(self.at), self.step_sharding)
+      state = state.replace(step=at(), opt_state=state.opt_state._replace(count=at()))
     wall, cpu, (self.chain['state'], metrics) = common.timed(self.fn, state, batch)
     if record:
       self.times.append(wall)
@@ -208,8 +208,8 @@ def main(argv=None):
   ks = [int(ps.keep_k(t)) for t in steps]
   prune_shardings = built['prune'][2].shardings
   state = chains['prune']['state']  # masks back to all-ones: the window starts at f_E
-  chains['prune']['state'] = state.replace(
-      masks=jax.device_put(masks_lib.init(state.params, FFN_STRUCTURE), prune_shardings.masks))
+  chains['prune']['state'] = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
+      masks_lib.init(state.params, FFN_STRUCTURE), prune_shardings.opt_state.masks)))
   window = Runner('window', prune_fn, chains['prune'], prune_shardings.step)
   before, widths = len(compiles), []
   for t in steps:

@@ -29,7 +29,7 @@ from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
 from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import model as model_lib  # noqa: E402
-from idea_prune_jax import schedules, sharding  # noqa: E402
+from idea_prune_jax import sharding  # noqa: E402
 from idea_prune_jax import train as train_lib  # noqa: E402
 
 SQUARES = ((1024, 1024, 1024), (2048, 2048, 2048))
@@ -88,7 +88,7 @@ def build(spec: str, overrides) -> Bench:
   mesh = sharding.make_mesh(config)
   config_lib.validate(config, mesh.devices.size)
   model_cfg = config_lib.ModelConfig.from_config(config)
-  schedule = schedules.lr_schedule(config.train)
+  schedule = train_lib.lr_schedule(config.train)
   optimizer = train_lib.make_optimizer(config.train, schedule)
   state, shardings = train_lib.init_state(model_cfg, optimizer, mesh, jax.random.key(0))
   step = train_lib.jit_step(train_lib.train_step, shardings, mesh,

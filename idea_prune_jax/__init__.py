@@ -1,17 +1,25 @@
 """IDEA Prune in JAX: enlarge, prune FFN neurons gradually inside one cosine, shrink, recover.
 
-The public pruning API is pure functions over params pytrees (Linen dicts or NNX States):
-`structure` (what a prunable neuron is), `masks`, `importance`, `schedules` and `distill`.
+The public pruning API is pure functions over params pytrees (Linen dicts or NNX States), and
+imports only jax, optax and numpy: `structure` (what a prunable neuron is), `masks`,
+`importance`, `schedules` (the width schedule), `distill` (the KD loss) and `prune_optimizer`
+(all of it as one optax GradientTransformation). Submodules load on first use.
 """
 
-from idea_prune_jax import importance, masks, schedules, structure
+import importlib
 
-__all__ = ['distill', 'importance', 'masks', 'schedules', 'structure']
+__all__ = ['PruneError', 'PruneSchedule', 'distill', 'importance', 'masks', 'prune_optimizer',
+           'schedules', 'structure']
+
+_ATTRS = {'prune_optimizer': 'prune_optax', 'PruneState': 'prune_optax',
+          'PruneSchedule': 'schedules', 'PruneError': 'errors'}
 
 
 def __getattr__(name):
-  # distill builds on the trainer's TrainState; import it only when asked for.
-  if name == 'distill':
-    import importlib
-    return importlib.import_module('idea_prune_jax.distill')
+  # Lazy, so `import idea_prune_jax.masks` loads the pure core only, never the trainer.
+  if name in _ATTRS:
+    return getattr(importlib.import_module(f'idea_prune_jax.{_ATTRS[name]}'), name)
+  if name in ('distill', 'importance', 'masks', 'schedules', 'structure', 'errors',
+              'prune_optax'):
+    return importlib.import_module(f'idea_prune_jax.{name}')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

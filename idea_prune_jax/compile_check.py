@@ -19,9 +19,9 @@ import jax.numpy as jnp
 
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
+from idea_prune_jax import importance
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure
 from idea_prune_jax.config import ConfigError, ModelConfig
@@ -153,11 +153,39 @@ def compile_step(config, phase: pipeline.Phase, mesh, hbm_gib: float) -> dict:
   return out
 
 
+def compile_oneshot_score(config, enlarged: pipeline.Phase, mesh, hbm_gib: float) -> dict:
+  """Naive's one-shot scoring program (`pipeline.oneshot_score_fn`), compiled like a step.
+
+  Naive's other steps are idea's programs under another LR (enlarged; recovery without KD).
+  """
+  parts = pipeline.parts(config, enlarged, mesh)
+  params = ckpt_lib.abstract_like(jax.eval_shape(parts.init_fn, jax.random.key(0)),
+                                  parts.shardings).params
+  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
+  shape = jax.ShapeDtypeStruct((config.model.n_layers, enlarged.ffn_dim), jnp.float32,
+                               sharding=ffn)
+  scores = jax.tree.map(lambda _: shape, importance.init({'ffn': 0.0}, config.prune.score))
+  fn = pipeline.oneshot_score_fn(config, parts.model_cfg, mesh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(scores, params, abstract_batch(config, mesh)).compile()
+  out = {'ffn_dim': enlarged.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
+         'compile_s': round(time.perf_counter() - t0, 2), **_state_bytes(params)}
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return out
+  for key in ('argument', 'output', 'temp', 'alias', 'generated_code'):
+    out[f'{key}_bytes'] = int(getattr(mem, f'{key}_size_in_bytes', 0))
+  total = out['argument_bytes'] + out['output_bytes'] + out['temp_bytes'] - out['alias_bytes']
+  out.update(total_bytes=total, total_gib=round(total / GIB, 3),
+             fits_hbm_gib=total <= hbm_gib * GIB)
+  return out
+
+
 def validate(config, n_devices: int):
   """The KD config compile_check compiles, after the checks a run would make."""
   config = kd_config(config)
   _, _, tensor = config_lib.validate(config, n_devices)
-  schedules.validate_prune(config, tensor)
+  config_lib.validate_prune(config, tensor)
   return config
 
 
@@ -170,6 +198,7 @@ def compile_check(config, n_devices: int, hbm_gib: float = 95.0) -> dict:
   mesh = sharding_lib.make_mesh(config, devices[:n_devices])
   phases = {ph.name: ph for ph in pipeline.plan(config)}
   steps = {name: compile_step(config, phases[name], mesh, hbm_gib) for name in STEPS}
+  steps['naive_score'] = compile_oneshot_score(config, phases['enlarged'], mesh, hbm_gib)
   return {
       'config': {
           'devices': n_devices, 'platform': devices[0].platform,

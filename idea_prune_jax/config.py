@@ -5,6 +5,9 @@ import math
 
 import ml_collections
 
+from idea_prune_jax.importance import KINDS as SCORE_KINDS
+from idea_prune_jax.schedules import WIDTH_SCHEDULES, PruneSchedule
+
 
 class ConfigError(ValueError):
   """A bad config value; the message names the field and how to fix it."""
@@ -243,6 +246,68 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('train.batch_size', t.batch_size,
           f'not divisible by the data-parallel size data*fsdp={data * fsdp}')
   return shape
+
+
+def prune_schedule(config) -> PruneSchedule | None:
+  """The width schedule the pipeline runs (idea's window, or naive-iterative's), None otherwise.
+
+  t_end is clamped to the last step (train.steps - 1): the window, its final refresh to f_T and
+  the shrink all happen inside the run, never after it.
+  """
+  p, T = config.prune, config.train.steps
+  if config.pipeline == 'idea':
+    t_start, t_end = int(round(p.t_start * T)), int(round(p.t_end * T))
+  elif config.pipeline == 'naive' and config.naive.prune == 'iterative':
+    t_start = int(round(config.naive.split * T))
+    t_end = t_start + max(int(round(config.naive.window * T)), 1)
+  else:
+    return None
+  t_end = min(t_end, T - 1)
+  return PruneSchedule(t_start=t_start, t_end=max(t_end, t_start), every=int(p.every),
+                       ffn_enlarged=int(config.model.ffn_dim), ffn_target=int(p.target_ffn),
+                       kind=p.schedule)
+
+
+def validate_prune(config, tensor_parallel: int | None = None) -> None:
+  """Raises ConfigError (one line naming the field) for an impossible pruning config.
+
+  tensor_parallel defaults to config.mesh.tensor (1 when that is -1, i.e. not yet known).
+  The window is checked as the pipeline will run it (clamped to the run, `prune_schedule`).
+  """
+  p, ffn = config.prune, config.model.ffn_dim
+  tp = tensor_parallel if tensor_parallel is not None else max(int(config.mesh.tensor), 1)
+  for field in ('target_ffn', 'round_to', 'every'):
+    if isinstance(p[field], bool) or not isinstance(p[field], int):
+      _fail(f'prune.{field}', p[field], 'must be an integer')
+  if not 1 <= p.target_ffn <= ffn:
+    _fail('prune.target_ffn', p.target_ffn, f'must lie in [1, model.ffn_dim={ffn}]')
+  if p.round_to < 1:
+    _fail('prune.round_to', p.round_to, 'must be >= 1')
+  if p.target_ffn % p.round_to:
+    _fail('prune.target_ffn', p.target_ffn, f'not a multiple of prune.round_to={p.round_to}')
+  if p.target_ffn % tp:
+    _fail('prune.target_ffn', p.target_ffn, f'not a multiple of the tensor-parallel degree {tp}')
+  if ffn % tp:
+    _fail('model.ffn_dim', ffn, f'not a multiple of the tensor-parallel degree {tp}')
+  if not 0 <= p.t_start < p.t_end <= 1:
+    field = 'prune.t_start' if not 0 <= p.t_start < 1 else 'prune.t_end'
+    _fail(field, p[field.split('.')[1]],
+          f'need 0 <= prune.t_start < prune.t_end <= 1 (got {p.t_start}, {p.t_end})')
+  if p.every < 1:
+    _fail('prune.every', p.every, 'must be >= 1')
+  if p.schedule not in WIDTH_SCHEDULES:
+    _fail('prune.schedule', p.schedule, f"use one of {', '.join(WIDTH_SCHEDULES)}")
+  if p.score not in SCORE_KINDS:
+    _fail('prune.score', p.score, f"use one of {', '.join(SCORE_KINDS)}")
+  for beta in ('beta1', 'beta2'):
+    if not 0 <= p[beta] < 1:
+      _fail(f'prune.{beta}', p[beta], 'must lie in [0, 1)')
+  sched = prune_schedule(config)
+  if sched is not None and sched.t_end - sched.t_start < 1:
+    field, value = (('prune.t_end', p.t_end) if config.pipeline == 'idea'
+                    else ('naive.window', config.naive.window))
+    _fail(field, value, f'window [{sched.t_start}, {sched.t_end}] of train.steps='
+          f'{config.train.steps} (t_end clamped to the last step) is shorter than one step')
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

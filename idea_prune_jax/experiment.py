@@ -55,20 +55,20 @@ def downstream(config, params, model_cfg, mesh, sp, tm=None) -> dict:
   return harness.summary(results)
 
 
-def run(config, workdir: str, do_export: bool = True) -> dict:
+def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
   """One pipeline end to end: train (resuming), export the dense final model, write the report;
   with config.eval.tasks, lm-eval's tasks on the final model too (checked before training)."""
   tm = check_downstream(config)
   out = pipeline.run_pipeline(config, workdir)
-  state, model_cfg, run_ = out['state'], out['model_cfg'], out['run']
+  state, model_cfg, ctx = out['state'], out['model_cfg'], out['ctx']
   enlarged = ModelConfig.from_config(config)
-  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
   summary = {
       'pipeline': config.pipeline, 'seed': config.seed,
       'params_enlarged': model_lib.param_count(enlarged),
       'params_final': model_lib.param_count(model_cfg),
       'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
-      'tokens': tokens, 'steps': int(state.step),
+      # From the executed plan, which is what ran (and what train_flops counts).
+      'tokens': pipeline.plan_tokens(config, out['phases']), 'steps': int(state.step),
       'train_flops': pipeline.train_flops(config, out['phases']),
       'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
       'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}
@@ -77,11 +77,11 @@ def run(config, workdir: str, do_export: bool = True) -> dict:
   }
   if do_export:
     export_dir = storage.join(workdir, 'export')
-    tokenizer = _tokenizer_file(workdir, run_.data.sp)
+    tokenizer = _tokenizer_file(workdir, ctx.data.sp)
     extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
                                      'tokens', 'steps')}
     extra['seq_len'] = config.data.seq_len  # the harness's default context window
-    with run_.clock.timing('checkpoint'):
+    with ctx.clock.timing('checkpoint'):
       export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
       params = jax.tree.map(np.asarray,
                             multihost_utils.process_allgather(state.params, tiled=True))
@@ -89,10 +89,10 @@ def run(config, workdir: str, do_export: bool = True) -> dict:
         export.save_hf(storage.join(export_dir, 'hf'), params, model_cfg, tokenizer)
     summary['export_dir'] = export_dir
   if tm is not None:
-    with run_.clock.timing('eval'):
-      summary['downstream'] = downstream(config, state.params, model_cfg, run_.mesh,
-                                         run_.data.sp, tm)
-  summary['goodput'] = run_.clock.summary()
+    with ctx.clock.timing('eval'):
+      summary['downstream'] = downstream(config, state.params, model_cfg, ctx.mesh,
+                                         ctx.data.sp, tm)
+  summary['goodput'] = ctx.clock.summary()
   if jax.process_index() == 0:
     report.write_report(workdir, summary)
   return summary
@@ -136,7 +136,7 @@ def compare(config, workdir: str) -> dict:
     for name in names:
       c = _variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
       run_dir = os.path.join(workdir, name, f'seed{seed}')
-      s = run(c, run_dir, do_export=False)
+      s = run_experiment(c, run_dir, do_export=False)
       r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],
                                     'downstream': [], 'params_final': s['params_final'],
                                     'tokens': s['tokens'], 'train_flops': s['train_flops']})

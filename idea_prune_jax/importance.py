@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idea_prune_jax.errors import PruneError
 from idea_prune_jax.structure import Structure, locate
 
 KINDS = ('platon', 'sensitivity_ema', 'magnitude', 'activation')
@@ -31,7 +32,7 @@ _STATE_FIELDS = {'platon': ('ibar', 'u'), 'sensitivity_ema': ('ibar',), 'magnitu
 
 def check_kind(kind: str) -> None:
   if kind not in KINDS:
-    raise ValueError(f"unknown importance kind {kind!r}; use one of {', '.join(KINDS)}")
+    raise PruneError(f"unknown importance kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
 def coupled_norm(tree_a: Any, tree_b: Any, structure: Structure) -> dict[str, jax.Array]:
@@ -39,10 +40,13 @@ def coupled_norm(tree_a: Any, tree_b: Any, structure: Structure) -> dict[str, ja
 
   (params, grads): sensitivity; (params, None): the L2 norm of the weights themselves.
   """
-  leaves_a, treedef, matches, _ = locate(tree_a, structure, one_leaf_per_slice=True)
-  leaves_b = leaves_a if tree_b is None else jax.tree_util.tree_leaves(tree_b)
-  if tree_b is not None and jax.tree_util.tree_structure(tree_b).num_leaves != treedef.num_leaves:
-    raise ValueError('coupled_norm: tree_a and tree_b must have the same structure')
+  leaves_a, _, matches, _ = locate(tree_a, structure, one_leaf_per_slice=True, what='params')
+  leaves_b = leaves_a
+  if tree_b is not None:
+    leaves_b, _, matches_b, _ = locate(tree_b, structure, one_leaf_per_slice=True, what='grads')
+    if [(m.path, m.unit.name) for m in matches_b] != [(m.path, m.unit.name) for m in matches]:
+      raise PruneError('grads and params hold the units at different paths: '
+                       f'{[m.path for m in matches_b]} vs {[m.path for m in matches]}')
   sumsq = {}
   for m in matches:
     a = leaves_a[m.index].astype(jnp.float32)
@@ -79,16 +83,24 @@ def update(state, kind: str = 'platon', *, params=None, grads=None, activations=
     return state
   if kind == 'activation':
     if activations is None:
-      raise ValueError("importance kind 'activation' needs activations=")
+      raise PruneError("importance kind 'activation' needs activations=")
     if not isinstance(activations, dict):
       names = list(state['act'])
       if len(names) != 1:
-        raise ValueError(f'activations must be a dict name -> array for units {names}')
+        raise PruneError(f'activations must be a dict name -> array for units {names}')
       activations = {names[0]: activations}
-    return {'act': {name: _ema(act, jnp.asarray(activations[name], jnp.float32), beta1)
-                    for name, act in state['act'].items()}}
+    new = {}
+    for name, act in state['act'].items():
+      if name not in activations:
+        raise PruneError(f"activations have no unit '{name}' (they have {sorted(activations)})")
+      a = jnp.asarray(activations[name], jnp.float32)
+      if a.shape != act.shape:
+        raise PruneError(f"activations of unit '{name}' have shape {a.shape}, want {act.shape} "
+                         '([n_layers, width], the mean |h| of each neuron)')
+      new[name] = _ema(act, a, beta1)
+    return {'act': new}
   if params is None or grads is None or structure is None:
-    raise ValueError(f'importance kind {kind!r} needs params=, grads= and structure=')
+    raise PruneError(f'importance kind {kind!r} needs params=, grads= and structure=')
   s = coupled_norm(params, grads, structure)
   ibar = {name: _ema(state['ibar'][name], s[name], beta1) for name in state['ibar']}
   if kind == 'sensitivity_ema':
@@ -110,5 +122,5 @@ def scores(state, kind: str = 'platon', *, params=None,
   if kind == 'activation':
     return dict(state['act'])
   if params is None or structure is None:
-    raise ValueError("importance kind 'magnitude' needs params= and structure=")
+    raise PruneError("importance kind 'magnitude' needs params= and structure=")
   return coupled_norm(params, None, structure)

@@ -22,7 +22,6 @@ from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import chips
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import storage
 
@@ -73,8 +72,8 @@ class Clock:
 
 
 @dataclasses.dataclass
-class Run:
-  """What stays fixed across the phases of one run."""
+class RunContext:
+  """What stays fixed across the phases of one run: config, mesh, data, checkpoints."""
   config: Any
   workdir: str
   mesh: Any
@@ -155,7 +154,7 @@ def _py(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def setup(config, workdir: str) -> Run:
+def setup(config, workdir: str) -> RunContext:
   """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet.
 
   workdir may be local or gs://; it is checked (bucket, credentials, not a file) up front.
@@ -165,21 +164,21 @@ def setup(config, workdir: str) -> Run:
   sharding_lib.maybe_initialize_distributed(config)
   _, _, tensor = config_lib.validate(config, jax.device_count())
   if config.pipeline in ('idea', 'naive'):
-    schedules.validate_prune(config, tensor)
+    config_lib.validate_prune(config, tensor)
   mesh = sharding_lib.make_mesh(config)
   data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
                         barrier=lambda: multihost_utils.sync_global_devices(
                             'idea_prune_jax:data_prepared'))
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt)
-  return Run(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
+  return RunContext(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
              clock, chips.peak_flops_per_device(jax.devices()[0]))
 
 
-def evaluate(run: Run, eval_fn: Callable, params) -> dict:
+def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
   """Validation loss and perplexity over the fixed held-out batches."""
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   total = count = 0.0
-  for local in run.data.val:
+  for local in ctx.data.val:
     batch = data_lib.global_batch(local, sharding)
     nll, n = eval_fn(params, batch)
     total, count = total + float(nll), count + float(n)
@@ -187,17 +186,17 @@ def evaluate(run: Run, eval_fn: Callable, params) -> dict:
   return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50.0))}
 
 
-def save(run: Run, state, meta: dict) -> None:
+def save(ctx: RunContext, state, meta: dict) -> None:
   """Starts an async save (blocks only for the copy to host and any previous save)."""
-  with run.clock.timing('checkpoint'):
-    ckpt_lib.save(run.ckpt, int(state.step), state, run.data.train, meta)
-  run.writer.sync()
+  with ctx.clock.timing('checkpoint'):
+    ckpt_lib.save(ctx.ckpt, int(state.step), state, ctx.data.train, meta)
+  ctx.writer.sync()
 
 
-def finish_saves(run: Run) -> None:
+def finish_saves(ctx: RunContext) -> None:
   """Blocks until every started save is committed (before exit, restore, or reading them)."""
-  with run.clock.timing('checkpoint'):
-    run.ckpt.wait_until_finished()
+  with ctx.clock.timing('checkpoint'):
+    ctx.ckpt.wait_until_finished()
 
 
 def _preempted(step: int) -> bool:
@@ -212,27 +211,27 @@ def _preempted(step: int) -> bool:
   return _SIGTERM.is_set()
 
 
-def _non_finite(run: Run, step: int, phase: str, loss: float, position: dict):
+def _non_finite(ctx: RunContext, step: int, phase: str, loss: float, position: dict):
   """Records where the loss broke (step, phase, data position of that batch) and stops."""
   position = json.loads(position)  # the grain iterator state of each shard this host reads
   info = {'step': step, 'phase': phase, 'loss': loss, 'data_position': position}
-  if run.is_main:
-    storage.write_text(storage.join(run.workdir, 'nonfinite.json'), json.dumps(info))
+  if ctx.is_main:
+    storage.write_text(storage.join(ctx.workdir, 'nonfinite.json'), json.dumps(info))
   raise NonFiniteLoss(
       f'loss is {loss} at step {step} ({phase}; batch at data position {position}); stopped '
-      f'without saving, the last good checkpoint in {run.workdir} is kept; lower train.lr or '
+      f'without saving, the last good checkpoint in {ctx.workdir} is kept; lower train.lr or '
       'check that batch')
 
 
 class _Profiler:
   """A jax.profiler trace of steps [start_step, start_step + steps) into W/profile."""
 
-  def __init__(self, run: Run):
-    cfg = run.config.profile
+  def __init__(self, ctx: RunContext):
+    cfg = ctx.config.profile
     self.start, self.end = cfg.start_step, cfg.start_step + cfg.steps
-    self.target = storage.join(run.workdir, 'profile')
+    self.target = storage.join(ctx.workdir, 'profile')
     # The profiler writes local files; a bucket gets a copy when the trace stops.
-    self.local = (storage.local_twin(run.workdir, 'profile') if storage.is_url(run.workdir)
+    self.local = (storage.local_twin(ctx.workdir, 'profile') if storage.is_url(ctx.workdir)
                   else self.target)
     self.on = False
 
@@ -257,7 +256,7 @@ class _Profiler:
             storage.write_bytes(storage.join(self.target, rel), fh.read())
 
 
-def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
+def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
               meta: dict, flops_per_step: float = 0.0):
   """Runs steps state.step .. end-1 and returns the final state.
 
@@ -266,17 +265,17 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
   SIGTERM reached any host (then raises Preempted). Each logged row has the step time, tokens/s,
   TFLOP/s per device and MFU (flops_per_step: the analytic FLOPs of one step, all devices).
   """
-  cfg = run.config.train
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  cfg = ctx.config.train
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   start = int(state.step)
-  tokens_per_step = cfg.batch_size * run.config.data.seq_len
+  tokens_per_step = cfg.batch_size * ctx.config.data.seq_len
   n_devices = jax.device_count()
   # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
-  plain = run.is_main and not sys.stderr.isatty()
-  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not run.is_main or start >= end,
+  plain = ctx.is_main and not sys.stderr.isatty()
+  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not ctx.is_main or start >= end,
                   dynamic_ncols=True, mininterval=1.0)
-  profiler = _Profiler(run)
-  clock = run.clock
+  profiler = _Profiler(ctx)
+  clock = ctx.clock
   before = dict(clock.seconds)
   loop_start = time.perf_counter()
   pending, t_last = None, time.perf_counter()
@@ -287,16 +286,16 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     pending = None
     metrics = {k: _py(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(metrics['loss']):
-      _non_finite(run, step, phase, metrics['loss'], position)
+      _non_finite(ctx, step, phase, metrics['loss'], position)
     now = time.perf_counter()
     step_s = max(now - t_last, 1e-9)
     tflops = flops_per_step / step_s / n_devices / 1e12
     metrics.update(step_s=step_s, tokens_per_s=tokens_per_step / step_s,
-                   tflops_per_device=tflops, mfu=tflops * 1e12 / run.peak_flops, phase=phase,
+                   tflops_per_device=tflops, mfu=tflops * 1e12 / ctx.peak_flops, phase=phase,
                    tokens_seen=(step + 1) * tokens_per_step)
     t_last = now
     if step % cfg.log_every == 0 or step == end - 1:
-      run.writer.write(step, metrics)
+      ctx.writer.write(step, metrics)
       if plain:
         print(f'{phase} step {step + 1}/{end} loss {metrics["loss"]:.4f} '
               f'tok/s {metrics["tokens_per_s"]:.0f} step_s {step_s:.3f} '
@@ -310,8 +309,8 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
     for step in range(start, end):
       profiler.at(step, state)
       with clock.timing('data'):
-        position = run.data.train.get_state()
-        batch = data_lib.global_batch(next(run.data.train), sharding)
+        position = ctx.data.train.get_state()
+        batch = data_lib.global_batch(next(ctx.data.train), sharding)
       # The first call of a step function traces and compiles it (or loads it from the cache).
       with clock.timing('compile') if step == start else contextlib.nullcontext():
         state, metrics = step_fn(state, batch)
@@ -325,8 +324,8 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
         if pending is not None:
           flush()
         with clock.timing('eval'):
-          val = evaluate(run, eval_fn, state.params)
-        run.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
+          val = evaluate(ctx, eval_fn, state.params)
+        ctx.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
         if plain:
           print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
                 flush=True)
@@ -335,11 +334,11 @@ def run_steps(run: Run, state, step_fn: Callable, end: int, *, phase: str, eval_
       if stop or done % cfg.ckpt_every == 0 or done == end:
         if pending is not None:
           flush()  # a non-finite loss must stop before it is saved
-        save(run, state, {**meta, 'phase': phase})
+        save(ctx, state, {**meta, 'phase': phase})
         t_last = time.perf_counter()
         if stop:
           bar.close()
-          raise Preempted(f'SIGTERM: saved step {done} in {run.workdir}; rerun to resume')
+          raise Preempted(f'SIGTERM: saved step {done} in {ctx.workdir}; rerun to resume')
     if pending is not None:
       flush()
   finally:
@@ -354,41 +353,41 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the workdir can be read."""
 
 
-def restore_latest(run: Run, abstract_for: Callable[[dict], Any], model_cfg):
+def restore_latest(ctx: RunContext, abstract_for: Callable[[dict], Any], model_cfg):
   """(state, meta) of the newest readable checkpoint, or None when there is none.
 
   abstract_for(meta) gives the abstract state (shapes + shardings) of the phase a checkpoint
   was written in. An unreadable checkpoint (truncated, corrupted) is skipped with a warning
   naming it; if none is readable the run stops with a clear error rather than start over.
   """
-  steps = sorted(run.ckpt.all_steps(), reverse=True)
+  steps = sorted(ctx.ckpt.all_steps(), reverse=True)
   errors = []
   for step in steps:
     try:
-      meta = ckpt_lib.read_meta(run.ckpt, step)
-      ckpt_lib.check_same_model(meta, model_cfg, run.workdir)
+      meta = ckpt_lib.read_meta(ctx.ckpt, step)
+      ckpt_lib.check_same_model(meta, model_cfg, ctx.workdir)
       abstract = abstract_for(meta)
-      with run.clock.timing('restore'):
-        state, meta = ckpt_lib.restore(run.ckpt, step, abstract, run.data.train)
+      with ctx.clock.timing('restore'):
+        state, meta = ckpt_lib.restore(ctx.ckpt, step, abstract, ctx.data.train)
     except config_lib.ConfigError:
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
-      where = os.path.join(str(run.ckpt.directory), str(step))
+      where = os.path.join(str(ctx.ckpt.directory), str(step))
       logging.warning('checkpoint %s is unreadable, skipping it: %s', where,
                       str(e).splitlines()[0][:300])
       errors.append(f'{where}: {type(e).__name__}')
       continue
     if errors:
       # Keep the unreadable ones for inspection, out of the way of this step number's next save.
-      if run.is_main:
+      if ctx.is_main:
         for err in errors:
           path = err.split(': ')[0]
           storage.path(path).rename(f'{path}.unreadable-{int(time.time())}')
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
-      run.ckpt.reload()
-    logging.info('resumed %s at step %d (phase %s)', run.workdir, step, meta.get('phase'))
+      ctx.ckpt.reload()
+    logging.info('resumed %s at step %d (phase %s)', ctx.workdir, step, meta.get('phase'))
     return state, meta
   if errors:
-    raise CheckpointError(f'no readable checkpoint in {run.ckpt.directory} ({"; ".join(errors)}); '
+    raise CheckpointError(f'no readable checkpoint in {ctx.ckpt.directory} ({"; ".join(errors)}); '
                           'move the directory away to start fresh')
   return None

@@ -110,9 +110,9 @@ def _main(argv):
   _process_setup(config, _WORKDIR.value)
   loop.install_sigterm_handler()
   if command == 'train':
-    print(json.dumps(pipeline.train(config, _WORKDIR.value)))
+    print(json.dumps(pipeline.train_dense(config, _WORKDIR.value)))
   elif command == 'run':
-    summary = experiment.run(config, _WORKDIR.value)
+    summary = experiment.run_experiment(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
   elif command == 'compare':
     from idea_prune_jax import storage
@@ -196,9 +196,11 @@ def _guarded(argv):
   from idea_prune_jax import loop
   from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data import DataError
+  from idea_prune_jax.errors import PruneError
   from idea_prune_jax.export import ExportError
   from idea_prune_jax.storage import StorageError
-  errors = (UsageError, ConfigError, DataError, ExportError, StorageError, loop.NonFiniteLoss)
+  errors = (UsageError, ConfigError, DataError, ExportError, PruneError, StorageError,
+            loop.NonFiniteLoss)
   try:
     if _wants_harness():
       from idea_prune_jax.harness import HarnessError
@@ -246,9 +248,10 @@ def _parse(argv):
     sys.exit(2)
 
 
-def run():
+def cli():
+  """The `idea-prune` console script."""
   app.run(_guarded, flags_parser=_parse)
 
 
 if __name__ == '__main__':
-  run()
+  cli()

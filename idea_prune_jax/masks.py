@@ -4,10 +4,10 @@ Masks are a dict unit name -> float32 0/1 array [n_layers, width] ([width] for a
 built from a `structure.Structure`. No model code knows about pruning: the forward pass sees
 `apply(params, masks, structure)`, so gradients w.r.t. pruned slices are exactly zero.
 
-A training step keeps pruned slices at exactly 0 by re-applying the masks to the params AFTER the
-optimizer update: `params = apply(optax.apply_updates(params, updates), masks, structure)`. Zero
-gradients alone are not enough: AdamW's momentum from before a neuron was pruned keeps moving it
-(and decoupled weight decay of a nonzero value is nonzero), which would revive it.
+A training step keeps pruned slices at exactly 0 AFTER the optimizer update (`zero_pruned` on the
+updates; `prune_optimizer` does it for you). Zero gradients alone are not enough: AdamW's momentum
+from before a neuron was pruned keeps moving it (and decoupled weight decay of a nonzero value is
+nonzero), which would revive it.
 
 `refresh` runs inside jit with a traced `keep_k` (no recompile as k moves); `shrink` and
 `kept_indices` run outside jit on concrete masks and slice the kept neurons out of any pytree
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idea_prune_jax.errors import PruneError
 from idea_prune_jax.structure import Structure, locate
 
 Masks = dict[str, jax.Array]
@@ -28,7 +29,7 @@ Masks = dict[str, jax.Array]
 
 def init(params: Any, structure: Structure) -> Masks:
   """All-ones float32 masks, [n_layers, width] per unit ([width] for layer_axis None)."""
-  _, _, _, dims = locate(params, structure)
+  _, _, _, dims = locate(params, structure, one_leaf_per_slice=True, what='params')
   return {name: jnp.ones(tuple(d for d in dims[name] if d is not None), jnp.float32)
           for name in dims}
 
@@ -45,14 +46,41 @@ def _broadcast(mask, match, ndim):
   return mask.reshape(shape)
 
 
+def _unit(tree: dict, name: str, what: str):
+  if name not in tree:
+    raise PruneError(f"{what} has no unit '{name}' (it has {sorted(tree)}); build it from the "
+                     'same structure')
+  return tree[name]
+
+
 def apply(tree: Any, masks: Masks, structure: Structure) -> Any:
   """Multiplies every leaf of each unit by its neuron mask (dtype preserved); params, grads, ..."""
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)
   for m in matches:
     leaf = leaves[m.index]
-    mask = _broadcast(jnp.asarray(masks[m.unit.name]), m, leaf.ndim)
+    mask = _broadcast(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m, leaf.ndim)
     leaves[m.index] = leaf * mask.astype(leaf.dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def zero_pruned(updates: Any, params: Any, masks: Masks, structure: Structure) -> Any:
+  """Updates that leave every pruned slice of `params + updates` exactly 0, the rest unchanged.
+
+  For a pruned entry the update is −param (p + (−p) is exactly 0 in IEEE arithmetic); a kept
+  entry keeps its update bit for bit, so `optax.apply_updates` gives the same kept values as
+  without pruning.
+  """
+  leaves, treedef, matches, _ = locate(updates, structure, one_leaf_per_slice=True,
+                                       what='updates')
+  params_leaves = jax.tree_util.tree_leaves(params)
+  if len(params_leaves) != len(leaves):
+    raise PruneError(f'updates have {len(leaves)} leaves, params {len(params_leaves)}; '
+                     'pass the params the updates are for')
+  leaves = list(leaves)
+  for m in matches:
+    mask = _broadcast(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m, leaves[m.index].ndim)
+    leaves[m.index] = jnp.where(mask > 0, leaves[m.index], -params_leaves[m.index])
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -84,10 +112,12 @@ def refresh(masks: Masks, scores: dict[str, jax.Array], keep_k) -> Masks:
   """
   out = {}
   for name, mask in masks.items():
-    k = keep_k[name] if isinstance(keep_k, dict) else keep_k
-    mask = jnp.asarray(mask)
-    flat = _refresh_rows(mask.reshape(-1, mask.shape[-1]),
-                         jnp.asarray(scores[name]).reshape(-1, mask.shape[-1]), k)
+    k = _unit(keep_k, name, 'keep_k') if isinstance(keep_k, dict) else keep_k
+    mask, score = jnp.asarray(mask), jnp.asarray(_unit(scores, name, 'scores'))
+    if score.shape != mask.shape:
+      raise PruneError(f"refresh: scores of unit '{name}' have shape {score.shape}, its mask "
+                       f'{mask.shape}; scores must be [n_layers, width] like the mask')
+    flat = _refresh_rows(mask.reshape(-1, mask.shape[-1]), score.reshape(-1, mask.shape[-1]), k)
     out[name] = flat.reshape(mask.shape)
   return out
 
@@ -101,35 +131,62 @@ def kept_indices(masks: Masks) -> dict[str, np.ndarray]:
   """Ascending kept indices: name -> int [n_layers, k] ([k] if unstacked); needs uniform width."""
   out = {}
   for name, mask in masks.items():
+    if isinstance(mask, jax.core.Tracer):
+      raise PruneError(f"unit '{name}': masks are traced; shrink and kept_indices change shapes, "
+                       'so call them outside jit (on concrete masks, between steps)')
     keep = np.asarray(mask) > 0
     keep_LxF = keep.reshape(-1, keep.shape[-1])
     counts = keep_LxF.sum(-1)
     if np.any(counts != counts[0]):
-      raise ValueError(f"unit '{name}': layers keep different widths {counts.tolist()}; "
+      raise PruneError(f"unit '{name}': layers keep different widths {counts.tolist()}; "
                        'shrink needs one width for every layer')
     idx = np.stack([np.flatnonzero(row) for row in keep_LxF])
     out[name] = idx.reshape(keep.shape[:-1] + (int(counts[0]),))
   return out
 
 
+def _take(x, idx, axis):
+  take = np.take_along_axis if isinstance(x, np.ndarray) else jnp.take_along_axis
+  return take(x, idx, axis=axis)
+
+
 def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
-  """Slices the kept neurons out of every unit leaf; params, grads, optax states. Outside jit:
-  the masks must be concrete, and every layer must keep the same number of neurons."""
+  """Slices the kept neurons out of every unit leaf; params, grads, optax states, and the
+  masks and scores inside a `prune_optimizer` state (so it keeps training at the new width).
+  Outside jit: the masks must be concrete, and every layer must keep the same number of neurons."""
+  from idea_prune_jax.prune_optax import PruneState  # pylint: disable=g-import-not-at-top
   indices = kept_indices(masks)
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)
   for m in matches:
     leaf = leaves[m.index]
-    idx = _broadcast(indices[m.unit.name], m, leaf.ndim)
-    take = np.take_along_axis if isinstance(leaf, np.ndarray) else jnp.take_along_axis
-    leaves[m.index] = take(leaf, idx, axis=m.neuron_axis)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+    leaves[m.index] = _take(leaf, _broadcast(indices[m.unit.name], m, leaf.ndim), m.neuron_axis)
+  tree = jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def per_unit(tree_by_name):  # {name: [.., width]} -> {name: [.., kept]}
+    return {name: _take(x, indices[name], -1) for name, x in tree_by_name.items()}
+
+  def visit(node):
+    if not isinstance(node, PruneState):
+      return node
+    return node._replace(masks=per_unit(node.masks),
+                         scores={f: per_unit(v) for f, v in node.scores.items()})
+
+  return jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, PruneState))
+
+
+def shrink_params(params: Any, masks: Masks, structure: Structure):
+  """(shrunk params, {unit name: kept width}): rebuild your module at those widths (Linen:
+  `Model(ffn=widths['ffn']).apply({'params': shrunk}, ...)`; NNX: `nnx.update` a module made at
+  them, see docs/pruning_api.md)."""
+  widths = {name: int(idx.shape[-1]) for name, idx in kept_indices(masks).items()}
+  return shrink(params, masks, structure), widths
 
 
 def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
   """(shrunk params, dataclasses.replace(model_config, ffn_dim=kept width)); one width overall."""
   kept = {name: idx.shape[-1] for name, idx in kept_indices(masks).items()}
   if len(set(kept.values())) != 1:
-    raise ValueError(f'units keep different widths {kept}; ffn_dim needs one')
+    raise PruneError(f'units keep different widths {kept}; ffn_dim needs one')
   return shrink(params, masks, structure), dataclasses.replace(
       model_config, ffn_dim=next(iter(kept.values())))

@@ -16,17 +16,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
 from idea_prune_jax import export
 from idea_prune_jax import importance
 from idea_prune_jax import loop
 from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import storage
 from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
+from idea_prune_jax.prune_optax import PruneState
+from idea_prune_jax.schedules import PruneSchedule
 from idea_prune_jax.structure import FFN_STRUCTURE
 
 
@@ -36,7 +38,7 @@ class Phase:
   start: int
   end: int  # exclusive
   ffn_dim: int
-  prune: schedules.PruneSchedule | None = None
+  prune: PruneSchedule | None = None
   lr_start: int = 0  # the step this phase's LR schedule counts from (naive re-warms)
   lr_steps: int = 0  # that schedule's length
   kd: bool = False  # distils from TrainState.teacher
@@ -63,9 +65,8 @@ def _phases(config) -> tuple[Phase, ...]:
     return (Phase('train', 0, T, f_e, lr_steps=T),)
   if name == 'scratch':
     return (Phase('scratch', 0, T, f_t, lr_steps=T),)
+  ps = config_lib.prune_schedule(config)  # t_end clamped to the last step: never past the run
   if name == 'idea':
-    ps = schedules.PruneSchedule.from_config(config)
-    ps = dataclasses.replace(ps, t_end=min(ps.t_end, T - 1))
     return (Phase('enlarged', 0, ps.t_start, f_e, lr_steps=T),
             Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=ps, lr_steps=T, kd=kd_prune),
             Phase('recovery', ps.t_end + 1, T, f_t, lr_steps=T, kd=kd_recovery))
@@ -74,11 +75,10 @@ def _phases(config) -> tuple[Phase, ...]:
   rec = dict(lr_start=split, lr_steps=T - split)
   if config.naive.prune == 'oneshot':
     return (enlarged, Phase('recovery', split, T, f_t, kd=kd_recovery, fresh_optimizer=True, **rec))
-  t_end = split + max(int(round(config.naive.window * T)), 1)
-  ps = dataclasses.replace(schedules.PruneSchedule.from_config(config), t_start=split, t_end=t_end)
   return (enlarged,
-          Phase('prune', split, t_end + 1, f_e, prune=ps, kd=kd_prune, fresh_optimizer=True, **rec),
-          Phase('recovery', t_end + 1, T, f_t, kd=kd_recovery, **rec))
+          Phase('prune', split, ps.t_end + 1, f_e, prune=ps, kd=kd_prune, fresh_optimizer=True,
+                **rec),
+          Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
 
 
 def teacher_config(config) -> ModelConfig:
@@ -105,9 +105,20 @@ def step_flops(config, phase: Phase) -> float:
   return config.train.batch_size * seq * per_token
 
 
+def plan_tokens(config, phases) -> int:
+  """Training tokens of a plan: the steps it executes times the global batch's tokens."""
+  steps = sum(ph.end - ph.start for ph in phases)
+  return steps * config.train.batch_size * config.data.seq_len
+
+
 def train_flops(config, phases) -> float:
-  """Analytical training FLOPs of a plan."""
-  return sum((ph.end - ph.start) * step_flops(config, ph) for ph in phases)
+  """Analytical training FLOPs of a plan, with the naive one-shot's scoring batches (a forward
+  and backward of the enlarged model each)."""
+  total = sum((ph.end - ph.start) * step_flops(config, ph) for ph in phases)
+  for prev, nxt in zip(phases, phases[1:]):
+    if prev.ffn_dim != nxt.ffn_dim and prev.prune is None:  # a one-shot prune at this boundary
+      total += config.naive.score_batches * step_flops(config, dataclasses.replace(prev, kd=False))
+  return total
 
 
 @dataclasses.dataclass
@@ -115,7 +126,8 @@ class Parts:
   """What one phase compiles: its model, optimizer, LR schedule and state shardings."""
   model_cfg: ModelConfig
   model: model_lib.Transformer
-  optimizer: object
+  optimizer: object  # `inner`, wrapped by prune_optimizer in a prune phase
+  inner: object  # the dense AdamW
   schedule: object
   init_fn: object  # key -> TrainState of this phase (shapes; values only for the first phase)
   shardings: train_lib.TrainState
@@ -124,17 +136,18 @@ class Parts:
 def parts(config, phase: Phase, mesh) -> Parts:
   model_cfg = ModelConfig.from_config(config, ffn_dim=phase.ffn_dim)
   teacher_cfg = teacher_config(config)
-  schedule = schedules.lr_schedule(config.train, phase.lr_steps)
-  optimizer = train_lib.make_optimizer(config.train, schedule)
-  score = config.prune.score
+  schedule = train_lib.lr_schedule(config.train, phase.lr_steps)
+  inner = optimizer = train_lib.make_optimizer(config.train, schedule)
+  if phase.prune:
+    optimizer = train_lib.prune_tx(inner, prune_options(config, phase))
 
   def init_fn(key):
     params = nn.unbox(model_lib.init_params(model_cfg, key))
+    opt_state = optimizer.init(params)
+    if phase.prune:  # the schedule counts global steps
+      opt_state = opt_state._replace(count=jnp.asarray(phase.start, jnp.int32))
     state = train_lib.TrainState(step=jnp.asarray(phase.start, jnp.int32), params=params,
-                                 opt_state=optimizer.init(params))
-    if phase.prune:
-      masks = masks_lib.init(params, FFN_STRUCTURE)
-      state = state.replace(masks=masks, scores=importance.init(masks, score))
+                                 opt_state=opt_state)
     if phase.teacher:
       state = state.replace(teacher=nn.unbox(model_lib.init_params(teacher_cfg, key)))
     return state
@@ -143,22 +156,24 @@ def parts(config, phase: Phase, mesh) -> Parts:
   teacher_sharding = (sharding_lib.param_shardings(train_lib.abstract_params(teacher_cfg), mesh)
                       if phase.teacher else None)
   shardings = train_lib.state_shardings(jax.eval_shape(init_fn, jax.random.key(0)),
-                                        params_sharding, optimizer, mesh, teacher_sharding)
-  return Parts(model_cfg, model_lib.Transformer(model_cfg), optimizer, schedule, init_fn,
+                                        params_sharding, inner, mesh, teacher_sharding)
+  return Parts(model_cfg, model_lib.Transformer(model_cfg), optimizer, inner, schedule, init_fn,
                shardings)
 
 
+def prune_options(config, phase: Phase) -> train_lib.PruneOptions:
+  return train_lib.PruneOptions(phase.prune, config.prune.score, config.prune.beta1,
+                                config.prune.beta2, FFN_STRUCTURE)
+
+
 def step_fn(config, phase: Phase, p: Parts, mesh):
-  prune = kd = None
-  if phase.prune:
-    prune = train_lib.PruneOptions(phase.prune, config.prune.score, config.prune.beta1,
-                                   config.prune.beta2)
+  kd = None
   if phase.kd:
     kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(config)),
                              config.distill.alpha, config.distill.tau, config.distill.chunk)
+  want_acts = phase.prune is not None and config.prune.score == 'activation'
   return train_lib.jit_step(train_lib.train_step, p.shardings, mesh, model=p.model,
-                            optimizer=p.optimizer, schedule=p.schedule, lr_offset=phase.lr_start,
-                            prune=prune, kd=kd)
+                            optimizer=p.optimizer, schedule=p.schedule, kd=kd, want_acts=want_acts)
 
 
 def _host(tree):
@@ -166,30 +181,44 @@ def _host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def _oneshot_masks(run, config, state, model):
-  """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
-  masks = masks_lib.init(state.params, FFN_STRUCTURE)
-  scores = importance.init(masks, config.prune.score)
+def oneshot_score_fn(config, model_cfg: ModelConfig, mesh):
+  """Naive one-shot's jitted (scores, params, batch) -> scores, traced under the step's mesh
+  (so the model's activation batch sharding applies, as in the train step)."""
   kind, want_acts = config.prune.score, config.prune.score == 'activation'
+  model = model_lib.Transformer(model_cfg)
 
-  @jax.jit
   def accumulate(scores, params, batch):
     (_, aux), grads = jax.value_and_grad(train_lib.loss_and_aux, has_aux=True)(
         params, batch, None, model=model, kd=None, want_acts=want_acts)
-    return importance.update(scores, kind, params=params, grads=grads,
-                             activations=aux.get('ffn_act'), structure=FFN_STRUCTURE,
-                             beta1=config.prune.beta1, beta2=config.prune.beta2)
+    acts = {'ffn': aux['ffn_act']} if want_acts else None
+    return importance.update(scores, kind, params=params, grads=grads, activations=acts,
+                             structure=FFN_STRUCTURE, beta1=config.prune.beta1,
+                             beta2=config.prune.beta2)
 
-  stream = run.data.train.fork()  # scoring must not move the training data order
-  sharding = sharding_lib.batch_sharding(run.mesh)
+  params_sharding = sharding_lib.param_shardings(train_lib.abstract_params(model_cfg), mesh)
+  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
+  scores_sharding = {f: {'ffn': ffn} for f in importance.init({'ffn': 0.0}, kind)}
+  jitted = jax.jit(accumulate, out_shardings=scores_sharding, in_shardings=(
+      scores_sharding, params_sharding, sharding_lib.batch_sharding(mesh)))
+  return sharding_lib.MeshJit(jitted, mesh)
+
+
+def _oneshot_masks(ctx, config, state, model_cfg: ModelConfig):
+  """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
+  masks = masks_lib.init(state.params, FFN_STRUCTURE)
+  scores = importance.init(masks, config.prune.score)
+  accumulate = oneshot_score_fn(config, model_cfg, ctx.mesh)
+  stream = ctx.data.train.fork()  # scoring must not move the training data order
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
   for _ in range(config.naive.score_batches):
     batch = data_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
-  final = importance.scores(scores, kind, params=state.params, structure=FFN_STRUCTURE)
+  final = importance.scores(scores, config.prune.score, params=state.params,
+                            structure=FFN_STRUCTURE)
   return masks_lib.refresh(masks, final, config.prune.target_ffn)
 
 
-def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
+def transition(ctx, config, prev: Phase, nxt: Phase, state, p_next: Parts):
   """The state of `nxt` at its first step, from the state `prev` ended with."""
   teacher = state.teacher if nxt.teacher else None
   if nxt.teacher and teacher is None and config.distill.teacher:
@@ -198,23 +227,29 @@ def transition(run, config, prev: Phase, nxt: Phase, state, p_next: Parts):
     # idea: the enlarged model at t_s; naive: the final enlarged model. A copy: the state is
     # donated each step, and one buffer cannot be donated as both params and teacher.
     teacher = jax.tree.map(jnp.copy, state.params)
-  masks, scores = state.masks, state.scores
   params, opt_state = state.params, state.opt_state
+  if isinstance(opt_state, PruneState):  # the window ended: keep the dense optimizer's state
+    masks, opt_state = opt_state.masks, opt_state.inner
+  else:
+    masks = None
   if prev.ffn_dim != nxt.ffn_dim:
     if masks is None:
-      enlarged = model_lib.Transformer(ModelConfig.from_config(config, ffn_dim=prev.ffn_dim))
-      masks = _oneshot_masks(run, config, state, enlarged)
+      masks = _oneshot_masks(ctx, config, state,
+                             ModelConfig.from_config(config, ffn_dim=prev.ffn_dim))
     masks = _host(masks)
     params = masks_lib.shrink(params, masks, FFN_STRUCTURE)
     opt_state = masks_lib.shrink(opt_state, masks, FFN_STRUCTURE)
-    masks = scores = None
   if nxt.fresh_optimizer:
-    opt_state = p_next.optimizer.init(params)
+    opt_state = p_next.inner.init(params)
   if nxt.prune:
+    # prune_optimizer's init state around the carried (or fresh) AdamW state; the schedule
+    # counts global steps.
     masks = masks_lib.init(params, FFN_STRUCTURE)
-    scores = importance.init(masks, config.prune.score)
-  new = train_lib.TrainState(step=state.step, params=params, opt_state=opt_state, masks=masks,
-                             scores=scores, teacher=teacher)
+    # A copy of the step: one buffer cannot be donated twice (as step and count).
+    opt_state = PruneState(count=jnp.copy(state.step), masks=masks,
+                           scores=importance.init(masks, config.prune.score), inner=opt_state)
+  new = train_lib.TrainState(step=state.step, params=params, opt_state=opt_state,
+                             teacher=teacher)
   return jax.device_put(new, p_next.shardings)
 
 
@@ -232,10 +267,10 @@ def run_pipeline(config, workdir: str) -> dict:
   """Runs (or resumes) config.pipeline to the end; returns the final state, model and figures."""
   t0 = time.time()
   teacher_config(config)  # a bad distill.teacher fails here, before any compute
-  run = loop.setup(config, workdir)
+  ctx = loop.setup(config, workdir)
   phases, names = plan(config), [ph.name for ph in plan(config)]
   base_cfg = ModelConfig.from_config(config)
-  digest = run.data.manifest['tokenizer_digest']
+  digest = ctx.data.manifest['tokenizer_digest']
   meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline,
           'tokenizer_digest': digest}
 
@@ -244,61 +279,61 @@ def run_pipeline(config, workdir: str) -> dict:
       raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
     if saved.get('tokenizer_digest', digest) != digest:
-      raise ConfigError(f'config.data.prepared_dir={run.data.prepared_dir!r}: its tokenizer '
+      raise ConfigError(f'config.data.prepared_dir={ctx.data.prepared_dir!r}: its tokenizer '
                         f'(digest {digest}) is not the one the checkpoint in {workdir} was '
                         f'trained with ({saved["tokenizer_digest"]}); resume with the same data')
-    p = parts(config, phases[names.index(saved['phase'])], run.mesh)
+    p = parts(config, phases[names.index(saved['phase'])], ctx.mesh)
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
   try:
-    state, p, result = _run_phases(run, config, phases, abstract_for, base_cfg, meta)
+    state, p, result = _run_phases(ctx, config, phases, abstract_for, base_cfg, meta)
   finally:
     # Every started save committed before the process moves on (or exits, when preempted).
-    loop.finish_saves(run)
+    loop.finish_saves(ctx)
     # One row per attempt (also a preempted one): where its wall time went.
-    run.writer.write(run.ckpt.latest_step() or 0, run.clock.summary())
-    run.writer.close()
-    run.data.train.close()
-  return {'state': state, 'model_cfg': p.model_cfg, 'run': run, 'phases': phases,
+    ctx.writer.write(ctx.ckpt.latest_step() or 0, ctx.clock.summary())
+    ctx.writer.close()
+    ctx.data.train.close()
+  return {'state': state, 'model_cfg': p.model_cfg, 'ctx': ctx, 'phases': phases,
           'wall_s': time.time() - t0, **result}
 
 
-def _run_phases(run, config, phases, abstract_for, base_cfg, meta):
+def _run_phases(ctx, config, phases, abstract_for, base_cfg, meta):
   names = [ph.name for ph in phases]
-  restored = loop.restore_latest(run, abstract_for, base_cfg)
+  restored = loop.restore_latest(ctx, abstract_for, base_cfg)
   if restored is None:
     index = 0
-    p = parts(config, phases[0], run.mesh)
+    p = parts(config, phases[0], ctx.mesh)
     state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(config.seed))
   else:
     state, saved = restored
     index = names.index(saved['phase'])
-    p = parts(config, phases[index], run.mesh)
+    p = parts(config, phases[index], ctx.mesh)
   for i in range(index, len(phases)):
     phase = phases[i]
     if i > index:
-      p_next = parts(config, phase, run.mesh)
-      state, p = transition(run, config, phases[i - 1], phase, state, p_next), p_next
+      p_next = parts(config, phase, ctx.mesh)
+      state, p = transition(ctx, config, phases[i - 1], phase, state, p_next), p_next
     if int(state.step) >= phase.end:
       continue
-    fn = step_fn(config, phase, p, run.mesh)
-    eval_fn = train_lib.jit_eval(p.model, p.shardings.params, run.mesh)
+    fn = step_fn(config, phase, p, ctx.mesh)
+    eval_fn = train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh)
     kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta,
                   flops_per_step=step_flops(config, phase))
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
-      state = loop.run_steps(run, state, fn, phase.start + 1, **kwargs)
-      _save_importance(run.workdir, 't_start', state, config)
-    state = loop.run_steps(run, state, fn, phase.end, **kwargs)
+      state = loop.run_steps(ctx, state, fn, phase.start + 1, **kwargs)
+      _save_importance(ctx.workdir, 't_start', state, config)
+    state = loop.run_steps(ctx, state, fn, phase.end, **kwargs)
     if phase.prune:
-      _save_importance(run.workdir, 't_end', state, config)
-  with run.clock.timing('eval'):
-    result = loop.evaluate(run, train_lib.jit_eval(p.model, p.shardings.params, run.mesh),
+      _save_importance(ctx.workdir, 't_end', state, config)
+  with ctx.clock.timing('eval'):
+    result = loop.evaluate(ctx, train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                            state.params)
   return state, p, result
 
 
-def train(config, workdir: str) -> dict:
+def train_dense(config, workdir: str) -> dict:
   """Dense pretraining of config.model for train.steps; resumes from workdir's latest checkpoint."""
   config = copy.deepcopy(config)
   config.pipeline = 'train'

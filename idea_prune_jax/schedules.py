@@ -1,38 +1,15 @@
-"""Learning-rate schedules (one cosine for idea/scratch, re-warmed for naive recovery) and the
-FFN width schedule k(t) of the pruning window."""
+"""The FFN width schedule k(t) of the pruning window; its methods trace inside jit.
+
+(The LR schedules live with the trainer, `train.warmup_cosine`; reading a schedule from the
+config is `config.prune_schedule`.)
+"""
 
 import dataclasses
+import numbers
 
 import jax.numpy as jnp
-import optax
 
-from idea_prune_jax.config import ConfigError
-from idea_prune_jax.importance import KINDS as SCORE_KINDS
-
-
-def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.1) -> optax.Schedule:
-  """Linear warmup to peak, cosine decay to min_lr_ratio·peak at total_steps, flat after."""
-  warmup_steps = max(int(warmup_steps), 0)
-  decay_steps = max(int(total_steps) - warmup_steps, 1)
-  end_lr = peak_lr * min_lr_ratio
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
-    p = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1 + jnp.cos(jnp.pi * p))
-    return jnp.where(step < warmup_steps, warm, cosine)
-
-  return schedule
-
-
-def lr_schedule(train_config, total_steps: int | None = None) -> optax.Schedule:
-  """The run's schedule from config.train; total_steps overrides train.steps (naive phases)."""
-  t = train_config
-  return warmup_cosine(t.lr, t.warmup_steps, t.steps if total_steps is None else total_steps,
-                       t.min_lr_ratio)
-
+from idea_prune_jax.errors import PruneError
 
 WIDTH_SCHEDULES = ('cubic', 'linear')
 
@@ -41,7 +18,7 @@ WIDTH_SCHEDULES = ('cubic', 'linear')
 class PruneSchedule:
   """FFN width per layer over the window [t_start, t_end] (steps); methods trace inside jit.
 
-  p = clip((t − t_start) / (t_end − t_start), 0, 1)
+  p = clip((t − t_start) / (t_end − t_start), 0, 1)   (1 from t_end on, also when t_end = t_start)
   k(t) = f_T + (f_E − f_T)·(1 − p)^3   (cubic)   or   f_T + (f_E − f_T)·(1 − p)   (linear)
   """
   t_start: int
@@ -51,9 +28,32 @@ class PruneSchedule:
   ffn_target: int  # f_T
   kind: str = 'cubic'
 
+  def __post_init__(self):
+    for name in ('t_start', 't_end', 'every', 'ffn_enlarged', 'ffn_target'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PruneError(f'PruneSchedule.{name}={value!r}: must be an integer')
+      object.__setattr__(self, name, int(value))
+    if self.ffn_target < 1:
+      raise PruneError(f'PruneSchedule.ffn_target={self.ffn_target}: must be >= 1')
+    if self.ffn_target > self.ffn_enlarged:
+      raise PruneError(f'PruneSchedule.ffn_target={self.ffn_target}: above ffn_enlarged='
+                       f'{self.ffn_enlarged}; pruning only removes neurons')
+    if self.t_start < 0:
+      raise PruneError(f'PruneSchedule.t_start={self.t_start}: must be >= 0')
+    if self.t_end < self.t_start:
+      raise PruneError(f'PruneSchedule.t_end={self.t_end}: before t_start={self.t_start}')
+    if self.every < 1:
+      raise PruneError(f'PruneSchedule.every={self.every}: must be >= 1')
+    if self.kind not in WIDTH_SCHEDULES:
+      raise PruneError(f'PruneSchedule.kind={self.kind!r}: use one of '
+                       f"{', '.join(WIDTH_SCHEDULES)}")
+
   def progress(self, step):
     step = jnp.asarray(step, jnp.float32)
-    return jnp.clip((step - self.t_start) / max(self.t_end - self.t_start, 1), 0.0, 1.0)
+    p = jnp.clip((step - self.t_start) / max(self.t_end - self.t_start, 1), 0.0, 1.0)
+    # A one-step window (t_end = t_start) is a one-shot prune: p = 1 at t_end, so k = f_T there.
+    return jnp.where(step >= self.t_end, 1.0, p)
 
   def keep_k(self, step):
     """int32 k(t). Rounded to nearest: float32 error in p cannot shift k by a whole neuron the
@@ -74,53 +74,3 @@ class PruneSchedule:
     step = jnp.asarray(step)
     return self.in_window(step) & (((step - self.t_start) % self.every == 0)
                                    | (step == self.t_end))
-
-  @classmethod
-  def from_config(cls, config) -> 'PruneSchedule':
-    """From config.prune (t_start / t_end as fractions of train.steps) and model.ffn_dim."""
-    p, steps = config.prune, config.train.steps
-    return cls(t_start=int(round(p.t_start * steps)), t_end=int(round(p.t_end * steps)),
-               every=int(p.every), ffn_enlarged=int(config.model.ffn_dim),
-               ffn_target=int(p.target_ffn), kind=p.schedule)
-
-
-def _prune_fail(field, value, why):
-  raise ConfigError(f'config.{field}={value!r}: {why}')
-
-
-def validate_prune(config, tensor_parallel: int | None = None) -> None:
-  """Raises ConfigError (one line naming the field) for an impossible pruning config.
-
-  tensor_parallel defaults to config.mesh.tensor (1 when that is -1, i.e. not yet known).
-  """
-  p, ffn = config.prune, config.model.ffn_dim
-  tp = tensor_parallel if tensor_parallel is not None else max(int(config.mesh.tensor), 1)
-  if not 1 <= p.target_ffn <= ffn:
-    _prune_fail('prune.target_ffn', p.target_ffn, f'must lie in [1, model.ffn_dim={ffn}]')
-  if p.round_to < 1:
-    _prune_fail('prune.round_to', p.round_to, 'must be >= 1')
-  if p.target_ffn % p.round_to:
-    _prune_fail('prune.target_ffn', p.target_ffn,
-                f'not a multiple of prune.round_to={p.round_to}')
-  if p.target_ffn % tp:
-    _prune_fail('prune.target_ffn', p.target_ffn,
-                f'not a multiple of the tensor-parallel degree {tp}')
-  if ffn % tp:
-    _prune_fail('model.ffn_dim', ffn, f'not a multiple of the tensor-parallel degree {tp}')
-  if not 0 <= p.t_start < p.t_end <= 1:
-    field = 'prune.t_start' if not 0 <= p.t_start < 1 else 'prune.t_end'
-    _prune_fail(field, p[field.split('.')[1]],
-                f'need 0 <= prune.t_start < prune.t_end <= 1 (got {p.t_start}, {p.t_end})')
-  sched = PruneSchedule.from_config(config)
-  if sched.t_end - sched.t_start < 1:
-    _prune_fail('prune.t_end', p.t_end, f'window [{sched.t_start}, {sched.t_end}] of '
-                f'train.steps={config.train.steps} is shorter than one step')
-  if p.every < 1:
-    _prune_fail('prune.every', p.every, 'must be >= 1')
-  if p.schedule not in WIDTH_SCHEDULES:
-    _prune_fail('prune.schedule', p.schedule, f"use one of {', '.join(WIDTH_SCHEDULES)}")
-  if p.score not in SCORE_KINDS:
-    _prune_fail('prune.score', p.score, f"use one of {', '.join(SCORE_KINDS)}")
-  for beta in ('beta1', 'beta2'):
-    if not 0 <= p[beta] < 1:
-      _prune_fail(f'prune.{beta}', p[beta], 'must lie in [0, 1)')

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import jax
 
+from idea_prune_jax.errors import PruneError
+
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
@@ -32,6 +34,10 @@ class Unit:
   name: str  # key of this unit in masks and scores
   slices: tuple[Slice, ...]
   layer_axis: int | None = 0  # the stacked (nn.scan) axis of every slice; None: one layer
+  # True: a slice may match several leaves of one params tree (tied copies) and they share this
+  # unit's mask; False (default): that is an error, since it usually means the prefix also
+  # matches an encoder and a decoder, an EMA copy or a teacher held in the same tree.
+  shared: bool = False
 
 
 Structure = tuple[Unit, ...]
@@ -39,7 +45,7 @@ Structure = tuple[Unit, ...]
 
 def ffn_unit(name: str, prefix: Sequence[str], *, in_projs=('gate', 'up'), out_projs=('down',),
              kernel: Sequence[str] = (), bias: str | None = None,
-             layer_axis: int | None = None) -> Unit:
+             layer_axis: int | None = None, shared: bool = False) -> Unit:
   """One FFN: `prefix/<in_proj>/<kernel>` [.., D, F] on axis -1, `prefix/<out_proj>/<kernel>`
   [.., F, D] on axis -2; `bias`: the leaf name of the in-projections' biases `prefix/<in_proj>/
   <bias>` [.., F], which belong to the neuron (Linen Dense / nnx.Linear: kernel=('kernel',),
@@ -49,12 +55,12 @@ def ffn_unit(name: str, prefix: Sequence[str], *, in_projs=('gate', 'up'), out_p
   if bias is not None:
     slices += [Slice(prefix + (p, bias), -1) for p in in_projs]
   slices += [Slice(prefix + (p,) + kernel, -2) for p in out_projs]
-  return Unit(name, tuple(slices), layer_axis)
+  return Unit(name, tuple(slices), layer_axis, shared)
 
 
 def ffn_units(prefixes: Sequence[Sequence[str]], **kwargs) -> Structure:
   """One unstacked FFN unit per prefix, named by its joined path ('block_0/mlp'); see ffn_unit."""
-  return tuple(ffn_unit('/'.join(p), p, **kwargs) for p in prefixes)
+  return tuple(ffn_unit('/'.join(str(k) for k in p), p, **kwargs) for p in prefixes)
 
 
 def llama_ffn(prefix=('layers', 'mlp'), name: str = 'ffn', layer_axis: int | None = 0) -> Structure:
@@ -91,11 +97,14 @@ class Match:
   layer_axis: int | None  # non-negative
 
 
-def locate(tree: Any, structure: Structure, *, one_leaf_per_slice: bool = False):
+def locate(tree: Any, structure: Structure, *, one_leaf_per_slice: bool = False,
+           what: str = 'the tree'):
   """(leaves, treedef, matches, dims): dims[name] = (n_layers | None, width).
 
-  Raises ValueError (one line) when a slice matches no leaf, a leaf matches two slices, or the
-  sizes of a unit's leaves disagree.
+  Raises PruneError (one line) when a slice matches no leaf, a leaf matches two slices, or the
+  sizes of a unit's leaves disagree. one_leaf_per_slice: `tree` is ONE params-shaped tree
+  (params, grads), so a slice matching several leaves is an error unless its unit is `shared`
+  (optax states legitimately hold several copies: mu, nu).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   leaves = [leaf for _, leaf in flat]
@@ -106,21 +115,24 @@ def locate(tree: Any, structure: Structure, *, one_leaf_per_slice: bool = False)
       n = len(sl.path)
       hits = [i for i, nm in enumerate(names) if nm[-n:] == tuple(sl.path)]
       if not hits:
-        raise ValueError(f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches no leaf")
-      if one_leaf_per_slice and len(hits) > 1:
-        raise ValueError(f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches "
-                         f'{len(hits)} leaves; pass a params-shaped tree')
+        raise PruneError(f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches no leaf "
+                         f'of {what}')
+      if one_leaf_per_slice and len(hits) > 1 and not unit.shared:
+        raise PruneError(
+            f"unit '{unit.name}': slice path {'/'.join(sl.path)} matches {len(hits)} leaves of "
+            f"{what} ({', '.join('/'.join(names[i]) for i in hits)}); give a longer path prefix "
+            'that picks one, or Unit(shared=True) if they really share one mask')
       for i in hits:
         path = '/'.join(names[i])
         if i in owner:
-          raise ValueError(f'leaf {path} matches two slices ({owner[i]} and {unit.name})')
+          raise PruneError(f'leaf {path} matches two slices ({owner[i]} and {unit.name})')
         owner[i] = unit.name
         m = _match(i, path, unit, sl, leaves[i])
         shape = leaves[i].shape
         got = (None if m.layer_axis is None else shape[m.layer_axis], shape[m.neuron_axis])
         want = dims.setdefault(unit.name, (got, path))
         if got != want[0]:
-          raise ValueError(f"unit '{unit.name}': (layers, neurons) sizes disagree: {path} has "
+          raise PruneError(f"unit '{unit.name}': (layers, neurons) sizes disagree: {path} has "
                            f'{got}, {want[1]} has {want[0]}')
         matches.append(m)
   return leaves, treedef, matches, {k: v[0] for k, v in dims.items()}
@@ -130,10 +142,10 @@ def _match(index, path, unit, sl, leaf) -> Match:
   ndim = len(getattr(leaf, 'shape', ()))
   axes = [sl.axis] + ([] if unit.layer_axis is None else [unit.layer_axis])
   if any(not -ndim <= a < ndim for a in axes):
-    raise ValueError(f"unit '{unit.name}': leaf {path} of shape {getattr(leaf, 'shape', ())} "
+    raise PruneError(f"unit '{unit.name}': leaf {path} of shape {getattr(leaf, 'shape', ())} "
                      f'has no axis {axes}')
   neuron = sl.axis % ndim
   layer = None if unit.layer_axis is None else unit.layer_axis % ndim
   if neuron == layer:
-    raise ValueError(f"unit '{unit.name}': leaf {path} uses axis {neuron} for layers and neurons")
+    raise PruneError(f"unit '{unit.name}': leaf {path} uses axis {neuron} for layers and neurons")
   return Match(index, path, unit, neuron, layer)

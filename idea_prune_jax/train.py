@@ -1,4 +1,5 @@
-"""TrainState, the optimizer, the jitted steps, and sharded state construction."""
+"""TrainState, the optimizer and its LR schedules, the jitted steps (plain, prune, fused KD), and
+sharded state construction."""
 
 import dataclasses
 import functools
@@ -10,24 +11,74 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idea_prune_jax import importance
+from idea_prune_jax import distill
 from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
-from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure as structure_lib
 from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.prune_optax import PruneState, find as find_prune_state, prune_optimizer
+from idea_prune_jax.schedules import PruneSchedule
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that is sharded, donated, checkpointed and restored as one unit."""
+  """Everything that is sharded, donated, checkpointed and restored as one unit.
+
+  While pruning, opt_state is a `prune_optax.PruneState`: the FFN masks and importance state
+  live in it (read them as `state.masks`, `state.scores`).
+  """
   step: jax.Array
   params: Any
   opt_state: Any
-  masks: Any = None  # FFN masks while pruning; None for a dense model
-  scores: Any = None  # importance state while pruning
   teacher: Any = None  # frozen teacher params while distilling
+
+  @property
+  def masks(self):
+    """FFN masks while pruning; None for a dense model."""
+    prune = find_prune_state(self.opt_state)
+    return None if prune is None else prune.masks
+
+  @property
+  def scores(self):
+    """The importance state while pruning; None for a dense model."""
+    prune = find_prune_state(self.opt_state)
+    return None if prune is None else prune.scores
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float = 0.1) -> optax.Schedule:
+  """Linear warmup to peak, cosine decay to min_lr_ratio·peak at total_steps, flat after."""
+  warmup_steps = max(int(warmup_steps), 0)
+  decay_steps = max(int(total_steps) - warmup_steps, 1)
+  end_lr = peak_lr * min_lr_ratio
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
+    p = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1 + jnp.cos(jnp.pi * p))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def lr_schedule(train_config, total_steps: int | None = None) -> optax.Schedule:
+  """The run's schedule from config.train; total_steps overrides train.steps (naive phases)."""
+  t = train_config
+  return warmup_cosine(t.lr, t.warmup_steps, t.steps if total_steps is None else total_steps,
+                       t.min_lr_ratio)
+
+
+def lr_count(opt_state) -> jax.Array:
+  """The count the optimizer's LR schedule reads (optax's ScaleByScheduleState): the LR that
+  `schedule(lr_count(opt_state))` gives is the one the next update applies."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  if len(counts) != 1:
+    raise ValueError(f'the optimizer state holds {len(counts)} LR schedule counts, want 1')
+  return counts[0]
 
 
 def _decays(path, leaf) -> bool:
@@ -64,12 +115,18 @@ def lm_loss(params, batch, model: nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PruneOptions:
-  """Static settings of the prune step (the traced parts live in TrainState.masks/scores)."""
-  schedule: schedules.PruneSchedule
+  """How the prune phase scores and prunes; `prune_tx` turns it into the optimizer."""
+  schedule: PruneSchedule
   score: str = 'platon'
   beta1: float = 0.85
   beta2: float = 0.95
   structure: Any = structure_lib.FFN_STRUCTURE
+
+
+def prune_tx(inner: optax.GradientTransformation, prune: PruneOptions):
+  """The prune phase's optimizer: `inner` wrapped by `prune_optimizer` (the one implementation)."""
+  return prune_optimizer(inner, prune.structure, prune.schedule, prune.score, beta1=prune.beta1,
+                         beta2=prune.beta2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +138,33 @@ class KDOptions:
   chunk: int = 0
 
 
+def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, tau, chunk=0,
+               intermediates: bool = False):
+  """(loss, aux) of `model.Transformer` student params against a teacher; for jax.value_and_grad.
+
+  model / teacher_model: `model.Transformer(cfg)`s sharing vocab (ffn_dim etc. may differ).
+  intermediates=True adds aux['intermediates'], the student's sown FFN activations (activation
+  importance), as `model.apply(..., mutable=['intermediates'])` returns them.
+  """
+  # Stopping gradients at the params (not only at the logits) keeps the teacher forward out of
+  # any autodiff trace: its activations are never saved for a backward pass.
+  teacher_params = jax.lax.stop_gradient(teacher_params)
+  t_hidden_BxLxD = forward(teacher_params, batch, teacher_model, return_hidden=True)
+  if intermediates:
+    s_hidden_BxLxD, extra = forward(params, batch, model, return_hidden=True,
+                                    mutable=['intermediates'])
+  else:
+    s_hidden_BxLxD = forward(params, batch, model, return_hidden=True)
+  loss, aux = distill.chunked_kd_loss(
+      s_hidden_BxLxD, model_lib.head(params, model.cfg), t_hidden_BxLxD,
+      model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], batch['weights'],
+      alpha=alpha, tau=tau, chunk=chunk, student_dtype=model.cfg.dtype,
+      teacher_dtype=teacher_model.cfg.dtype)
+  if intermediates:
+    aux['intermediates'] = extra['intermediates']
+  return loss, aux
+
+
 def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
@@ -90,55 +174,68 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
     total, count = cross_entropy(logits, batch['targets'], batch['weights'])
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
-    from idea_prune_jax import distill  # distill builds on this module's TrainState
-    loss, aux = distill.kd_loss_fn(params, batch, teacher, model=model,
-                                   teacher_model=kd.teacher_model, alpha=kd.alpha, tau=kd.tau,
-                                   chunk=kd.chunk, intermediates=want_acts)
+    loss, aux = kd_loss_fn(params, batch, teacher, model=model, teacher_model=kd.teacher_model,
+                           alpha=kd.alpha, tau=kd.tau, chunk=kd.chunk, intermediates=want_acts)
     inter = {'intermediates': aux.pop('intermediates')} if want_acts else None
   if want_acts:
     aux['ffn_act'] = inter['intermediates']['layers']['mlp']['ffn_act']
   return loss, aux
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, schedule, lr_offset: int = 0,
-               prune: PruneOptions | None = None, kd: KDOptions | None = None):
-  """One AdamW step: dense, or (prune) on masked params with score update and mask refresh.
+def train_step(state: TrainState, batch, *, model, optimizer, schedule,
+               kd: KDOptions | None = None, want_acts: bool = False):
+  """One optimizer step: dense, or (while the optimizer is a `prune_optimizer`) pruning.
 
-  Pruning: the forward pass sees masked params, scores update from the gradients this step
-  already has, the masks refresh on the schedule's refresh steps (k is traced: no recompile),
-  and the masks are re-applied after the update so pruned slices stay exactly zero.
+  Pruning lives in the optimizer: its update scores neurons from this step's grads, refreshes
+  the masks on the schedule (k traced: no recompile) and returns updates that keep pruned slices
+  exactly zero, so the params the forward pass sees are already masked. want_acts: the sown FFN
+  activations go to the optimizer as `activations=` (the 'activation' score).
   """
-  params = state.params
-  if prune is not None:
-    params = masks_lib.apply(params, state.masks, prune.structure)
-  want_acts = prune is not None and prune.score == 'activation'
   (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-      params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
+      state.params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
+  # The LR logged is the one this update applies: the schedule at the optimizer's own count.
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'lr': schedule(state.step - lr_offset), **aux}
-  masks, scores = state.masks, state.scores
+             'lr': schedule(lr_count(state.opt_state)), **aux}
+  extra = {'activations': {'ffn': metrics.pop('ffn_act')}} if want_acts else {}
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
+  params = optax.apply_updates(state.params, updates)
+  prune = find_prune_state(opt_state)
   if prune is not None:
-    # No mask on the grads: a pruned neuron's gate/up columns and down row are all zero, so its
-    # activation and each of its slices' gradients carry an exact zero factor already (masking
-    # them again cost 3 extra passes over the FFN weights; BENCHMARKS.md, prune overhead).
-    scores = importance.update(scores, prune.score, params=params, grads=grads,
-                               activations=metrics.pop('ffn_act', None),
-                               structure=prune.structure, beta1=prune.beta1, beta2=prune.beta2)
-    keep_k = prune.schedule.keep_k(state.step)
-    masks = jax.lax.cond(
-        prune.schedule.is_refresh(state.step),
-        lambda: masks_lib.refresh(state.masks, importance.scores(
-            scores, prune.score, params=params, structure=prune.structure), keep_k),
-        lambda: state.masks)
     metrics['ffn_width'] = jnp.mean(jnp.stack(
-        [jnp.mean(w.astype(jnp.float32)) for w in masks_lib.widths(masks).values()]))
-  updates, opt_state = optimizer.update(grads, state.opt_state, params)
-  params = optax.apply_updates(params, updates)
-  if prune is not None:
-    params = masks_lib.apply(params, masks, prune.structure)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, masks=masks,
-                            scores=scores)
+        [jnp.mean(w.astype(jnp.float32)) for w in masks_lib.widths(prune.masks).values()]))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
+
+
+def distill_step(state: TrainState, batch, teacher_params, *, model, teacher_model,
+                 optimizer, schedule, alpha=0.5, tau=1.0, chunk=0):
+  """One AdamW step of the student on the KD loss; the teacher forward runs in the same program.
+
+  The trainer's own step with KD on (`train_step(..., kd=KDOptions(...))`), for a teacher
+  held outside the state: only the student params are differentiated.
+  """
+  kd = KDOptions(teacher_model, alpha, tau, chunk)
+  new_state, metrics = train_step(state.replace(teacher=teacher_params), batch, model=model,
+                                  optimizer=optimizer, schedule=schedule, kd=kd)
+  return new_state.replace(teacher=state.teacher), metrics
+
+
+def jit_distill_step(shardings: TrainState, teacher_sharding, mesh, step_fn=distill_step,
+                     **static):
+  """Jits a (state, batch, teacher_params) step like `jit_step`; only the state is donated.
+
+  teacher_sharding: the teacher's param shardings, e.g.
+  `sharding.param_shardings(abstract_params(teacher_cfg), mesh)`.
+  """
+  return jax.jit(functools.partial(step_fn, **static),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh), teacher_sharding),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def bind_teacher(step_fn, teacher_params):
+  """A (state, batch) step for `loop.run_steps`; the teacher is still passed as a jit argument."""
+  return lambda state, batch: step_fn(state, batch, teacher_params)
 
 
 def eval_step(params, batch, *, model):
@@ -153,31 +250,33 @@ def abstract_params(model_cfg: ModelConfig):
 
 def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh,
                     teacher_sharding=None) -> TrainState:
-  """Opt moments follow their params; everything else (counts, step) is replicated."""
+  """Opt moments follow their params; masks and scores shard like the FFN axis; everything else
+  (counts, step) is replicated. optimizer: the dense one (inside the prune wrapper, if any)."""
   replicated = sharding_lib.replicated(mesh)
-  opt_sharding = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state.opt_state, params_sharding,
+  moments = lambda opt_state: optax.tree_map_params(
+      optimizer, lambda _, s: s, opt_state, params_sharding,
       transform_non_params=lambda _: replicated)
-  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-  per_ffn = lambda tree: None if tree is None else jax.tree.map(lambda _: ffn, tree)
+  opt_state = abstract_state.opt_state
+  if isinstance(opt_state, PruneState):
+    ffn = sharding_lib.named(mesh, 'layers', 'mlp')
+    per_ffn = lambda tree: jax.tree.map(lambda _: ffn, tree)
+    opt_sharding = PruneState(count=replicated, masks=per_ffn(opt_state.masks),
+                              scores=per_ffn(opt_state.scores), inner=moments(opt_state.inner))
+  else:
+    opt_sharding = moments(opt_state)
   return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                    masks=per_ffn(abstract_state.masks), scores=per_ffn(abstract_state.scores),
                     teacher=teacher_sharding)
 
 
-def init_state(model_cfg: ModelConfig, optimizer, mesh, key, extra_fn=None):
-  """State built already sharded: shapes first, then one jitted init with out_shardings.
-
-  extra_fn(params) -> dict of extra TrainState fields (masks, scores) for pruning runs.
-  """
+def init_state(model_cfg: ModelConfig, optimizer, mesh, key):
+  """Dense state built already sharded: shapes first, then one jitted init with out_shardings."""
   boxed = abstract_params(model_cfg)
   params_sharding = sharding_lib.param_shardings(boxed, mesh)
 
   def _init(k):
     params = nn.unbox(model_lib.init_params(model_cfg, k))
-    extra = extra_fn(params) if extra_fn else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), **extra)
+                      opt_state=optimizer.init(params))
 
   shardings = state_shardings(jax.eval_shape(_init, key), params_sharding, optimizer, mesh)
   return jax.jit(_init, out_shardings=shardings)(key), shardings

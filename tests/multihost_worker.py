@@ -83,7 +83,7 @@ def main():
   data_lib.global_batch = recording_global_batch
   ckpt_lib.save = save_then_act
   try:
-    summary = experiment.run(config, workdir)
+    summary = experiment.run_experiment(config, workdir)
   except loop.Preempted as e:  # as the CLI: a clean exit, rerun to resume
     _mark(record_dir, 'preempted', str(e))
     return

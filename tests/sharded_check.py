@@ -27,9 +27,10 @@ def run_phase(config, index, devices, batches):
   for b in batches[:N_STEPS]:
     state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
     losses.append(float(metrics['loss']))
+  adamw = getattr(state.opt_state, 'inner', state.opt_state)  # inside prune_optimizer's state
   out = {'losses': losses, 'compiles': step._cache_size(),
          'q': list(state.params['layers']['attn']['q'].sharding.spec),
-         'mu_gate': list(state.opt_state[1][0].mu['layers']['mlp']['gate'].sharding.spec)}
+         'mu_gate': list(adamw[1][0].mu['layers']['mlp']['gate'].sharding.spec)}
   if state.masks is not None:
     out.update(masks=np.asarray(state.masks['ffn']).tolist(),
                mask_spec=list(state.masks['ffn'].sharding.spec),

@@ -29,7 +29,7 @@ def test_three_steps_compile_with_ordered_sizes():
   assert report['config']['devices'] == 8
   assert report['config']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
   steps = report['steps']
-  assert set(steps) == {'enlarged', 'prune', 'recovery'}
+  assert set(steps) == {'enlarged', 'prune', 'recovery', 'naive_score'}
   for s in steps.values():
     for key in ('argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes'):
       assert s[key] > 0, (key, s)
@@ -42,6 +42,9 @@ def test_three_steps_compile_with_ordered_sizes():
   assert recovery['ffn_dim'] < enlarged['ffn_dim']
   # The shrunk model is smaller; the prune+KD state adds masks, scores and a teacher.
   assert recovery['argument_bytes'] < enlarged['argument_bytes'] < prune['argument_bytes']
+  # naive's one-shot scoring holds the enlarged params, not their optimizer state.
+  assert steps['naive_score']['ffn_dim'] == enlarged['ffn_dim']
+  assert steps['naive_score']['argument_bytes'] < enlarged['argument_bytes']
   # Donation: the whole state is aliased input -> output.
   assert enlarged['alias_bytes'] == enlarged['state_bytes']
 

@@ -14,6 +14,7 @@ from idea_prune_jax import distill
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.errors import PruneError
 
 B, L, V = 2, 8, 64
 STUDENT = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
@@ -112,7 +113,7 @@ def test_padding_positions_do_not_matter():
 @functools.cache
 def _kd_grads(chunk):
   """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached: tests share compiles."""
-  fn = lambda p, batch, tp, alpha, tau: distill.kd_loss_fn(
+  fn = lambda p, batch, tp, alpha, tau: train_lib.kd_loss_fn(
       p, batch, tp, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), alpha=alpha, tau=tau, chunk=chunk)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 2), has_aux=True))
@@ -160,8 +161,7 @@ def _hidden_grads(chunk):
   rng = np.random.default_rng(0)
   hs, ht, head_s, head_t = (jnp.asarray(rng.normal(size=s), jnp.float32)
                             for s in ((B, L, 16), (B, L, 16), (16, V), (16, V)))
-  fn = lambda *a: distill.chunked_kd_loss(*a, *_labels(), alpha=0.5, tau=2.0,
-                                          chunk=chunk, student_cfg=STUDENT, teacher_cfg=TEACHER)
+  fn = lambda *a: distill.chunked_kd_loss(*a, *_labels(), alpha=0.5, tau=2.0, chunk=chunk)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(hs, head_s, ht, head_t)
 
 
@@ -177,9 +177,8 @@ def test_chunked_equals_unchunked_on_hidden_states(chunk):
 
 def test_chunk_that_does_not_divide_the_sequence_is_one_clear_line():
   h, head = jnp.zeros((B, L, 4)), jnp.zeros((4, V))
-  with pytest.raises(config_lib.ConfigError, match=r'^config.distill.chunk=3: does not divide'):
-    jax.jit(functools.partial(distill.chunked_kd_loss, alpha=0.5, tau=1.0, chunk=3,
-                              student_cfg=STUDENT, teacher_cfg=TEACHER))(
+  with pytest.raises(PruneError, match=r'^KD chunk=3: does not divide'):
+    jax.jit(functools.partial(distill.chunked_kd_loss, alpha=0.5, tau=1.0, chunk=3))(
                                   h, head, h, head, jnp.ones((B, L), jnp.int32), jnp.ones((B, L)))
 
 
@@ -191,11 +190,11 @@ def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
   state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=optimizer.init(params))
   step = jax.jit(functools.partial(
-      distill.distill_step, model=model_lib.Transformer(STUDENT),
+      train_lib.distill_step, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), optimizer=optimizer, schedule=schedule,
       alpha=0.5, tau=2.0, chunk=4), donate_argnums=(0,))
   teacher_before = jax.tree.map(np.asarray, teacher_params)
-  run = distill.bind_teacher(step, teacher_params)
+  run = train_lib.bind_teacher(step, teacher_params)
   losses = []
   for _ in range(8):
     state, metrics = run(state, batch)

@@ -73,7 +73,7 @@ def test_api_trains_checkpoints_and_exports_to_a_bucket(gcs, tiny_config):
   config.pipeline = 'scratch'
   config.train.update(steps=4, eval_every=2, ckpt_every=2)
   workdir = f'gs://{BUCKET}/api'
-  summary = experiment.run(config, workdir)
+  summary = experiment.run_experiment(config, workdir)
   names = _objects(gcs, 'api/')
   for want in ('metrics.jsonl', 'report.json', 'report.md', 'loss.png',
                'tokenizer/tokenizer.model', 'export/config.json', 'export/tokenizer.model',

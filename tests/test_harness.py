@@ -331,5 +331,5 @@ def test_bad_task_in_config_fails_before_training(tmp_path, tiny_config):
   (tmp_path / 'tasks' / 't.yaml').write_text('task: hub_only\ndataset_path: someorg/somedata\n')
   tiny_config.eval.update(tasks='hub_only', include_path=str(tmp_path / 'tasks'))
   with pytest.raises(harness.HarnessError, match="needs dataset 'someorg/somedata'"):
-    experiment.run(tiny_config, str(tmp_path / 'w'))
+    experiment.run_experiment(tiny_config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')

@@ -41,7 +41,7 @@ def test_rows_carry_mfu_report_has_goodput_and_the_profile_is_written(tmp_path, 
   config.train.update(steps=6, eval_every=3, ckpt_every=3)
   config.profile.update(start_step=2, steps=2)
   workdir = str(tmp_path)
-  summary = experiment.run(config, workdir, do_export=False)
+  summary = experiment.run_experiment(config, workdir, do_export=False)
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train] == list(range(6))

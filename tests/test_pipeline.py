@@ -9,9 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import experiment, export, importance, masks as masks_lib, pipeline
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax import train as train_lib
 from idea_prune_jax.structure import FFN_STRUCTURE
 
 
@@ -34,7 +36,7 @@ def idea_run(tmp_path_factory):
   config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.train.keep_ckpts = 20
   workdir = str(tmp_path_factory.mktemp('idea'))
-  return config, workdir, experiment.run(config, workdir)
+  return config, workdir, experiment.run_experiment(config, workdir)
 
 
 def test_idea_plan_is_one_cosine_and_never_rewarms(idea_run):
@@ -57,7 +59,7 @@ def test_idea_masks_reach_target_and_shrink_happens_once(idea_run):
   assert all(b <= a for a, b in zip(list(width.values()), list(width.values())[1:]))
   final = _ckpt_state(workdir, config.train.steps)
   assert final['params']['layers']['mlp']['gate'].shape[-1] == config.prune.target_ffn
-  assert final['masks'] is None or not final['masks']
+  assert len(final['opt_state']) == 2  # the dense (clip, AdamW) chain: no PruneState after it
 
 
 def test_export_reloads_with_the_same_logits(idea_run):
@@ -105,22 +107,21 @@ def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
   masks = masks_lib.refresh(state.masks, scores, tiny_config.prune.target_ffn)
   params = masks_lib.apply(state.params, masks, FFN_STRUCTURE)
   # Non-trivial moments, so slicing them is observable.
-  opt_state = jax.tree.map(lambda x: x + 1.0 if x.ndim else x, state.opt_state)
-  state = state.replace(params=params, masks=masks, opt_state=opt_state,
-                        scores=importance.init(masks, 'platon'))
+  inner = jax.tree.map(lambda x: x + 1.0 if x.ndim else x, state.opt_state.inner)
+  state = state.replace(params=params, opt_state=state.opt_state._replace(masks=masks, inner=inner))
   new = pipeline.transition(None, tiny_config, prune, recovery, state, p_rec)
   tokens = jnp.arange(24)[None] % tiny_config.model.vocab_size
   np.testing.assert_allclose(p_rec.model.apply({'params': new.params}, tokens),
                              p_prune.model.apply({'params': params}, tokens), atol=1e-5)
   keep = np.stack([np.flatnonzero(row) for row in np.asarray(masks['ffn'])])
-  mu_old = state.opt_state[1][0].mu['layers']['mlp']
+  mu_old = state.opt_state.inner[1][0].mu['layers']['mlp']
   mu_new = new.opt_state[1][0].mu['layers']['mlp']
   np.testing.assert_array_equal(mu_new['gate'],
                                 np.take_along_axis(np.asarray(mu_old['gate']), keep[:, None], -1))
   np.testing.assert_array_equal(mu_new['down'],
                                 np.take_along_axis(np.asarray(mu_old['down']), keep[:, :, None], 1))
   assert new.masks is None and new.scores is None
-  assert int(new.opt_state[1][0].count) == int(state.opt_state[1][0].count)  # never reset
+  assert int(new.opt_state[1][0].count) == int(state.opt_state.inner[1][0].count)  # never reset
 
 
 def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
@@ -152,3 +153,81 @@ def test_teacher_from_any_export(idea_run, tiny_config, tmp_path):
   from idea_prune_jax.export import ExportError
   with pytest.raises(ExportError, match='not an export'):
     pipeline.run_pipeline(tiny_config, str(tmp_path / 'bad'))
+
+
+def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny_config,
+                                                                            tmp_path):
+  # split 0.5 + window 0.49 of 12 steps: the window must end at the last step, not step 12.
+  tiny_config.pipeline = 'naive'
+  tiny_config.naive.update(prune='iterative', split=0.5, window=0.49)
+  summary = experiment.run_experiment(tiny_config, str(tmp_path), do_export=False)
+  assert summary['steps'] == tiny_config.train.steps == summary['phases'][-1]['end']
+  tokens_per_step = tiny_config.train.batch_size * tiny_config.data.seq_len
+  report = json.load(open(os.path.join(str(tmp_path), 'report.json')))
+  assert report['tokens'] == max(_rows(str(tmp_path), 'tokens_seen').values())
+  assert report['tokens'] == tiny_config.train.steps * tokens_per_step
+  assert report['train_flops'] == pipeline.train_flops(tiny_config, pipeline.plan(tiny_config))
+  assert summary['ffn_final'] == tiny_config.prune.target_ffn  # shrunk after the last step
+
+
+def test_oneshot_scoring_batches_count_in_train_flops(tiny_config):
+  tiny_config.pipeline = 'naive'
+  phases = pipeline.plan(tiny_config)
+  enlarged, recovery = phases
+  tokens = tiny_config.train.batch_size * tiny_config.data.seq_len
+  per_token = lambda ffn: model_lib.flops_per_token(
+      pipeline.ModelConfig.from_config(tiny_config, ffn_dim=ffn), tiny_config.data.seq_len)
+  steps = lambda ph: ph.end - ph.start
+  want = tokens * (steps(enlarged) * per_token(96) + steps(recovery) * per_token(32)
+                   + tiny_config.naive.score_batches * per_token(96))
+  assert pipeline.train_flops(tiny_config, phases) == pytest.approx(want, rel=1e-12)
+
+
+def test_oneshot_scoring_runs_under_the_steps_mesh(tiny_config):
+  """Its program carries the model's activation batch sharding, as the train step's does."""
+  mesh = sharding_lib.make_mesh(tiny_config)
+  cfg = pipeline.ModelConfig.from_config(tiny_config)
+  fn = pipeline.oneshot_score_fn(tiny_config, cfg, mesh)
+  params = jax.eval_shape(lambda: pipeline.parts(tiny_config, pipeline.plan(tiny_config)[0],
+                                                 mesh).init_fn(jax.random.key(0)).params)
+  scores = importance.init({'ffn': jnp.zeros((2, 96))}, tiny_config.prune.score)
+  batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in ('inputs', 'targets')}
+  batch['weights'] = jax.ShapeDtypeStruct((8, 32), jnp.float32)
+  text = fn.lower(scores, params, batch).as_text()
+  step_text = pipeline.step_fn(tiny_config, pipeline.plan(tiny_config)[0], pipeline.parts(
+      tiny_config, pipeline.plan(tiny_config)[0], mesh), mesh).lower(
+          jax.eval_shape(pipeline.parts(tiny_config, pipeline.plan(tiny_config)[0],
+                                        mesh).init_fn, jax.random.key(0)), batch).as_text()
+  marker = 'sharding_constraint'
+  assert marker in step_text  # what the check looks for is in the train step
+  assert marker in text
+
+
+@pytest.mark.parametrize('name', ['idea', 'naive'])
+def test_applied_lr_at_phase_boundaries(tiny_config, name):
+  """The LR the optimizer applies (its schedule at its own count), not a separately logged one:
+  idea carries the count into the window, naive's window restarts it (re-warm)."""
+  tiny_config.pipeline = name
+  tiny_config.naive.update(prune='iterative', window=0.25)
+  mesh = sharding_lib.make_mesh(tiny_config)
+  enlarged, prune = pipeline.plan(tiny_config)[:2]
+  p_enl, p_prune = pipeline.parts(tiny_config, enlarged, mesh), pipeline.parts(
+      tiny_config, prune, mesh)
+  state = p_enl.init_fn(jax.random.key(0))
+  state = state.replace(step=jnp.asarray(prune.start), opt_state=jax.tree.map(
+      lambda x: jnp.full_like(x, prune.start) if x.dtype == jnp.int32 else x, state.opt_state))
+  new = pipeline.transition(None, tiny_config, enlarged, prune, state, p_prune)
+  count = int(train_lib.lr_count(new.opt_state))
+  assert count == (prune.start if name == 'idea' else 0)
+  x = np.random.RandomState(0).randint(4, 512, (8, 33)).astype(np.int32)
+  batch = data_lib.split_batch(x)
+  before = jax.tree.map(np.asarray, new.params)
+  step = pipeline.step_fn(tiny_config, prune, p_prune, mesh)
+  after, metrics = step(new, batch)
+  lr = float(p_prune.schedule(count))
+  assert float(metrics['lr']) == pytest.approx(lr)
+  assert int(train_lib.lr_count(after.opt_state)) == count + 1
+  # AdamW's first step moves an un-decayed param (a norm scale) by lr·m̂/(√v̂+ε) ≈ lr·sign(g).
+  if name == 'naive':
+    moved = np.abs(np.asarray(after.params['final_norm']['scale']) - before['final_norm']['scale'])
+    np.testing.assert_allclose(moved.max(), lr, rtol=1e-3)

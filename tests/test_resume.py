@@ -113,7 +113,7 @@ def test_only_checkpoint_unreadable_is_a_clear_error(full_runs, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   config = _config('scratch')
   config.train.ckpt_every = 2
-  run = loop.setup(config, str(tmp_path))
+  ctx = loop.setup(config, str(tmp_path))
 
   class State:
     def __init__(self, step):
@@ -125,9 +125,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     return State(state.step + 1), {'loss': np.float32(loss)}
 
   saved = []
-  monkeypatch.setattr(loop, 'save', lambda run, state, meta: saved.append(state.step))
+  monkeypatch.setattr(loop, 'save', lambda ctx, state, meta: saved.append(state.step))
   with pytest.raises(loop.NonFiniteLoss, match='loss is nan at step 3'):
-    loop.run_steps(run, State(0), step_fn, 12, phase='scratch', eval_fn=None, meta={})
+    loop.run_steps(ctx, State(0), step_fn, 12, phase='scratch', eval_fn=None, meta={})
   assert saved == [2]  # step 4's checkpoint would hold the broken state: never written
   info = json.load(open(tmp_path / 'nonfinite.json'))
   # The position is that of step 3's batch: a fresh iterator after three batches is there.

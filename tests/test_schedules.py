@@ -1,4 +1,6 @@
-"""Width schedule k(t), refresh cadence, and pruning-config validation."""
+"""Width schedule k(t), refresh cadence, its own validation, and pruning-config validation."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +8,10 @@ import numpy as np
 import pytest
 
 from idea_prune_jax import config as config_lib
-from idea_prune_jax.config import ConfigError
-from idea_prune_jax.schedules import PruneSchedule, validate_prune
+from idea_prune_jax import pipeline
+from idea_prune_jax.config import ConfigError, prune_schedule, validate_prune
+from idea_prune_jax.errors import PruneError
+from idea_prune_jax.schedules import PruneSchedule
 
 
 def test_keep_k_cubic_at_edges_and_midpoint():
@@ -45,7 +49,7 @@ def test_is_refresh_cadence_includes_t_end():
 def test_from_config_reads_fractions_of_the_run():
   c = config_lib.base()
   c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
-  sched = PruneSchedule.from_config(c)
+  sched = prune_schedule(c)
   assert sched == PruneSchedule(t_start=300, t_end=420, every=10, ffn_enlarged=1152,
                                 ffn_target=384, kind='cubic')
   validate_prune(c)
@@ -93,3 +97,67 @@ def test_keep_k_changes_without_recompiling():
   values = [int(k(jnp.int32(t))) for t in range(0, 101, 10)]
   assert len(set(values)) > 5 and k._cache_size() == 1
   np.testing.assert_array_equal(values[0], 64)
+
+
+@pytest.mark.parametrize('kwargs,fragment', [
+    (dict(ffn_target=2000), 'ffn_target=2000: above ffn_enlarged=1152'),
+    (dict(ffn_target=0), 'ffn_target=0: must be >= 1'),
+    (dict(t_start=50, t_end=40), 't_end=40: before t_start=50'),
+    (dict(every=0), 'every=0: must be >= 1'),
+    (dict(kind='cosine'), "kind='cosine': use one of cubic, linear"),
+    (dict(ffn_target=384.5), 'ffn_target=384.5: must be an integer'),
+    (dict(t_start=-1), 't_start=-1: must be >= 0'),
+])
+def test_prune_schedule_validates_itself(kwargs, fragment):
+  args = dict(t_start=10, t_end=40, every=5, ffn_enlarged=1152, ffn_target=384)
+  with pytest.raises(PruneError, match=re.escape(f'PruneSchedule.{fragment}')):
+    PruneSchedule(**{**args, **kwargs})
+
+
+def test_one_step_window_prunes_to_target_at_t_end():
+  sched = PruneSchedule(t_start=9, t_end=9, every=5, ffn_enlarged=8, ffn_target=2)
+  assert int(sched.keep_k(8)) == 8 and bool(sched.is_refresh(9)) and int(sched.keep_k(9)) == 2
+
+
+def test_validate_prune_checks_the_window_the_pipeline_runs():
+  # t_end 1.0 of 10 steps is clamped to step 9: the window [9, 9] would keep every neuron.
+  c = config_lib.base()
+  c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 10, 96, 32
+  c.prune.update(t_start=0.9, t_end=1.0)
+  with pytest.raises(ConfigError, match=re.escape('config.prune.t_end=1.0: window [9, 9]')):
+    validate_prune(c)
+  c.pipeline, c.naive.prune, c.naive.split, c.naive.window = 'naive', 'iterative', 0.9, 0.05
+  with pytest.raises(ConfigError, match=re.escape('config.naive.window=0.05: window [9, 9]')):
+    validate_prune(c)
+
+
+@pytest.mark.parametrize('name', ['idea', 'naive_iterative', 'naive_oneshot'])
+def test_every_accepted_config_plans_inside_the_run_and_reaches_target(name):
+  """A config validation accepts runs: phases tile [0, train.steps) and pruning reaches f_T."""
+  checked = 0
+  for steps in (4, 7, 10, 12, 33):
+    for a in (0.0, 0.3, 0.5, 0.9):
+      for b in (0.05, 0.2, 0.49, 0.6, 1.0):
+        c = config_lib.base()
+        c.train.steps, c.train.warmup_steps, c.model.ffn_dim, c.prune.target_ffn = steps, 0, 96, 32
+        if name == 'idea':
+          c.prune.update(t_start=a, t_end=min(a + b, 1.0))
+        else:
+          c.pipeline, c.naive.prune = 'naive', name.split('_')[1]
+          c.naive.update(split=a or 0.1, window=b)
+        try:
+          config_lib.validate(c, 1)
+          validate_prune(c)
+        except ConfigError:
+          continue
+        phases = pipeline.plan(c)
+        assert phases[0].start == 0 and phases[-1].end == steps, phases
+        assert all(p.end == q.start for p, q in zip(phases, phases[1:])), phases
+        assert all(p.start <= p.end for p in phases), phases
+        for ph in phases:
+          if ph.prune:
+            last = ph.end - 1
+            assert ph.prune.t_end == last and bool(ph.prune.is_refresh(last))
+            assert int(ph.prune.keep_k(last)) == 32
+        checked += 1
+  assert checked > 10
