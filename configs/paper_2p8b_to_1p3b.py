@@ -16,7 +16,7 @@ def get_config(arg: str = ''):
   del arg
   c = config_lib.base()
   c.model.update(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
-                 ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat=True)
+                 ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat_policy='full')
   c.prune.update(target_ffn=FFN_TARGET, round_to=128, t_start=0.5, t_end=0.7)
   # The tfds source is in-memory: ~0.5B tokens of c4 per host, repeated over the 0.5T-token run.
   c.data.update(source='tfds', tfds_name='c4/en', seq_len=2048, max_chars=2_000_000_000)

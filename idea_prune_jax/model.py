@@ -9,7 +9,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from idea_prune_jax import attention as attention_lib
 from idea_prune_jax.config import ModelConfig
 
 Array = jax.Array
@@ -45,12 +47,16 @@ def shard_batch(x_BxLxD):
   return jax.lax.with_sharding_constraint(x_BxLxD, spec)
 
 
-def rope(x_BxLxHxK, positions_L, theta):
-  """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`)."""
+def rope(x_BxLxHxK, positions, theta):
+  """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`).
+
+  positions: [L] (shared by the batch) or [B, L] (packed documents restart at 0).
+  """
   half = x_BxLxHxK.shape[-1] // 2
   freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_LxK2 = positions_L[:, None].astype(jnp.float32) * freq_K2[None, :]
-  sin, cos = jnp.sin(angle_LxK2)[None, :, None, :], jnp.cos(angle_LxK2)[None, :, None, :]
+  positions_BxL = positions if positions.ndim == 2 else positions[None]
+  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -61,7 +67,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, KV, K = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -75,12 +81,15 @@ class Attention(nn.Module):
     q_BxLxHxK = (x @ wq.astype(cfg.dtype)).reshape(B, L, H, K)
     k_BxLxKVxK = (x @ wk.astype(cfg.dtype)).reshape(B, L, KV, K)
     v_BxLxKVxK = (x @ wv.astype(cfg.dtype)).reshape(B, L, KV, K)
-    positions_L = jnp.arange(L)
-    q_BxLxHxK = rope(q_BxLxHxK, positions_L, cfg.rope_theta)
-    k_BxLxKVxK = rope(k_BxLxKVxK, positions_L, cfg.rope_theta)
-    # jax.nn.dot_product_attention handles GQA (H a multiple of KV) and picks a fused kernel
-    # where the backend has one.
-    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, is_causal=True)
+    positions = jnp.arange(L) if positions_BxL is None else positions_BxL
+    # Named for remat_policy='save_attn_proj': the backward pass reuses them instead of
+    # recomputing the projections.
+    q_BxLxHxK = checkpoint_name(rope(q_BxLxHxK, positions, cfg.rope_theta), 'q_proj')
+    k_BxLxKVxK = checkpoint_name(rope(k_BxLxKVxK, positions, cfg.rope_theta), 'k_proj')
+    v_BxLxKVxK = checkpoint_name(v_BxLxKVxK, 'v_proj')
+    out_BxLxHxK = attention_lib.attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL,
+                                          implementation=cfg.attention)
+    out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attn_out')
     return out_BxLxHxK.reshape(B, L, H * K) @ wo.astype(cfg.dtype)
 
 
@@ -108,8 +117,9 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, _):
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(RMSNorm(self.cfg, name='attn_norm')(x_BxLxD))
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(
+        RMSNorm(self.cfg, name='attn_norm')(x_BxLxD), segment_ids_BxL, positions_BxL)
     x_BxLxD = x_BxLxD + SwiGLU(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_BxLxD))
     return x_BxLxD, None
 
@@ -119,19 +129,22 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, return_hidden: bool = False):
-    """return_hidden: the final-norm output [B, L, D] instead of logits, for chunked heads."""
+  def __call__(self, tokens_BxL, segment_ids=None, positions=None, return_hidden: bool = False):
+    """segment_ids, positions [B, L]: packed documents (attention stays inside a document, RoPE
+    counts from each document's start). return_hidden: the final-norm output [B, L, D] instead
+    of logits, for chunked heads."""
     cfg = self.cfg
     embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                        ('vocab', 'embed'), cfg.param_dtype)
     x_BxLxD = shard_batch(jnp.take(embedding, tokens_BxL, axis=0).astype(cfg.dtype))
     block = Block
-    if cfg.remat:
-      block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    if cfg.remat_policy != 'none':
+      block = nn.remat(Block, prevent_cse=False, policy=remat_policy(cfg.remat_policy))
     layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
-                     split_rngs={'params': True}, length=cfg.n_layers,
+                     split_rngs={'params': True}, in_axes=(nn.broadcast, nn.broadcast),
+                     length=cfg.n_layers, unroll=cfg.n_layers if cfg.unroll_layers else 1,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, None)
+    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, segment_ids, positions)
     x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
     if not cfg.tie_embeddings:
       _param(self, 'lm_head', nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
@@ -139,6 +152,27 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BxLxD
     return logits(x_BxLxD, head(self.variables['params'], cfg), cfg)
+
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'save_attn_proj')
+
+
+def remat_policy(name: str):
+  """What a layer keeps for the backward pass (the rest is recomputed); see REMAT_POLICIES.
+
+  full: only the layer input. dots_saveable: every weight matmul's output (XLA's batch-free
+  dots; the attention score dots stay recomputed, else the [B, H, L, L] scores would be kept).
+  save_attn_proj: q, k, v (after RoPE), the attention output and the splash kernel's residuals.
+  """
+  policies = jax.checkpoint_policies
+  if name == 'full':
+    return policies.nothing_saveable
+  if name == 'dots_saveable':
+    return policies.dots_with_no_batch_dims_saveable
+  if name == 'save_attn_proj':
+    return policies.save_only_these_names('q_proj', 'k_proj', 'v_proj', 'attn_out',
+                                          attention_lib.SPLASH_RESIDUALS)
+  raise ValueError(f'remat policy {name!r}: use one of {REMAT_POLICIES}')
 
 
 def head(params, cfg: ModelConfig):

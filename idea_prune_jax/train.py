@@ -54,8 +54,51 @@ def cross_entropy(logits_BxLxV, targets_BxL):
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
+def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, cfg: ModelConfig,
+                          chunk: int | None = None):
+  """`cross_entropy` from final hidden states and the LM head, `chunk` positions at a time.
+
+  The f32 [B, L, V] logits are never whole: each chunk's [B, C, V] is built, reduced to its NLL
+  sum and, in the backward pass, rebuilt (jax.checkpoint) rather than kept. chunk=0 or >= L is
+  the unchunked loss.
+  """
+  B, L, _ = hidden_BxLxD.shape
+  chunk = cfg.loss_chunk if chunk is None else chunk
+  if chunk == 0 or chunk >= L:
+    return cross_entropy(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL)
+  n = L // chunk
+  # Sequence chunks keep the batch axis (and its data sharding) whole; scan walks axis 0.
+  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h_BxCxD, targets_BxC = xs
+    sums = cross_entropy(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC)
+    return jax.tree.map(jnp.add, carry, sums), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(body, (zero, zero),
+                                   (to_chunks(hidden_BxLxD), to_chunks(targets_BxL)))
+  return total, count
+
+
+def _forward_sums(params, batch, model: nn.Module, mutable):
+  """(summed NLL, token count) of model on batch, and the mutated collections if mutable."""
+  kwargs = {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
+  if not model.cfg.loss_chunk:
+    out = model.apply({'params': params}, batch['inputs'], mutable=mutable, **kwargs)
+    logits, inter = out if mutable else (out, None)
+    return cross_entropy(logits, batch['targets']), inter
+  out = model.apply({'params': params}, batch['inputs'], return_hidden=True, mutable=mutable,
+                    **kwargs)
+  hidden, inter = out if mutable else (out, None)
+  sums = chunked_cross_entropy(hidden, model_lib.head(params, model.cfg), batch['targets'],
+                               model.cfg)
+  return sums, inter
+
+
 def lm_loss(params, batch, model: nn.Module):
-  total, count = cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  (total, count), _ = _forward_sums(params, batch, model, False)
   return total / jnp.maximum(count, 1.0), count
 
 
@@ -82,9 +125,7 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
-    out = model.apply({'params': params}, batch['inputs'], mutable=mutable)
-    logits, inter = out if want_acts else (out, None)
-    total, count = cross_entropy(logits, batch['targets'])
+    (total, count), inter = _forward_sums(params, batch, model, mutable)
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
     from idea_prune_jax import distill  # distill builds on this module's TrainState
@@ -140,7 +181,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, lr_offse
 
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
-  return cross_entropy(model.apply({'params': params}, batch['inputs']), batch['targets'])
+  return _forward_sums(params, batch, model, False)[0]
 
 
 def abstract_params(model_cfg: ModelConfig):

@@ -18,7 +18,7 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
     TINY,
     dataclasses.replace(TINY, tie_embeddings=False),
     dataclasses.replace(TINY, n_kv_heads=4, n_layers=3, ffn_dim=40),
-    dataclasses.replace(TINY, n_kv_heads=1, remat=True),
+    dataclasses.replace(TINY, n_kv_heads=1, remat_policy='full'),
 ])
 def test_param_count_matches_initialised_tree(cfg):
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
