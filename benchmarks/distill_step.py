@@ -56,7 +56,8 @@ def _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer):
                                opt_state=optimizer.init(params))
   tokens = np.random.default_rng(0).integers(1, student_cfg.vocab_size, (batch_size, seq_len + 1))
   batch = {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
-           'targets': jnp.asarray(tokens[:, 1:], jnp.int32)}
+           'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
+           'weights': jnp.ones((batch_size, seq_len), jnp.float32)}
   return state, teacher, batch
 
 
@@ -64,7 +65,8 @@ def _student_step(state, batch, teacher_logits, *, model, optimizer, schedule):
   """The separate path's second program: the KD step given precomputed teacher logits."""
   def loss_fn(params):
     logits = model.apply({'params': params}, batch['inputs'])
-    return distill.kd_loss(logits, teacher_logits, batch['targets'], alpha=ALPHA, tau=TAU)
+    return distill.kd_loss(logits, teacher_logits, batch['targets'], batch['weights'], alpha=ALPHA,
+                           tau=TAU)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.train_step import load_config  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import importance, pipeline, sharding  # noqa: E402
 from idea_prune_jax import masks as masks_lib  # noqa: E402
 from idea_prune_jax import model as model_lib  # noqa: E402
@@ -177,7 +178,7 @@ def main(argv=None):
   ps = built['prune'][3].prune
   B, L = config.train.batch_size, config.data.seq_len
   x = np.random.RandomState(0).randint(1, config.model.vocab_size, (B, L + 1)).astype(np.int32)
-  batch = jax.device_put({'inputs': x[:, :-1], 'targets': x[:, 1:]},
+  batch = jax.device_put(data_lib.split_batch(x),
                          sharding.batch_sharding(mesh))
 
   refresh_at = ps.t_start + ps.every

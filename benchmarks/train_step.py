@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import model as model_lib  # noqa: E402
 from idea_prune_jax import schedules, sharding  # noqa: E402
 from idea_prune_jax import train as train_lib  # noqa: E402
@@ -96,7 +97,7 @@ def build(spec: str, overrides) -> Bench:
   B, L = config.train.batch_size, config.data.seq_len
   # Tokens in [1, V): no padding, so every position counts towards tokens/s.
   x = np.random.RandomState(0).randint(1, model_cfg.vocab_size, (B, L + 1)).astype(np.int32)
-  batch = jax.device_put({'inputs': x[:, :-1], 'targets': x[:, 1:]},
+  batch = jax.device_put(data_lib.split_batch(x),
                          sharding.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()

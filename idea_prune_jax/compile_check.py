@@ -94,7 +94,8 @@ def kd_config(config):
 def abstract_batch(config, mesh):
   shape = (config.train.batch_size, config.data.seq_len)
   leaf = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
-  return {'inputs': leaf, 'targets': leaf}
+  weights = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=leaf.sharding)
+  return {'inputs': leaf, 'targets': leaf, 'weights': weights}
 
 
 def _name(path) -> str:

@@ -372,7 +372,8 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: in
 
 def split_batch(batch: np.ndarray) -> dict:
   """Next-token pairs: inputs are all but the last token, targets all but the first."""
-  return {'inputs': batch[:, :-1], 'targets': batch[:, 1:]}
+  return {'inputs': batch[:, :-1], 'targets': batch[:, 1:],
+          'weights': np.ones(batch[:, 1:].shape, np.float32)}
 
 
 def global_batch(local, sharding):

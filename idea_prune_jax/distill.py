@@ -2,7 +2,7 @@
 
     loss = (1 − α)·CE(labels, student) + α·τ²·KL(p_teacher^τ ‖ p_student^τ)
 
-averaged over non-padding tokens (targets != train.PAD_ID). The τ² keeps the KL's gradient on
+averaged over the tokens the batch's `weights` keep (the data pipeline masks padding). The τ² keeps the KL's gradient on
 the same scale as the CE's as τ grows (Hinton et al. 2015). The teacher is never differentiated:
 its logits pass through `stop_gradient`, so a `jax.grad` w.r.t. teacher params is exactly zero and
 no teacher backward pass is ever built.
@@ -36,9 +36,8 @@ def _is_one(x) -> bool:
   return isinstance(x, (int, float)) and x == 1
 
 
-def _token_sums(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, tau):
-  """Summed per-token CE, KL, teacher CE over non-padding tokens, and the token count."""
-  weights_BxL = (targets_BxL != train_lib.PAD_ID).astype(jnp.float32)
+def _token_sums(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, weights_BxL, tau):
+  """Weighted sums of per-token CE, KL and teacher CE, and the summed weight."""
   s_BxLxV = student_logits_BxLxV.astype(jnp.float32)
   t_BxLxV = jax.lax.stop_gradient(teacher_logits_BxLxV).astype(jnp.float32)
   logp_s_BxLxV = jax.nn.log_softmax(s_BxLxV)
@@ -65,9 +64,10 @@ def _finish(sums, count, alpha, tau):
   return loss, aux
 
 
-def kd_loss(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, *, alpha, tau):
-  """(loss, aux): mixed CE/KL over non-padding tokens; aux: ce, kl, teacher_ce, tokens."""
-  sums, count = _token_sums(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, tau)
+def kd_loss(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, weights_BxL, *, alpha, tau):
+  """(loss, aux): mixed CE/KL over weighted tokens; aux: ce, kl, teacher_ce, tokens."""
+  sums, count = _token_sums(student_logits_BxLxV, teacher_logits_BxLxV, targets_BxL, weights_BxL,
+                            tau)
   return _finish(sums, count, alpha, tau)
 
 
@@ -82,8 +82,8 @@ def check_chunk(chunk: int, seq_len: int) -> None:
 
 
 def chunked_kd_loss(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD,
-                    teacher_head_DxV, targets_BxL, *, alpha, tau, chunk, student_cfg,
-                    teacher_cfg):
+                    teacher_head_DxV, targets_BxL, weights_BxL, *, alpha, tau, chunk,
+                    student_cfg, teacher_cfg):
   """`kd_loss` from final hidden states and LM heads, logits built `chunk` positions at a time."""
   B, L, D = student_hidden_BxLxD.shape
   check_chunk(chunk, L)  # shapes are static: this runs at trace time, outside the compiled step
@@ -92,7 +92,7 @@ def chunked_kd_loss(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD
   if chunk == 0 or chunk >= L:
     return kd_loss(model_lib.logits(student_hidden_BxLxD, student_head_DxV, student_cfg),
                    model_lib.logits(teacher_hidden_BxLxD, teacher_head_DxV, teacher_cfg),
-                   targets_BxL, alpha=alpha, tau=tau)
+                   targets_BxL, weights_BxL, alpha=alpha, tau=tau)
   n = L // chunk
   # Chunks along the sequence, not the batch: the batch axis stays whole, so its data sharding
   # is untouched; [n, B, C, ...] lets scan walk the leading axis.
@@ -102,17 +102,17 @@ def chunked_kd_loss(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD
   # matmuls) instead of keeping n chunks of [B, C, V] alive, which would undo the chunking.
   @jax.checkpoint
   def body(carry, xs):
-    s_BxCxD, t_BxCxD, targets_BxC = xs
+    s_BxCxD, t_BxCxD, targets_BxC, weights_BxC = xs
     sums, count = _token_sums(model_lib.logits(s_BxCxD, student_head_DxV, student_cfg),
                               model_lib.logits(t_BxCxD, teacher_head_DxV, teacher_cfg),
-                              targets_BxC, tau)
+                              targets_BxC, weights_BxC, tau)
     return jax.tree.map(jnp.add, carry, (sums, count)), None
 
   zero = jnp.zeros((), jnp.float32)
   init = ({k: zero for k in _SUM_KEYS}, zero)
   (sums, count), _ = jax.lax.scan(
       body, init, (to_chunks(student_hidden_BxLxD), to_chunks(teacher_hidden_BxLxD),
-                   to_chunks(targets_BxL)))
+                   to_chunks(targets_BxL), to_chunks(weights_BxL)))
   return _finish(sums, count, alpha, tau)
 
 
@@ -127,16 +127,19 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
   # Stopping gradients at the params (not only at the logits) keeps the teacher forward out of
   # any autodiff trace: its activations are never saved for a backward pass.
   teacher_params = jax.lax.stop_gradient(teacher_params)
-  t_hidden_BxLxD = teacher_model.apply({'params': teacher_params}, batch['inputs'],
+  packing = model_lib.batch_inputs(batch)
+  t_hidden_BxLxD = teacher_model.apply({'params': teacher_params}, batch['inputs'], **packing,
                                        return_hidden=True)
   if intermediates:
-    s_hidden_BxLxD, extra = model.apply({'params': params}, batch['inputs'], return_hidden=True,
-                                        mutable=['intermediates'])
+    s_hidden_BxLxD, extra = model.apply({'params': params}, batch['inputs'], **packing,
+                                        return_hidden=True, mutable=['intermediates'])
   else:
-    s_hidden_BxLxD = model.apply({'params': params}, batch['inputs'], return_hidden=True)
+    s_hidden_BxLxD = model.apply({'params': params}, batch['inputs'], **packing,
+                                 return_hidden=True)
   loss, aux = chunked_kd_loss(
       s_hidden_BxLxD, model_lib.head(params, model.cfg), t_hidden_BxLxD,
-      model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], alpha=alpha, tau=tau,
+      model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], batch['weights'],
+      alpha=alpha, tau=tau,
       chunk=chunk, student_cfg=model.cfg, teacher_cfg=teacher_model.cfg)
   if intermediates:
     aux['intermediates'] = extra['intermediates']

@@ -47,15 +47,14 @@ def shard_batch(x_BxLxD):
   return jax.lax.with_sharding_constraint(x_BxLxD, spec)
 
 
-def rope(x_BxLxHxK, positions, theta):
+def rope(x_BxLxHxK, positions_BxL, theta):
   """Rotary embedding, half-split convention (Hugging Face Llama's `rotate_half`).
 
-  positions: [L] (shared by the batch) or [B, L] (packed documents restart at 0).
+  positions [B, L], or [L] shared by every row.
   """
   half = x_BxLxHxK.shape[-1] // 2
   freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  positions_BxL = positions if positions.ndim == 2 else positions[None]
-  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+  angle_BxLxK2 = jnp.atleast_2d(positions_BxL)[..., None].astype(jnp.float32) * freq_K2
   sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
@@ -81,7 +80,7 @@ class Attention(nn.Module):
     q_BxLxHxK = (x @ wq.astype(cfg.dtype)).reshape(B, L, H, K)
     k_BxLxKVxK = (x @ wk.astype(cfg.dtype)).reshape(B, L, KV, K)
     v_BxLxKVxK = (x @ wv.astype(cfg.dtype)).reshape(B, L, KV, K)
-    positions = jnp.arange(L) if positions_BxL is None else positions_BxL
+    positions = jnp.arange(L) if positions_BxL is None else positions_BxL  # [L] or [B, L]
     # Named for remat_policy='save_attn_proj': the backward pass reuses them instead of
     # recomputing the projections.
     q_BxLxHxK = checkpoint_name(rope(q_BxLxHxK, positions, cfg.rope_theta), 'q_proj')
@@ -124,15 +123,20 @@ class Block(nn.Module):
     return x_BxLxD, None
 
 
+def batch_inputs(batch) -> dict:
+  """The model's keyword inputs from a batch dict: the packing fields when present."""
+  return {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
+
+
 class Transformer(nn.Module):
   """tokens [B, L] int -> logits [B, L, V] float32 (or the final hidden states, see below)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids=None, positions=None, return_hidden: bool = False):
-    """segment_ids, positions [B, L]: packed documents (attention stays inside a document, RoPE
-    counts from each document's start). return_hidden: the final-norm output [B, L, D] instead
-    of logits, for chunked heads."""
+    """segment_ids/positions [B, L]: packed documents (attention within a document, RoPE from
+    each document's start); None is one causal sequence per row. return_hidden: the final-norm
+    output [B, L, D] instead of logits, for chunked heads."""
     cfg = self.cfg
     embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                        ('vocab', 'embed'), cfg.param_dtype)

@@ -18,8 +18,6 @@ from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure as structure_lib
 from idea_prune_jax.config import ModelConfig
 
-PAD_ID = 0
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -47,53 +45,59 @@ def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransfo
                   mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
 
 
-def cross_entropy(logits_BxLxV, targets_BxL):
-  """(summed token NLL, token count) over non-padding targets."""
-  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+  """(weighted summed token NLL, summed weight); the data pipeline's weights mask padding."""
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
-def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, cfg: ModelConfig,
+def forward(params, batch, model: nn.Module, **kwargs):
+  """The model on a batch dict (packing fields passed when the batch has them)."""
+  return model.apply({'params': params}, batch['inputs'], **model_lib.batch_inputs(batch),
+                     **kwargs)
+
+
+def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg: ModelConfig,
                           chunk: int | None = None):
   """`cross_entropy` from final hidden states and the LM head, `chunk` positions at a time.
 
   The f32 [B, L, V] logits are never whole: each chunk's [B, C, V] is built, reduced to its NLL
-  sum and, in the backward pass, rebuilt (jax.checkpoint) rather than kept. chunk=0 or >= L is
-  the unchunked loss.
+  sum and, in the backward pass, rebuilt (jax.checkpoint) rather than kept. chunk (default
+  cfg.loss_chunk) 0 or >= L is the unchunked loss.
   """
   B, L, _ = hidden_BxLxD.shape
   chunk = cfg.loss_chunk if chunk is None else chunk
   if chunk == 0 or chunk >= L:
-    return cross_entropy(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL)
+    return cross_entropy(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL, weights_BxL)
   n = L // chunk
   # Sequence chunks keep the batch axis (and its data sharding) whole; scan walks axis 0.
   to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint
   def body(carry, xs):
-    h_BxCxD, targets_BxC = xs
-    sums = cross_entropy(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC)
+    h_BxCxD, targets_BxC, weights_BxC = xs
+    sums = cross_entropy(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
     return jax.tree.map(jnp.add, carry, sums), None
 
   zero = jnp.zeros((), jnp.float32)
-  (total, count), _ = jax.lax.scan(body, (zero, zero),
-                                   (to_chunks(hidden_BxLxD), to_chunks(targets_BxL)))
+  (total, count), _ = jax.lax.scan(
+      body, (zero, zero), (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
   return total, count
 
 
 def _forward_sums(params, batch, model: nn.Module, mutable):
-  """(summed NLL, token count) of model on batch, and the mutated collections if mutable."""
-  kwargs = {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
-  if not model.cfg.loss_chunk:
-    out = model.apply({'params': params}, batch['inputs'], mutable=mutable, **kwargs)
-    logits, inter = out if mutable else (out, None)
-    return cross_entropy(logits, batch['targets']), inter
-  out = model.apply({'params': params}, batch['inputs'], return_hidden=True, mutable=mutable,
-                    **kwargs)
-  hidden, inter = out if mutable else (out, None)
-  sums = chunked_cross_entropy(hidden, model_lib.head(params, model.cfg), batch['targets'],
-                               model.cfg)
+  """(summed NLL, token count) of model on batch, and the mutated collections if mutable.
+
+  With model.cfg.loss_chunk the head runs chunk by chunk on the final hidden states.
+  """
+  chunked = bool(model.cfg.loss_chunk)
+  out = forward(params, batch, model, mutable=mutable, return_hidden=chunked)
+  out, inter = out if mutable else (out, None)
+  if chunked:
+    sums = chunked_cross_entropy(out, model_lib.head(params, model.cfg), batch['targets'],
+                                 batch['weights'], model.cfg)
+  else:
+    sums = cross_entropy(out, batch['targets'], batch['weights'])
   return sums, inter
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import pipeline, sharding  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
@@ -47,7 +48,7 @@ def main():
   batches = []
   for _ in range(N_STEPS):
     x = rng.randint(4, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1))
-    batches.append({'inputs': x[:, :-1].astype(np.int32), 'targets': x[:, 1:].astype(np.int32)})
+    batches.append(data_lib.split_batch(x.astype(np.int32)))
   kinds = {'pretrain': (0, 0.0), 'prune': (1, 0.0), 'distill': (2, 0.5)}
   results = {}
   for mesh in ((1, 1, 1),) + MESHES:

@@ -38,9 +38,15 @@ def _params(cfg, seed):
 
 def _batch(seed=0, pad_tail=2):
   tokens = np.random.default_rng(seed).integers(1, V, size=(B, L + 1)).astype(np.int32)
-  targets = tokens[:, 1:].copy()
-  targets[0, L - pad_tail:] = train_lib.PAD_ID  # a padded tail on the first sequence
-  return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(targets)}
+  weights = np.ones((B, L), np.float32)
+  weights[0, L - pad_tail:] = 0.0  # a padded tail on the first sequence
+  return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
+          'weights': jnp.asarray(weights)}
+
+
+def _labels():
+  batch = _batch()
+  return batch['targets'], batch['weights']
 
 
 def _logits(seed, shape=(B, L, V)):
@@ -52,8 +58,8 @@ _kd_loss = jax.jit(distill.kd_loss)
 
 
 def test_identical_student_and_teacher_has_exactly_zero_kl():
-  logits, targets = _logits(0), _batch()['targets']
-  loss, aux = _kd_loss(logits, logits, targets, alpha=0.3, tau=2.0)
+  logits, batch = _logits(0), _batch()
+  loss, aux = _kd_loss(logits, logits, batch['targets'], batch['weights'], alpha=0.3, tau=2.0)
   assert float(aux['kl']) == 0.0
   np.testing.assert_allclose(loss, 0.7 * aux['ce'], rtol=1e-7)
   np.testing.assert_allclose(aux['teacher_ce'], aux['ce'], rtol=1e-7)
@@ -77,7 +83,8 @@ def test_numpy_reference_with_temperature_and_padding(tau):
   expected = (1 - alpha) * ce.mean() + alpha * tau**2 * kl.mean()
   # A Python τ, bound statically, as distill_step binds it.
   fn = jax.jit(functools.partial(distill.kd_loss, alpha=alpha, tau=tau))
-  loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y))
+  weights = jnp.asarray([[1.0, 1.0, 0.0]])
+  loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y), weights)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(aux['ce'], ce.mean(), rtol=1e-6)
   np.testing.assert_allclose(aux['kl'], kl.mean(), rtol=1e-6)
@@ -86,16 +93,18 @@ def test_numpy_reference_with_temperature_and_padding(tau):
 
 
 def test_padding_positions_do_not_matter():
-  s, t, targets = _logits(1), _logits(2), _batch(pad_tail=3)['targets']
+  s, t, batch = _logits(1), _logits(2), _batch(pad_tail=3)
+  targets, weights = batch['targets'], batch['weights']
   noise = 100.0 * _logits(3)
-  is_pad = (targets == train_lib.PAD_ID)[..., None]
-  loss, aux = _kd_loss(s, t, targets, alpha=0.5, tau=1.5)
-  loss2, aux2 = _kd_loss(s + noise * is_pad, t - noise * is_pad, targets, alpha=0.5,
+  is_pad = (weights == 0)[..., None]
+  loss, aux = _kd_loss(s, t, targets, weights, alpha=0.5, tau=1.5)
+  loss2, aux2 = _kd_loss(s + noise * is_pad, t - noise * is_pad, targets, weights, alpha=0.5,
                                 tau=1.5)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
   assert float(aux['tokens']) == B * L - 3
   # and the gradient at padding positions is exactly zero
-  g = jax.jit(jax.grad(lambda x: distill.kd_loss(x, t, targets, alpha=0.5, tau=1.5)[0]))(s)
+  g = jax.jit(jax.grad(lambda x: distill.kd_loss(x, t, targets, weights, alpha=0.5,
+                                                  tau=1.5)[0]))(s)
   assert float(jnp.abs(g * is_pad).max()) == 0.0
   assert float(jnp.abs(g).max()) > 0.0
 
@@ -128,8 +137,9 @@ def test_no_gradient_reaches_the_teacher(chunk):
 
 
 def test_no_gradient_reaches_teacher_logits():
-  s, targets = _logits(0), _batch()['targets']
-  g = jax.jit(jax.grad(lambda t: distill.kd_loss(s, t, targets, alpha=1.0, tau=1.0)[0]))(
+  s, batch = _logits(0), _batch()
+  g = jax.jit(jax.grad(lambda t: distill.kd_loss(s, t, batch['targets'], batch['weights'],
+                                                 alpha=1.0, tau=1.0)[0]))(
       _logits(1))
   assert float(jnp.abs(g).max()) == 0.0
 
@@ -150,7 +160,7 @@ def _hidden_grads(chunk):
   rng = np.random.default_rng(0)
   hs, ht, head_s, head_t = (jnp.asarray(rng.normal(size=s), jnp.float32)
                             for s in ((B, L, 16), (B, L, 16), (16, V), (16, V)))
-  fn = lambda *a: distill.chunked_kd_loss(*a, _batch()['targets'], alpha=0.5, tau=2.0,
+  fn = lambda *a: distill.chunked_kd_loss(*a, *_labels(), alpha=0.5, tau=2.0,
                                           chunk=chunk, student_cfg=STUDENT, teacher_cfg=TEACHER)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(hs, head_s, ht, head_t)
 
@@ -170,7 +180,7 @@ def test_chunk_that_does_not_divide_the_sequence_is_one_clear_line():
   with pytest.raises(config_lib.ConfigError, match=r'^config.distill.chunk=3: does not divide'):
     jax.jit(functools.partial(distill.chunked_kd_loss, alpha=0.5, tau=1.0, chunk=3,
                               student_cfg=STUDENT, teacher_cfg=TEACHER))(
-                                  h, head, h, head, jnp.ones((B, L), jnp.int32))
+                                  h, head, h, head, jnp.ones((B, L), jnp.int32), jnp.ones((B, L)))
 
 
 def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():

@@ -93,3 +93,24 @@ def test_gqa_equals_repeated_kv_mha():
   out = model_lib.Transformer(cfg).apply({'params': params}, tokens)
   ref = model_lib.Transformer(mha).apply({'params': mha_params}, tokens)
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_packed_document_logits_equal_the_document_alone(remat):
+  cfg = dataclasses.replace(TINY, remat=remat)
+  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(1)))
+  model = model_lib.Transformer(cfg)
+  docs = [np.array([5, 9, 2, 7, 11]), np.array([3, 3, 8, 1, 4, 6, 12])]
+  row = jnp.asarray(np.concatenate(docs))[None]
+  segment_ids = jnp.asarray(np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)]))
+  positions = jnp.asarray(np.concatenate([np.arange(len(d)) for d in docs]))
+  packed = model.apply({'params': params}, row, segment_ids=segment_ids[None],
+                       positions=positions[None])[0]
+  start = 0
+  for doc in docs:
+    alone = model.apply({'params': params}, jnp.asarray(doc)[None])[0]
+    np.testing.assert_allclose(packed[start:start + len(doc)], alone, atol=2e-5)
+    start += len(doc)
+  # Without segment ids the second document attends to the first: the logits differ.
+  causal = model.apply({'params': params}, row)[0]
+  assert float(jnp.abs(causal[len(docs[0]):] - packed[len(docs[0]):]).max()) > 1e-3

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import pipeline, sharding
 
 
@@ -18,7 +19,7 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
   widths, ks = [], []
   for t in range(phase.start, phase.end):
     x = rng.randint(4, 512, (tiny_config.train.batch_size, tiny_config.data.seq_len + 1))
-    batch = {'inputs': x[:, :-1].astype(np.int32), 'targets': x[:, 1:].astype(np.int32)}
+    batch = data_lib.split_batch(x.astype(np.int32))
     state, metrics = step(state, batch)
     widths.append(int(np.asarray(state.masks['ffn']).sum(-1).max()))
     assert np.all(np.asarray(state.masks['ffn']).sum(-1) == widths[-1])  # every layer: exact k
