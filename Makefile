@@ -1,7 +1,7 @@
 # `make demo` and `make test` set themselves up on a fresh machine (a .venv with the package).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data,hf
+EXTRAS ?= test,data,hf,tpu
 
 .PHONY: demo test bench clean
 

@@ -162,19 +162,25 @@ def _host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def _oneshot_masks(run, config, state, model):
-  """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
-  masks = masks_lib.init(state.params, FFN_STRUCTURE)
-  scores = importance.init(masks, config.prune.score)
+def oneshot_score_fn(config, model):
+  """Naive one-shot's scoring step: (scores, params, batch) -> scores updated from its grads."""
   kind, want_acts = config.prune.score, config.prune.score == 'activation'
 
-  @jax.jit
   def accumulate(scores, params, batch):
     (_, aux), grads = jax.value_and_grad(train_lib.loss_and_aux, has_aux=True)(
         params, batch, None, model=model, kd=None, want_acts=want_acts)
     return importance.update(scores, kind, params=params, grads=grads,
                              activations=aux.get('ffn_act'), structure=FFN_STRUCTURE,
                              beta1=config.prune.beta1, beta2=config.prune.beta2)
+  return accumulate
+
+
+def _oneshot_masks(run, config, state, model):
+  """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
+  masks = masks_lib.init(state.params, FFN_STRUCTURE)
+  scores = importance.init(masks, config.prune.score)
+  kind = config.prune.score
+  accumulate = jax.jit(oneshot_score_fn(config, model))
 
   stream = copy.deepcopy(run.data.train)  # scoring must not move the training data order
   sharding = sharding_lib.batch_sharding(run.mesh)
