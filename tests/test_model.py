@@ -95,9 +95,9 @@ def test_gqa_equals_repeated_kv_mha():
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize('remat', [False, True])
+@pytest.mark.parametrize('remat', ['none', 'full'])
 def test_packed_document_logits_equal_the_document_alone(remat):
-  cfg = dataclasses.replace(TINY, remat=remat)
+  cfg = dataclasses.replace(TINY, remat_policy=remat)
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(1)))
   model = model_lib.Transformer(cfg)
   docs = [np.array([5, 9, 2, 7, 11]), np.array([3, 3, 8, 1, 4, 6, 12])]
