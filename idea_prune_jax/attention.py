@@ -131,10 +131,10 @@ def attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL=None, *,
   head_shards = 1 if mesh.empty else dict(mesh.shape).get(_HEAD_AXIS, 1)
   name = resolve(implementation, trace_platform(), q_BxLxHxK.shape[1], q_BxLxHxK.dtype,
                  k_BxLxKVxK.shape[2], head_shards)
-  if name == 'splash':
+  if name == 'splash' and not check_splash(q_BxLxHxK.shape[1]):
     return splash_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL)
   if name == 'cudnn':
     return cudnn_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL)
-  if name == 'xla':
+  if name in ('xla', 'splash'):  # splash: lengths it cannot tile, i.e. param init's short trace
     return xla_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL)
   raise ValueError(f'attention implementation {implementation!r}: use one of {IMPLEMENTATIONS}')
