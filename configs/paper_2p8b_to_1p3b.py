@@ -34,7 +34,8 @@ def get_config(arg: str = ''):
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   if arg in SLICES:
     remat, loss_chunk, kd_chunk = SLICES[arg]
-    c.model.update(attention='splash', remat_policy=remat, loss_chunk=loss_chunk)
+    # attention stays 'auto': splash on TPU, and an export evaluated on CPU/GPU uses XLA/cuDNN.
+    c.model.update(remat_policy=remat, loss_chunk=loss_chunk)
     c.distill.chunk = kd_chunk
   elif arg:
     raise ValueError(f'configs/paper_2p8b_to_1p3b.py: unknown variant {arg!r}; use "" or one '

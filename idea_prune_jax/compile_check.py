@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from idea_prune_jax import attention as attention_lib
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import chips as chips_lib
 from idea_prune_jax import config as config_lib
@@ -362,7 +363,9 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
           'device_kind': devices[0].device_kind,
           'mesh': dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
           'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
-          'dtype': m.dtype, 'param_dtype': m.param_dtype, 'attention': m.attention,
+          'dtype': m.dtype, 'param_dtype': m.param_dtype,
+          'attention': attention_lib.resolve(m.attention, devices[0].platform, config.data.seq_len,
+                                             m.dtype, m.n_kv_heads, mesh.shape['tensor']),
           'remat_policy': m.remat_policy, 'loss_chunk': m.loss_chunk,
           'distill_alpha': config.distill.alpha, 'distill_phases': config.distill.phases,
           'distill_chunk': config.distill.chunk,

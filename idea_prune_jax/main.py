@@ -15,6 +15,7 @@
 
 import json
 import re
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -78,6 +79,7 @@ def _main(argv):
     from idea_prune_jax import compile_check
     report = compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value,
                                    _TOPOLOGY.value, _COST.value, _STEPS.value)
+    report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
     print(compile_check.table(report), file=sys.stderr)
     print(json.dumps(report, indent=1))
     return
