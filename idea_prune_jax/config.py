@@ -119,6 +119,9 @@ class ModelConfig:
   loss_chunk: int = 0
   unroll_layers: bool = False
 
+  # How the model computes, not what it is: a checkpoint resumes under other values of these.
+  COMPUTE_FIELDS = ('attention', 'remat_policy', 'loss_chunk', 'unroll_layers')
+
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads

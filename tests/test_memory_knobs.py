@@ -62,3 +62,13 @@ def test_remat_policies_give_the_same_grads(policy):
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_resumes_under_other_memory_settings():
+  from idea_prune_jax import checkpoint
+  from idea_prune_jax.config import ConfigError
+  meta = {'model': checkpoint.model_meta(TINY)}
+  checkpoint.check_same_model(meta, dataclasses.replace(
+      TINY, remat_policy='full', attention='splash', loss_chunk=4), 'W')
+  with pytest.raises(ConfigError, match='ffn_dim'):
+    checkpoint.check_same_model(meta, dataclasses.replace(TINY, ffn_dim=40), 'W')
