@@ -149,6 +149,7 @@ class Step:
   args: tuple
   model_flops: float  # analytic model FLOPs of one call, whole mesh (6N per token for training)
   info: dict
+  kernel_flops: float = 0.0  # Pallas kernels' FLOPs, whole mesh: cost_analysis() cannot see them
 
 
 def _abstract_state(p: pipeline.Parts, mesh):
@@ -170,6 +171,27 @@ def _train_flops(config, phase: pipeline.Phase) -> float:
   return per_token * _tokens(config)
 
 
+def _splash_flops(config, mesh, passes: float, teacher: bool = False) -> float:
+  """FLOPs of the splash kernels of one call (0 unless attention resolves to splash).
+
+  passes: attention passes per layer in units of one forward (QK^T and PV, 4·H·K·L per token):
+  a training step is 3 (forward + backward, the PaLM count model_flops uses), plus 1 when remat
+  recomputes the forward; teacher adds the KD teacher's forward.
+  """
+  m = ModelConfig.from_config(config)
+  platform = mesh.devices.flat[0].platform
+  if attention_lib.resolve(m.attention, platform, config.data.seq_len, m.dtype, m.n_kv_heads,
+                           mesh.shape['tensor']) != 'splash':
+    return 0.0
+  fwd = lambda c: 4 * c.n_layers * c.n_heads * c.head_dim * config.data.seq_len * _tokens(config)
+  return passes * fwd(m) + (fwd(pipeline.teacher_config(config)) if teacher else 0.0)
+
+
+def _train_passes(config) -> float:
+  recompute = config.model.remat_policy in ('full', 'dots_saveable')
+  return 3.0 + recompute
+
+
 def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> Step:
   """The phase's jitted, donated train step (`pipeline.step_fn`)."""
   p = pipeline.parts(config, phase, mesh)
@@ -178,7 +200,8 @@ def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> 
           'masks': phase.prune is not None}
   state = _abstract_state(p, mesh)
   return Step(name or phase.name, fn, (state, abstract_batch(config, mesh)),
-              _train_flops(config, phase), {**info, **_state_bytes(state)})
+              _train_flops(config, phase), {**info, **_state_bytes(state)},
+              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd))
 
 
 def naive_score_step(config, mesh) -> Step:
@@ -199,7 +222,7 @@ def naive_score_step(config, mesh) -> Step:
   return Step('naive_score', sharding_lib.MeshJit(jitted, mesh),
               (scores, params, abstract_batch(config, mesh)), _train_flops(config, phase),
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(scores)})
+               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)))
 
 
 def eval_step(config, mesh) -> Step:
@@ -210,7 +233,7 @@ def eval_step(config, mesh) -> Step:
   fn = train_lib.jit_eval(p.model, p.shardings.params, mesh)
   return Step('eval', fn, (params, abstract_batch(config, mesh)), _train_flops(config, phase) / 3,
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(params)})
+               **_state_bytes(params)}, _splash_flops(config, mesh, 1.0))
 
 
 def _kd_phase(config, name):
@@ -352,6 +375,10 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
       if layers:
         row.update(layers)
         row['cost_source'] = 'cost_analysis, extrapolated from 1- and 2-layer unrolled compiles'
+      if step.kernel_flops:
+        row['kernel_flops'] = step.kernel_flops / n_devices
+        row['flops'] += row['kernel_flops']
+        row['cost_source'] += ' + analytic splash-kernel FLOPs (kernel_flops)'
       if chip is not None and layers:  # with the loop counted once the bound means nothing
         row.update(roofline(row['flops'], row['bytes_accessed'], row['model_flops'], chip))
     out_steps[name] = row
