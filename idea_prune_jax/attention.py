@@ -47,7 +47,7 @@ def trace_platform() -> str:
 def check_splash(seq_len: int) -> str | None:
   """Why splash cannot run this sequence length (None if it can)."""
   if seq_len % 128:
-    return f'splash attention tiles the sequence in blocks of 128; seq_len {seq_len} is not a multiple'
+    return f'splash tiles the sequence in blocks of 128; seq_len {seq_len} is not a multiple'
   return None
 
 

@@ -62,7 +62,7 @@ class Slice:
 
 
 def _grid(chips: int, ndim: int) -> tuple[int, ...]:
-  """Chip grid of a slice: 2x2(x1) doubled along its last smallest axis (v5p-64, 32 chips: 2x4x4)."""
+  """Chip grid of a slice: 2x2(x1), doubled along its last smallest axis (v5p-64: 2x4x4)."""
   dims = [1] * ndim if chips == 1 else ([2, 2] + [1] * (ndim - 2))
   while math.prod(dims) < chips:
     i = min(range(ndim), key=lambda a: (dims[a], -a))

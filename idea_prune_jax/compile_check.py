@@ -11,6 +11,7 @@ uses) is only lowered and compiled. The compiled SPMD program is one device's pr
 memory and cost analyses read per chip.
 """
 
+import concurrent.futures
 import copy
 import dataclasses
 import importlib.util
@@ -289,42 +290,48 @@ def _memory(compiled, hbm_gib: float) -> dict:
           'hbm_fraction': round(total / (hbm_gib * GIB), 3), 'fits_hbm_gib': total <= hbm_gib * GIB}
 
 
-def compile_one(step: Step, hbm_gib: float) -> tuple[dict, Any]:
-  """Lowers and compiles a step; its per-chip memory (or why it does not fit) and the executable."""
+def _lower(step: Step) -> tuple[dict, Any]:
   t0 = time.perf_counter()
   lowered = step.fn.lower(*step.args)
-  t1 = time.perf_counter()
-  out = {**step.info, 'lower_s': round(t1 - t0, 2), 'chip_hbm_gib': hbm_gib}
+  return {**step.info, 'lower_s': round(time.perf_counter() - t0, 2)}, lowered
+
+
+def _compile(lowered, hbm_gib: float) -> tuple[dict, Any]:
+  """Compiles a lowered step; its per-chip memory (or why it does not fit) and the executable."""
+  t0 = time.perf_counter()
+  out = {'chip_hbm_gib': hbm_gib}
   try:
     compiled = lowered.compile()
   except Exception as e:  # XlaRuntimeError; TPU compiles fail here when HBM is too small
     need = needed_bytes(str(e))
     if 'RESOURCE_EXHAUSTED' not in str(e) or need is None:
       raise
-    out.update(compile_s=round(time.perf_counter() - t1, 2), fits_hbm_gib=False,
+    out.update(compile_s=round(time.perf_counter() - t0, 2), fits_hbm_gib=False,
                needs_gib=round(need / GIB, 2), total_gib=None,
                error=f'does not fit, needs {need / GIB:.2f} GiB of {hbm_gib:g} GiB')
     return out, None
-  out['compile_s'] = round(time.perf_counter() - t1, 2)
+  out['compile_s'] = round(time.perf_counter() - t0, 2)
   out.update(_memory(compiled, hbm_gib))
   return out, compiled
 
 
-def _layers_cost(config, build: Callable) -> dict:
-  """Compiled cost of all layers, from 1- and 2-layer unrolled compiles of the same step.
+def _small_configs(config) -> list:
+  """The step at 1 and 2 unrolled layers, for `_layers_cost`."""
+  out = []
+  for n in (1, 2):
+    small = copy.deepcopy(config)
+    small.model.update(n_layers=n, unroll_layers=True)
+    out.append(small)
+  return out
+
+
+def _layers_cost(config, costs: list[dict]) -> dict:
+  """Compiled cost of all layers from the costs of 1- and 2-layer unrolled compiles.
 
   cost_analysis() counts a while loop's body once, so under nn.scan its flops and bytes miss
   n_layers - 1 layers. Every per-layer cost is linear in the layer count, so
   cost(n) = cost(1) + (n - 1)·(cost(2) - cost(1)), from two small programs.
   """
-  costs = []
-  for n in (1, 2):
-    small = copy.deepcopy(config)
-    small.model.update(n_layers=n, unroll_layers=True)
-    _, compiled = compile_one(build(small), float('inf'))
-    if compiled is None:  # the unrolled pair did not fit where the scanned program did
-      return {}
-    costs.append(_cost(compiled))
   n = config.model.n_layers
   return {k: costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
 
@@ -360,19 +367,35 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
   config = validate(config, n_devices)
   hbm_gib = hbm_gib or (chip.hbm_gib if chip else 95.0)
   mesh = sharding_lib.make_mesh(config, devices)
-  out_steps = {}
+  # Lowering is Python (one at a time); XLA compiles release the GIL, so they run in threads,
+  # one per core: the paper pair's steps take minutes each.
+  jobs = {}  # (step name, layers or 0) -> (step, row, lowered)
   for name, make in STEPS:
     if only and name not in only:
       continue
-    build = lambda c, make=make: make(validate(c, n_devices), mesh)
-    step = build(config)
-    row, compiled = compile_one(step, hbm_gib)
-    row['model_flops'] = step.model_flops / n_devices
+    step = make(config, mesh)
+    jobs[name, 0] = (step, *_lower(step))
+    if cost == 'layers' and config.model.n_layers > 1:
+      for small in _small_configs(config):
+        small_step = make(validate(small, n_devices), mesh)
+        jobs[name, small.model.n_layers] = (small_step, *_lower(small_step))
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    futures = {key: pool.submit(_compile, lowered, hbm_gib if key[1] == 0 else float('inf'))
+               for key, (_, _, lowered) in jobs.items()}
+    results = {key: f.result() for key, f in futures.items()}
+  out_steps = {}
+  for (name, n), (step, row, _) in jobs.items():
+    if n:
+      continue
+    more, compiled = results[name, 0]
+    row = {**row, **more, 'model_flops': step.model_flops / n_devices}
     if compiled is not None:
       row.update(_cost(compiled))
       row['cost_source'] = 'cost_analysis (layer loop counted once)'
-      layers = _layers_cost(config, build) if cost == 'layers' and config.model.n_layers > 1 else {}
-      if layers:
+      small = [results.get((name, k), (None, None))[1] for k in (1, 2)]
+      layers = {}
+      if all(c is not None for c in small) and (name, 1) in jobs:
+        layers = _layers_cost(config, [_cost(c) for c in small])
         row.update(layers)
         row['cost_source'] = 'cost_analysis, extrapolated from 1- and 2-layer unrolled compiles'
       if step.kernel_flops:
@@ -382,7 +405,7 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
       if chip is not None and layers:  # with the loop counted once the bound means nothing
         row.update(roofline(row['flops'], row['bytes_accessed'], row['model_flops'], chip))
     out_steps[name] = row
-    del compiled
+  del results
   m = config.model
   return {
       'config': {
@@ -429,7 +452,8 @@ def table(report: dict) -> str:
   c = report['config']
   lines.append(f'{c["devices"]} x {c["device_kind"]} ({c["platform"]}), mesh {c["mesh"]}, batch '
                f'{c["batch"]} x {c["seq_len"]}, attention {c["attention"]}, remat '
-               f'{c["remat_policy"]}, loss_chunk {c["loss_chunk"]}; HBM {report["hbm_gib"]:g} GiB/chip')
+               f'{c["remat_policy"]}, loss_chunk {c["loss_chunk"]}; '
+               f'HBM {report["hbm_gib"]:g} GiB/chip')
   return '\n'.join(lines)
 
 
