@@ -13,7 +13,7 @@ from idea_prune_jax.config import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=900):
   # No device count in XLA_FLAGS: the command itself must set it before JAX starts its backend.
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   env['XLA_FLAGS'] = '--xla_cpu_enable_fast_math=false'  # an existing flag the command must keep
