@@ -69,6 +69,8 @@ def test_train_step_with_splash_compiles_for_v5p():
   assert step['fits_hbm_gib'] and 0 < step['total_gib'] < step['chip_hbm_gib'] == 95.0
   for key in ('flops', 'bytes_accessed', 'roofline_step_s', 'mfu_ceiling'):
     assert step[key] > 0, key
-  # All layers counted: at least the model's own FLOPs (remat recomputation adds more).
-  assert step['flops'] >= step['model_flops'] and 'extrapolated' in step['cost_source']
+  # All layers counted, splash kernels included: about the model's own FLOPs (the loop body
+  # counted once would give ~60% here).
+  assert step['flops'] >= 0.9 * step['model_flops'] and step['kernel_flops'] > 0
+  assert 'extrapolated' in step['cost_source']
   assert 'enlarged' in out.stderr  # the table
