@@ -6,8 +6,10 @@ the trainer's MFU; a measured peak is always lower.
 """
 
 import dataclasses
+import functools
 import math
 import re
+import time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +35,55 @@ _DEVICE_KINDS = {'tpu v4': 'v4', 'tpu v5 lite': 'v5e', 'tpu v5e': 'v5e', 'tpu v5
                  'nvidia h200': 'h200'}
 
 
-def from_device_kind(kind: str) -> Chip | None:
-  """The chip of a `jax.Device.device_kind` ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), or None."""
+# Dense bf16 TFLOP/s per chip (the MFU denominator in the trainer's logs).
+PEAK_BF16_TFLOPS = {key: chip.bf16_tflops for key, chip in CHIPS.items()}
+
+
+def _kind_key(kind: str) -> str | None:
   kind = kind.lower()
+  # Longest prefix first: 'tpu v5 lite' (v5e) before 'tpu v5' (v5p).
   for prefix in sorted(_DEVICE_KINDS, key=len, reverse=True):
     if kind.startswith(prefix):
-      return CHIPS[_DEVICE_KINDS[prefix]]
+      return _DEVICE_KINDS[prefix]
   return None
+
+
+def from_device_kind(kind: str) -> Chip | None:
+  """The chip of a `jax.Device.device_kind` ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), or None."""
+  key = _kind_key(kind)
+  return None if key is None else CHIPS[key]
+
+
+def chip_name(device) -> str | None:
+  """The CHIPS key of a jax device, or None (CPU, unknown chips)."""
+  return _kind_key(device.device_kind)
+
+
+@functools.cache
+def measured_cpu_peak(n: int = 512, repeats: int = 5) -> float:
+  """f32 FLOP/s of one square matmul on this process's CPU (best of a few; measured once)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  # Spread over the host's CPU devices: with fake devices each gets a share of the same cores.
+  return 2 * n**3 / best / max(len(jax.local_devices(backend='cpu')), 1)
+
+
+def peak_flops_per_device(device) -> float:
+  """Peak FLOP/s of one device: the table for known accelerators, else CPU measured once."""
+  name = chip_name(device)
+  if name is not None:
+    return PEAK_BF16_TFLOPS[name] * 1e12
+  if device.platform == 'cpu':
+    return measured_cpu_peak()
+  return float('nan')  # an unlisted accelerator: MFU unknown rather than a stopped run
 
 
 # Cloud TPU slice names: the number after v4- and v5p- counts TensorCores (two per chip, one JAX
