@@ -403,7 +403,12 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
         row['flops'] += row['kernel_flops']
         row['cost_source'] += ' + analytic splash-kernel FLOPs (kernel_flops)'
       if chip is not None and layers:  # with the loop counted once the bound means nothing
-        row.update(roofline(row['flops'], row['bytes_accessed'], row['model_flops'], chip))
+        # Loops the extrapolation does not see (the backward layer scan, loss-chunk scans) are
+        # still counted once; below the model's own FLOPs the count is known short, so the
+        # bound uses the model's FLOPs instead and says so.
+        row['flops_below_model'] = row['flops'] < row['model_flops']
+        row.update(roofline(max(row['flops'], row['model_flops']), row['bytes_accessed'],
+                            row['model_flops'], chip))
     out_steps[name] = row
   del results
   m = config.model
