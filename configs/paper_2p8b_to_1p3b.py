@@ -2,8 +2,11 @@
 FFN 15872 (2.81B params, enlarged) pruned to FFN 5632 (1.30B params, target).
 
   idea-prune params --config configs/paper_2p8b_to_1p3b.py
-  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py --devices 64 \
-      --mesh data=1,fsdp=16,tensor=4
+  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py:v5p64 --topology v5p-64
+
+Variants are per-slice memory settings, each checked by the TPU compiler (docs/tpu.md,
+BENCHMARKS.md): v5p64 (32 chips x 95 GiB), v6e64 (64 x 32 GiB), v5e64 (64 x 16 GiB). The global
+batch stays 1024 x 2048 on every slice, so the training recipe is the same.
 """
 
 from idea_prune_jax import config as config_lib
@@ -11,16 +14,30 @@ from idea_prune_jax import config as config_lib
 FFN_ENLARGED = 15872  # 2.81B
 FFN_TARGET = 5632  # 1.30B
 
+# variant -> (model.remat_policy, model.loss_chunk, distill.chunk)
+SLICES = {
+    'v5p64': ('save_attn_proj', 512, 512),
+    'v6e64': ('save_attn_proj', 512, 512),
+    'v5e64': ('full', 512, 512),
+}
+
 
 def get_config(arg: str = ''):
-  del arg
   c = config_lib.base()
   c.model.update(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
-                 ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat=True)
+                 ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat_policy='full')
   c.prune.update(target_ffn=FFN_TARGET, round_to=128, t_start=0.5, t_end=0.7)
   # Prepared once with prepare-data into a bucket, read through a gcsfuse mount (docs/tpu.md).
   c.data.update(source='prepared', prepared_dir='/mnt/idea-data/c4_en', seq_len=2048)
   c.train.update(steps=250_000, batch_size=1024, lr=3e-4, warmup_steps=2000, eval_every=2000,
                  ckpt_every=1000)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
+  if arg in SLICES:
+    remat, loss_chunk, kd_chunk = SLICES[arg]
+    # attention stays 'auto': splash on TPU, and an export evaluated on CPU/GPU uses XLA/cuDNN.
+    c.model.update(remat_policy=remat, loss_chunk=loss_chunk)
+    c.distill.chunk = kd_chunk
+  elif arg:
+    raise ValueError(f'configs/paper_2p8b_to_1p3b.py: unknown variant {arg!r}; use "" or one '
+                     f'of {", ".join(SLICES)}')
   return c

@@ -65,7 +65,8 @@ def check_same_model(meta: dict, model_cfg, workdir: str) -> None:
   """Refuses to resume a checkpoint written for a different model shape."""
   saved = meta.get('model', {})
   mine = model_meta(model_cfg)
-  diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v}
+  diff = {k: (saved.get(k), v) for k, v in mine.items()
+          if k in saved and saved[k] != v and k not in model_cfg.COMPUTE_FIELDS}
   if diff:
     field, (old, new) = next(iter(diff.items()))
     raise ConfigError(

@@ -1,28 +1,69 @@
-"""Peak FLOP/s per device, the denominator of MFU: bf16 spec for accelerators, f32 measured on CPU."""
+"""Accelerator chips: HBM, bf16 peak and HBM bandwidth per chip (one JAX device), and TPU slices.
 
+Figures are the vendors' published per-chip numbers (Cloud TPU system-architecture pages; NVIDIA
+H100/H200 SXM datasheets, dense bf16 without sparsity). They serve compile-check's roofline and
+the trainer's MFU; a measured peak is always lower.
+"""
+
+import dataclasses
 import functools
+import math
+import re
 import time
 
-import jax
-import jax.numpy as jnp
 
-# Dense bf16 TFLOP/s per chip from the vendors' spec sheets (no sparsity).
-PEAK_BF16_TFLOPS = {'v4': 275, 'v5e': 197, 'v5p': 459, 'v6e': 918, 'h100': 989, 'h200': 989}
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_gib: float  # per chip
+  bf16_tflops: float  # dense peak per chip
+  hbm_gbps: float  # GB/s (1e9 bytes) per chip
 
-# device.device_kind, lowercased -> table key; first match wins (so 'v5 lite' before 'v5').
-_KINDS = (('v6 lite', 'v6e'), ('v6e', 'v6e'), ('v5 lite', 'v5e'), ('v5e', 'v5e'),
-          ('v5p', 'v5p'), ('tpu v5', 'v5p'), ('v4', 'v4'), ('h200', 'h200'), ('h100', 'h100'))
+
+CHIPS = {
+    'v4': Chip('TPU v4', 32.0, 275.0, 1228.0),
+    'v5e': Chip('TPU v5e', 16.0, 197.0, 819.0),
+    'v5p': Chip('TPU v5p', 95.0, 459.0, 2765.0),
+    'v6e': Chip('TPU v6e', 32.0, 918.0, 1640.0),
+    'h100': Chip('NVIDIA H100 SXM', 80.0, 989.0, 3350.0),
+    'h200': Chip('NVIDIA H200 SXM', 141.0, 989.0, 4800.0),
+}
+
+# JAX `device_kind` strings -> CHIPS keys (for a running job's MFU).
+_DEVICE_KINDS = {'tpu v4': 'v4', 'tpu v5 lite': 'v5e', 'tpu v5e': 'v5e', 'tpu v5': 'v5p',
+                 'tpu v5p': 'v5p', 'tpu v6 lite': 'v6e', 'tpu v6e': 'v6e', 'nvidia h100': 'h100',
+                 'nvidia h200': 'h200'}
+
+
+# Dense bf16 TFLOP/s per chip (the MFU denominator in the trainer's logs).
+PEAK_BF16_TFLOPS = {key: chip.bf16_tflops for key, chip in CHIPS.items()}
+
+
+def _kind_key(kind: str) -> str | None:
+  kind = kind.lower()
+  # Longest prefix first: 'tpu v5 lite' (v5e) before 'tpu v5' (v5p).
+  for prefix in sorted(_DEVICE_KINDS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return _DEVICE_KINDS[prefix]
+  return None
+
+
+def from_device_kind(kind: str) -> Chip | None:
+  """The chip of a `jax.Device.device_kind` ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), or None."""
+  key = _kind_key(kind)
+  return None if key is None else CHIPS[key]
 
 
 def chip_name(device) -> str | None:
-  """The PEAK_BF16_TFLOPS key of a jax device, or None (CPU, unknown chips)."""
-  kind = device.device_kind.lower()
-  return next((name for pattern, name in _KINDS if pattern in kind), None)
+  """The CHIPS key of a jax device, or None (CPU, unknown chips)."""
+  return _kind_key(device.device_kind)
 
 
 @functools.cache
 def measured_cpu_peak(n: int = 512, repeats: int = 5) -> float:
   """f32 FLOP/s of one square matmul on this process's CPU (best of a few; measured once)."""
+  import jax
+  import jax.numpy as jnp
   x = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
@@ -43,3 +84,75 @@ def peak_flops_per_device(device) -> float:
   if device.platform == 'cpu':
     return measured_cpu_peak()
   return float('nan')  # an unlisted accelerator: MFU unknown rather than a stopped run
+
+
+# Cloud TPU slice names: the number after v4- and v5p- counts TensorCores (two per chip, one JAX
+# device per chip), after v5e- / v5litepod- and v6e- it counts chips.
+_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}
+_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6litepod': 'v6e'}
+# How chips are spread over hosts (4 chips per host), for the topology description.
+_HOST_BOUNDS = (2, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  generation: str  # a CHIPS key: v4 | v5e | v5p | v6e
+  chips: int
+  topology: str  # libtpu topology name, e.g. 'v5p:2x4x4'
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.generation]
+
+
+def _grid(chips: int, ndim: int) -> tuple[int, ...]:
+  """Chip grid of a slice: 2x2(x1), doubled along its last smallest axis (v5p-64: 2x4x4)."""
+  dims = [1] * ndim if chips == 1 else ([2, 2] + [1] * (ndim - 2))
+  while math.prod(dims) < chips:
+    i = min(range(ndim), key=lambda a: (dims[a], -a))
+    dims[i] *= 2
+  return tuple(dims)
+
+
+def parse_slice(name: str) -> Slice:
+  """'v5p-64' (32 chips), 'v5e-64' / 'v5litepod-64' (64 chips), 'v6e-8', 'v4-32', or a libtpu
+  topology 'v5p:2x4x4'."""
+  name = name.strip().lower()
+  m = re.fullmatch(r'([a-z0-9]+):(\d+(?:x\d+)+)', name)
+  if m:
+    gen = _ALIASES.get(m.group(1), m.group(1))
+    if gen not in _CORES_PER_CHIP:
+      raise ValueError(f'--topology={name!r}: unknown TPU generation {m.group(1)!r}; '
+                       f'use one of {", ".join(_CORES_PER_CHIP)}')
+    chips = math.prod(int(d) for d in m.group(2).split('x'))
+    return Slice(gen, chips, f'{gen}:{m.group(2)}')
+  m = re.fullmatch(r'([a-z0-9]+)-(\d+)', name)
+  gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
+  if gen not in _CORES_PER_CHIP:
+    raise ValueError(f'--topology={name!r}: use v5p-N, v4-N (N TensorCores, 2 per chip), '
+                     'v5e-N or v6e-N (N chips), or a libtpu name such as v5p:2x4x4')
+  n, per_chip = int(m.group(2)), _CORES_PER_CHIP[gen]
+  chips = n // per_chip
+  if n % per_chip or chips < 1 or chips & (chips - 1):
+    raise ValueError(f'--topology={name!r}: {gen}-N needs N = {per_chip} x a power of two '
+                     f'({"TensorCores" if per_chip == 2 else "chips"}), e.g. {gen}-{per_chip * 8}')
+  ndim = 3 if gen in ('v4', 'v5p') else 2
+  grid = _grid(chips, ndim)
+  return Slice(gen, chips, f'{gen}:{"x".join(map(str, grid))}')
+
+
+def topology_devices(sl: Slice):
+  """The slice's TPU devices on this (CPU-only) machine, from libtpu's topology description.
+
+  Needs libtpu (the `tpu` extra); raises ImportError without it.
+  """
+  from jax.experimental import topologies
+  dims = sl.topology.split(':')[1].split('x')
+  bounds = tuple(min(b, int(d)) for b, d in zip(_HOST_BOUNDS, dims + ['1'] * 3))
+  # v4's default chip config exposes each TensorCore as a device; 'megacore' is what JAX on a
+  # v4 VM uses (one device per chip), like v5p.
+  config = 'megacore' if sl.generation == 'v4' else 'default'
+  topo = topologies.get_topology_desc(platform='tpu', topology_name=sl.topology,
+                                      chip_config_name=config, chips_per_host_bounds=bounds,
+                                      num_slices=1)
+  return list(topo.devices)

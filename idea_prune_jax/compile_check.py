@@ -1,33 +1,45 @@
-"""Ahead-of-time compilation of the idea pipeline's steps for a pod-sized mesh, on fake CPU devices.
+"""Ahead-of-time compilation of every step a run executes, for a pod slice, on this machine.
 
-  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py --devices 64 \
-      --mesh data=1,fsdp=64,tensor=1
+  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py:v5p64 --topology v5p-64
+  idea-prune compile-check --config configs/paper_2p8b_to_1p3b.py --devices 64   # fake CPUs
 
-Nothing is allocated or run: state and batch are ShapeDtypeStructs that carry their shardings, and
-each step (the jitted, donated step of `pipeline.step_fn`) is only lowered and compiled. The
-compiled SPMD program is one device's program, so `memory_analysis()` reads per device.
+With libtpu (the `tpu` extra) `--topology` compiles with the real TPU compiler for that slice's
+devices (`jax.experimental.topologies`); without it, or with `--devices N`, for N fake CPU devices
+(XLA:CPU buffer assignment, an estimate). Nothing is allocated or run: state and batch are
+ShapeDtypeStructs carrying their shardings, and each step (the jitted, donated function the run
+uses) is only lowered and compiled. The compiled SPMD program is one device's program, so its
+memory and cost analyses read per chip.
 """
 
+import concurrent.futures
 import copy
+import dataclasses
+import importlib.util
 import math
 import os
+import re
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from idea_prune_jax import attention as attention_lib
 from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax import chips as chips_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import importance
+from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
+from idea_prune_jax import schedules
 from idea_prune_jax import sharding as sharding_lib
 from idea_prune_jax import structure
+from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
 
 GIB = 2 ** 30
-STEPS = ('enlarged', 'prune', 'recovery')
 KD_ALPHA = 0.5  # what `compare`'s idea_kd uses when the config has no alpha of its own
 _COUNT_FLAG = '--xla_force_host_platform_device_count'
 _REEXEC_ENV = 'IDEA_PRUNE_COMPILE_CHECK_REEXEC'
@@ -95,7 +107,10 @@ def abstract_batch(config, mesh):
   shape = (config.train.batch_size, config.data.seq_len)
   leaf = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
   weights = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=leaf.sharding)
-  return {'inputs': leaf, 'targets': leaf, 'weights': weights}
+  batch = {'inputs': leaf, 'targets': leaf, 'weights': weights}
+  if config.data.get('attention') == 'document':  # packed documents: segment ids and positions
+    batch.update(segment_ids=leaf, positions=leaf)
+  return batch
 
 
 def _name(path) -> str:
@@ -127,58 +142,204 @@ def _state_bytes(state) -> dict:
           'largest_replicated': largest[0]}
 
 
-def compile_step(config, phase: pipeline.Phase, mesh, hbm_gib: float) -> dict:
-  """Lowers and compiles one phase's step from abstract state; its per-device memory figures."""
-  parts = pipeline.parts(config, phase, mesh)
-  state = ckpt_lib.abstract_like(jax.eval_shape(parts.init_fn, jax.random.key(0)),
-                                 parts.shardings)
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One program the run executes: its jitted function, abstract arguments and model FLOPs."""
+  name: str
+  fn: Any  # a jitted function (or sharding.MeshJit) with .lower(*args)
+  args: tuple
+  model_flops: float  # analytic model FLOPs of one call, whole mesh (6N per token for training)
+  info: dict
+  kernel_flops: float = 0.0  # Pallas kernels' FLOPs, whole mesh: cost_analysis() cannot see them
+
+
+def _abstract_state(p: pipeline.Parts, mesh):
+  state = ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
   _check_divisible(state, mesh)
-  step = pipeline.step_fn(config, phase, parts, mesh)
-  t0 = time.perf_counter()
-  lowered = step.lower(state, abstract_batch(config, mesh))
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  out = {'ffn_dim': phase.ffn_dim, 'kd': phase.kd, 'teacher': phase.teacher,
-         'masks': phase.prune is not None, 'lower_s': round(t1 - t0, 2),
-         'compile_s': round(t2 - t1, 2), **_state_bytes(state)}
+  return state
+
+
+def _tokens(config) -> int:
+  return config.train.batch_size * config.data.seq_len
+
+
+def _train_flops(config, phase: pipeline.Phase) -> float:
+  """Model FLOPs of one step: 6N per token (+ the KD teacher's forward, 2N per token)."""
+  seq = config.data.seq_len
+  per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=phase.ffn_dim), seq)
+  if phase.kd:
+    per_token += model_lib.flops_per_token(pipeline.teacher_config(config), seq) / 3
+  return per_token * _tokens(config)
+
+
+def _splash_flops(config, mesh, passes: float, teacher: bool = False) -> float:
+  """FLOPs of the splash kernels of one call (0 unless attention resolves to splash).
+
+  passes: attention passes per layer in units of one forward (QK^T and PV, 4·H·K·L per token):
+  a training step is 3 (forward + backward, the PaLM count model_flops uses), plus 1 when remat
+  recomputes the forward; teacher adds the KD teacher's forward.
+  """
+  m = ModelConfig.from_config(config)
+  platform = mesh.devices.flat[0].platform
+  if attention_lib.resolve(m.attention, platform, config.data.seq_len, m.dtype, m.n_kv_heads,
+                           mesh.shape['tensor']) != 'splash':
+    return 0.0
+  fwd = lambda c: 4 * c.n_layers * c.n_heads * c.head_dim * config.data.seq_len * _tokens(config)
+  return passes * fwd(m) + (fwd(pipeline.teacher_config(config)) if teacher else 0.0)
+
+
+def _train_passes(config) -> float:
+  recompute = config.model.remat_policy in ('full', 'dots_saveable')
+  return 3.0 + recompute
+
+
+def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> Step:
+  """The phase's jitted, donated train step (`pipeline.step_fn`)."""
+  p = pipeline.parts(config, phase, mesh)
+  fn = pipeline.step_fn(config, phase, p, mesh)
+  info = {'ffn_dim': phase.ffn_dim, 'kd': phase.kd, 'teacher': phase.teacher,
+          'masks': phase.prune is not None}
+  state = _abstract_state(p, mesh)
+  return Step(name or phase.name, fn, (state, abstract_batch(config, mesh)),
+              _train_flops(config, phase), {**info, **_state_bytes(state)},
+              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd))
+
+
+def naive_score_step(config, mesh) -> Step:
+  """naive one-shot's scoring step at the enlarged width (`pipeline.oneshot_score_fn`)."""
+  phase = pipeline.plan(config)[0]
+  p = pipeline.parts(config, phase, mesh)
+  params = _abstract_state(p, mesh).params
+  kind = config.prune.score
+  scores = jax.eval_shape(lambda ps: importance.init(masks_lib.init(ps, structure.FFN_STRUCTURE),
+                                                     kind), params)
+  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
+  scores = ckpt_lib.abstract_like(scores, jax.tree.map(lambda _: ffn, scores))
+  return Step('naive_score', pipeline.oneshot_score_fn(config, p.model_cfg, mesh),
+              (scores, params, abstract_batch(config, mesh)), _train_flops(config, phase),
+              {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
+               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)))
+
+
+def eval_step(config, mesh) -> Step:
+  """The evaluation forward at the enlarged width (the wider of the two models)."""
+  phase = pipeline.plan(config)[0]
+  p = pipeline.parts(config, phase, mesh)
+  params = _abstract_state(p, mesh).params
+  fn = train_lib.jit_eval(p.model, p.shardings.params, mesh)
+  return Step('eval', fn, (params, abstract_batch(config, mesh)), _train_flops(config, phase) / 3,
+              {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
+               **_state_bytes(params)}, _splash_flops(config, mesh, 1.0))
+
+
+def _kd_phase(config, name):
+  return next(ph for ph in pipeline.plan(config) if ph.name == name)
+
+
+def prune_nokd_step(config, mesh) -> Step:
+  """idea's prune step without a teacher (config as compiled has KD in its prune phase)."""
+  plain = copy.deepcopy(config)
+  plain.distill.alpha = 0.0
+  return train_step(plain, _kd_phase(plain, 'prune'), mesh, name='prune_nokd')
+
+
+# Every program a run executes, by name, each built from the config `validate` returns (the idea
+# pipeline with KD in its prune phase). naive's own train steps are the same programs as
+# enlarged and recovery (its recovery starts a fresh optimizer of the same shapes).
+STEPS: tuple[tuple[str, Callable[[Any, Any], Step]], ...] = (
+    ('enlarged', lambda c, mesh: train_step(c, _kd_phase(c, 'enlarged'), mesh)),
+    ('prune', lambda c, mesh: train_step(c, _kd_phase(c, 'prune'), mesh)),  # with KD
+    ('prune_nokd', prune_nokd_step),
+    ('recovery', lambda c, mesh: train_step(c, _kd_phase(c, 'recovery'), mesh)),
+    ('naive_score', naive_score_step),
+    ('eval', eval_step),
+)
+
+
+_USED = re.compile(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm')
+_TEMPS = re.compile(r'([\d.]+)([KMGT]) temporaries')
+_SCALE = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def needed_bytes(message: str) -> int | None:
+  """The HBM a RESOURCE_EXHAUSTED compile error says the program needs, in bytes."""
+  found = _USED.search(message) or _TEMPS.search(message)
+  return int(float(found.group(1)) * _SCALE[found.group(2)]) if found else None
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return {'flops': float(cost.get('flops', 0.0)),
+          'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
+
+
+def _memory(compiled, hbm_gib: float) -> dict:
   mem = compiled.memory_analysis()
   if mem is None:  # some backends report nothing
-    return out
-  for key in ('argument', 'output', 'temp', 'alias', 'generated_code'):
-    out[f'{key}_bytes'] = int(getattr(mem, f'{key}_size_in_bytes', 0))
+    return {}
+  out = {f'{key}_bytes': int(getattr(mem, f'{key}_size_in_bytes', 0))
+         for key in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   total = out['argument_bytes'] + out['output_bytes'] + out['temp_bytes'] - out['alias_bytes']
-  out.update(total_bytes=total, total_gib=round(total / GIB, 3),
-             fits_hbm_gib=total <= hbm_gib * GIB)
-  return out
+  return {**out, 'total_bytes': total, 'total_gib': round(total / GIB, 3),
+          'hbm_fraction': round(total / (hbm_gib * GIB), 3), 'fits_hbm_gib': total <= hbm_gib * GIB}
 
 
-def compile_oneshot_score(config, enlarged: pipeline.Phase, mesh, hbm_gib: float) -> dict:
-  """Naive's one-shot scoring program (`pipeline.oneshot_score_fn`), compiled like a step.
-
-  Naive's other steps are idea's programs under another LR (enlarged; recovery without KD).
-  """
-  parts = pipeline.parts(config, enlarged, mesh)
-  params = ckpt_lib.abstract_like(jax.eval_shape(parts.init_fn, jax.random.key(0)),
-                                  parts.shardings).params
-  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-  shape = jax.ShapeDtypeStruct((config.model.n_layers, enlarged.ffn_dim), jnp.float32,
-                               sharding=ffn)
-  scores = jax.tree.map(lambda _: shape, importance.init({'ffn': 0.0}, config.prune.score))
-  fn = pipeline.oneshot_score_fn(config, parts.model_cfg, mesh)
+def _lower(step: Step) -> tuple[dict, Any]:
   t0 = time.perf_counter()
-  compiled = fn.lower(scores, params, abstract_batch(config, mesh)).compile()
-  out = {'ffn_dim': enlarged.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-         'compile_s': round(time.perf_counter() - t0, 2), **_state_bytes(params)}
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return out
-  for key in ('argument', 'output', 'temp', 'alias', 'generated_code'):
-    out[f'{key}_bytes'] = int(getattr(mem, f'{key}_size_in_bytes', 0))
-  total = out['argument_bytes'] + out['output_bytes'] + out['temp_bytes'] - out['alias_bytes']
-  out.update(total_bytes=total, total_gib=round(total / GIB, 3),
-             fits_hbm_gib=total <= hbm_gib * GIB)
+  lowered = step.fn.lower(*step.args)
+  return {**step.info, 'lower_s': round(time.perf_counter() - t0, 2)}, lowered
+
+
+def _compile(lowered, hbm_gib: float) -> tuple[dict, Any]:
+  """Compiles a lowered step; its per-chip memory (or why it does not fit) and the executable."""
+  t0 = time.perf_counter()
+  out = {'chip_hbm_gib': hbm_gib}
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XlaRuntimeError; TPU compiles fail here when HBM is too small
+    need = needed_bytes(str(e))
+    if 'RESOURCE_EXHAUSTED' not in str(e) or need is None:
+      raise
+    out.update(compile_s=round(time.perf_counter() - t0, 2), fits_hbm_gib=False,
+               needs_gib=round(need / GIB, 2), total_gib=None,
+               error=f'does not fit, needs {need / GIB:.2f} GiB of {hbm_gib:g} GiB')
+    return out, None
+  out['compile_s'] = round(time.perf_counter() - t0, 2)
+  out.update(_memory(compiled, hbm_gib))
+  return out, compiled
+
+
+def _small_configs(config) -> list:
+  """The step at 1 and 2 unrolled layers, for `_layers_cost`."""
+  out = []
+  for n in (1, 2):
+    small = copy.deepcopy(config)
+    small.model.update(n_layers=n, unroll_layers=True)
+    out.append(small)
   return out
+
+
+def _layers_cost(config, costs: list[dict]) -> dict:
+  """Compiled cost of all layers from the costs of 1- and 2-layer unrolled compiles.
+
+  cost_analysis() counts a while loop's body once, so under nn.scan its flops and bytes miss
+  n_layers - 1 layers. Every per-layer cost is linear in the layer count, so
+  cost(n) = cost(1) + (n - 1)·(cost(2) - cost(1)), from two small programs.
+  """
+  n = config.model.n_layers
+  return {k: costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
+
+
+def roofline(flops: float, bytes_accessed: float, model_flops: float, chip) -> dict:
+  """Lower bound on step time, max(compute, HBM traffic), and the MFU it allows."""
+  compute_s = flops / (chip.bf16_tflops * 1e12)
+  memory_s = bytes_accessed / (chip.hbm_gbps * 1e9)
+  step_s = max(compute_s, memory_s)
+  return {'compute_s': compute_s, 'memory_s': memory_s, 'roofline_step_s': step_s,
+          'bound': 'compute' if compute_s >= memory_s else 'memory',
+          'mfu_ceiling': round(model_flops / (step_s * chip.bf16_tflops * 1e12), 4)
+                         if step_s else None}
 
 
 def validate(config, n_devices: int):
@@ -189,42 +350,158 @@ def validate(config, n_devices: int):
   return config
 
 
-def compile_check(config, n_devices: int, hbm_gib: float = 95.0) -> dict:
-  """Compiles the enlarged, prune+KD and recovery steps of config on the first n_devices devices."""
+def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
+                  cost: str = 'layers', only: tuple[str, ...] = ()) -> dict:
+  """Compiles every step of config for a mesh over devices; per-chip memory, cost and roofline.
+
+  chip: a `chips.Chip` for the roofline (None: memory only). cost: 'layers' extrapolates the
+  compiled cost to all layers from 1- and 2-layer compiles (two small compiles per step); 'scan'
+  reports cost_analysis() as is (the layer loop counted once). only: step names to compile.
+  """
+  n_devices = len(devices)
   config = validate(config, n_devices)
-  devices = jax.devices()
-  if len(devices) < n_devices:
-    raise ConfigError(f'--devices={n_devices}: JAX sees only {len(devices)} devices')
-  mesh = sharding_lib.make_mesh(config, devices[:n_devices])
-  phases = {ph.name: ph for ph in pipeline.plan(config)}
-  steps = {name: compile_step(config, phases[name], mesh, hbm_gib) for name in STEPS}
-  steps['naive_score'] = compile_oneshot_score(config, phases['enlarged'], mesh, hbm_gib)
+  hbm_gib = hbm_gib or (chip.hbm_gib if chip else 95.0)
+  mesh = sharding_lib.make_mesh(config, devices)
+  # Lowering is Python (one at a time); XLA compiles release the GIL, so they run in threads,
+  # one per core: the paper pair's steps take minutes each.
+  jobs = {}  # (step name, layers or 0) -> (step, row, lowered)
+  for name, make in STEPS:
+    if only and name not in only:
+      continue
+    step = make(config, mesh)
+    jobs[name, 0] = (step, *_lower(step))
+    if cost == 'layers' and config.model.n_layers > 1:
+      for small in _small_configs(config):
+        small_step = make(validate(small, n_devices), mesh)
+        jobs[name, small.model.n_layers] = (small_step, *_lower(small_step))
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    futures = {key: pool.submit(_compile, lowered, hbm_gib if key[1] == 0 else float('inf'))
+               for key, (_, _, lowered) in jobs.items()}
+    results = {key: f.result() for key, f in futures.items()}
+  out_steps = {}
+  for (name, n), (step, row, _) in jobs.items():
+    if n:
+      continue
+    more, compiled = results[name, 0]
+    row = {**row, **more, 'model_flops': step.model_flops / n_devices}
+    if compiled is not None:
+      row.update(_cost(compiled))
+      row['cost_source'] = 'cost_analysis (layer loop counted once)'
+      small = [results.get((name, k), (None, None))[1] for k in (1, 2)]
+      layers = {}
+      if all(c is not None for c in small) and (name, 1) in jobs:
+        layers = _layers_cost(config, [_cost(c) for c in small])
+        row.update(layers)
+        row['cost_source'] = 'cost_analysis, extrapolated from 1- and 2-layer unrolled compiles'
+      if step.kernel_flops:
+        row['kernel_flops'] = step.kernel_flops / n_devices
+        row['flops'] += row['kernel_flops']
+        row['cost_source'] += ' + analytic splash-kernel FLOPs (kernel_flops)'
+      if chip is not None and layers:  # with the loop counted once the bound means nothing
+        # Loops the extrapolation does not see (the backward layer scan, loss-chunk scans) are
+        # still counted once; below the model's own FLOPs the count is known short, so the
+        # bound uses the model's FLOPs instead and says so.
+        row['flops_below_model'] = row['flops'] < row['model_flops']
+        row.update(roofline(max(row['flops'], row['model_flops']), row['bytes_accessed'],
+                            row['model_flops'], chip))
+    out_steps[name] = row
+  del results
+  m = config.model
   return {
       'config': {
           'devices': n_devices, 'platform': devices[0].platform,
+          'device_kind': devices[0].device_kind,
           'mesh': dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
           'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
-          'dtype': config.model.dtype, 'param_dtype': config.model.param_dtype,
-          'remat': config.model.remat, 'distill_alpha': config.distill.alpha,
-          'distill_phases': config.distill.phases,
+          'dtype': m.dtype, 'param_dtype': m.param_dtype,
+          'attention': attention_lib.resolve(m.attention, devices[0].platform, config.data.seq_len,
+                                             m.dtype, m.n_kv_heads, mesh.shape['tensor']),
+          'remat_policy': m.remat_policy, 'loss_chunk': m.loss_chunk,
+          'distill_alpha': config.distill.alpha, 'distill_phases': config.distill.phases,
+          'distill_chunk': config.distill.chunk,
           'params_enlarged': model_lib.param_count(ModelConfig.from_config(config)),
           'params_target': model_lib.param_count(
               ModelConfig.from_config(config, ffn_dim=config.prune.target_ffn)),
           'jax': jax.__version__},
+      'chip': dataclasses.asdict(chip) if chip else None,
       'hbm_gib': hbm_gib,
-      'steps': steps,
-      'fits_hbm_gib': {name: s.get('fits_hbm_gib') for name, s in steps.items()},
+      'steps': out_steps,
+      'fits_hbm_gib': {name: s.get('fits_hbm_gib') for name, s in out_steps.items()},
   }
 
 
-def command(config, n_devices: int, mesh: str | None, hbm_gib: float) -> dict:
-  """The CLI's compile-check: --mesh into config.mesh, validate, fake devices, compile."""
+def table(report: dict) -> str:
+  """The report's steps as a fixed-width table (GiB per chip; TFLOP and GB per step and chip)."""
+  head = (f'{"step":<12}{"arg":>7}{"out":>7}{"temp":>7}{"total":>8}{"HBM%":>6}  '
+          f'{"TFLOP":>8}{"model":>8}{"GB acc":>9}{"roof s":>8}{"bound":>8}{"MFU<=":>7}'
+          f'{"comp s":>8}')
+  lines = [head]
+  g = lambda row, k: f'{row[k] / GIB:7.2f}' if row.get(k) is not None else f'{"-":>7}'
+  for name, r in report['steps'].items():
+    if r.get('error'):
+      lines.append(f'{name:<12}{r["error"]}   (compile {r["compile_s"]} s)')
+      continue
+    f = lambda k, scale, w=7, p=2: (f'{r[k] / scale:{w}.{p}f}' if r.get(k) is not None
+                                    else f'{"-":>{w}}')
+    lines.append(f'{name:<12}{g(r, "argument_bytes")}{g(r, "output_bytes")}{g(r, "temp_bytes")}'
+                 f'{f("total_bytes", GIB, 8)}{100 * r.get("hbm_fraction", 0):6.0f}  '
+                 f'{f("flops", 1e12, 8)}{f("model_flops", 1e12, 8)}'
+                 f'{f("bytes_accessed", 1e9, 9, 1)}'
+                 f'{f("roofline_step_s", 1, 8, 3)}{r.get("bound", "-"):>8}'
+                 f'{f("mfu_ceiling", 0.01, 7, 1)}{r["compile_s"]:8.1f}')
+  c = report['config']
+  lines.append(f'{c["devices"]} x {c["device_kind"]} ({c["platform"]}), mesh {c["mesh"]}, batch '
+               f'{c["batch"]} x {c["seq_len"]}, attention {c["attention"]}, remat '
+               f'{c["remat_policy"]}, loss_chunk {c["loss_chunk"]}; '
+               f'HBM {report["hbm_gib"]:g} GiB/chip')
+  return '\n'.join(lines)
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def tpu_devices(sl: chips_lib.Slice):
+  """The slice's TPU devices through libtpu, on a CPU-only machine (JAX itself stays on CPU)."""
+  # No TPU is attached: JAX's own backend stays the CPU, and libtpu's single-process lock
+  # (/tmp/libtpu_lockfile) must not stop a second compile-check or a test run beside it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  jax.config.update('jax_platforms', os.environ['JAX_PLATFORMS'])
+  return chips_lib.topology_devices(sl)
+
+
+def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | None,
+            topology: str | None = None, cost: str | None = None, only: str = '') -> dict:
+  """The CLI's compile-check: --mesh into config.mesh, validate, devices, compile."""
   config = copy.deepcopy(config)
-  if n_devices is None or n_devices < 1:
-    raise ConfigError(f'--devices={n_devices}: compile-check needs the chip count of the slice, '
-                      'e.g. --devices 64')
   if mesh:
     config.mesh.update(parse_mesh(mesh))
+  cost = cost or ('layers' if topology else 'scan')
+  if cost not in ('layers', 'scan'):
+    raise ConfigError(f'--cost={cost!r}: use layers (all layers counted) or scan (faster)')
+  only_steps = tuple(s.strip() for s in (only or '').split(',') if s.strip())
+  chip = sl = None
+  if topology:
+    try:
+      sl = chips_lib.parse_slice(topology)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    chip, n_devices = sl.chip, sl.chips
+  elif n_devices is None or n_devices < 1:
+    raise ConfigError(f'--devices={n_devices}: compile-check needs --topology (e.g. v5p-64) or '
+                      'the chip count of the slice, e.g. --devices 64')
   validate(config, n_devices)  # a bad mesh fails before the devices start
-  use_host_devices(n_devices)
-  return compile_check(config, n_devices, hbm_gib)
+  if sl is not None and libtpu_available():
+    devices = tpu_devices(sl)
+  else:
+    if sl is not None:
+      print(f'idea-prune: libtpu is not installed (pip install -e ".[tpu]"); compiling for '
+            f'{n_devices} fake CPU devices instead, with {sl.chip.name} HBM and peaks',
+            file=sys.stderr)
+    use_host_devices(n_devices)
+    devices = jax.devices()[:n_devices]
+  report = compile_check(config, devices, hbm_gib, chip, cost, only_steps)
+  if sl is not None:
+    report['config']['topology'] = {'name': topology, 'libtpu': sl.topology, 'chips': sl.chips}
+  return report

@@ -31,7 +31,10 @@ def base() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.dtype = 'float32'  # compute dtype; bfloat16 on TPU
   m.param_dtype = 'float32'
-  m.remat = False
+  m.attention = 'auto'  # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | splash | cudnn
+  m.remat_policy = 'none'  # none | full | dots_saveable | save_attn_proj (see model.remat_policy)
+  m.loss_chunk = 0  # LM-head cross-entropy in sequence chunks of this size; 0 = whole logits
+  m.unroll_layers = False  # unrolled layer loop (compile-check's cost analysis); scan otherwise
 
   c.data = d = ml_collections.ConfigDict()
   # Training reads prepared ArrayRecord shards (idea-prune prepare-data). Any other source is
@@ -138,7 +141,13 @@ class ModelConfig:
   norm_eps: float = 1e-5
   dtype: str = 'float32'
   param_dtype: str = 'float32'
-  remat: bool = False
+  attention: str = 'auto'
+  remat_policy: str = 'none'
+  loss_chunk: int = 0
+  unroll_layers: bool = False
+
+  # How the model computes, not what it is: a checkpoint resumes under other values of these.
+  COMPUTE_FIELDS = ('attention', 'remat_policy', 'loss_chunk', 'unroll_layers')
 
   @property
   def head_dim(self) -> int:
@@ -193,6 +202,12 @@ def validate_model(config) -> None:
   for f in ('dtype', 'param_dtype'):
     if m[f] not in ('float32', 'bfloat16', 'float16'):
       _fail(f'model.{f}', m[f], 'use float32, bfloat16 or float16')
+  if m.attention not in ('auto', 'xla', 'splash', 'cudnn'):
+    _fail('model.attention', m.attention, 'use auto, xla, splash or cudnn')
+  if m.remat_policy not in ('none', 'full', 'dots_saveable', 'save_attn_proj'):
+    _fail('model.remat_policy', m.remat_policy, 'use none, full, dots_saveable or save_attn_proj')
+  if m.loss_chunk < 0:
+    _fail('model.loss_chunk', m.loss_chunk, 'must be >= 0 (0 = unchunked)')
 
 
 def validate(config, n_devices: int) -> tuple[int, int, int]:
@@ -237,11 +252,20 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('distill.phases', k.phases, 'use prune, recovery or both')
   if k.chunk and config.data.seq_len % k.chunk:
     _fail('distill.chunk', k.chunk, f'must divide data.seq_len={config.data.seq_len}')
+  seq_len = config.data.seq_len
+  if config.model.loss_chunk and seq_len % config.model.loss_chunk:
+    _fail('model.loss_chunk', config.model.loss_chunk, f'must divide data.seq_len={seq_len}')
+  if config.model.attention == 'splash' and seq_len % 128:
+    _fail('model.attention', 'splash', f'splash tiles the sequence in blocks of 128; '
+          f'data.seq_len={seq_len} is not a multiple (use xla, or a multiple of 128)')
   data, fsdp, tensor = shape = mesh_shape(config, n_devices)
   e = config.eval
   if e.tasks and e.batch_size % (data * fsdp):
     _fail('eval.batch_size', e.batch_size,
           f'not divisible by the data-parallel size data*fsdp={data * fsdp}')
+  if config.model.attention == 'splash' and config.model.n_kv_heads % tensor:
+    _fail('model.n_kv_heads', config.model.n_kv_heads,
+          f'splash attention splits heads over mesh.tensor={tensor}; use a divisor of it')
   if t.batch_size % (data * fsdp):
     _fail('train.batch_size', t.batch_size,
           f'not divisible by the data-parallel size data*fsdp={data * fsdp}')

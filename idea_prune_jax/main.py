@@ -8,8 +8,11 @@
             or lm-eval tasks: --checkpoint W/export --tasks T1,T2 [--num_fewshot N]
             [--include_path DIR] [--limit N] [--batch_size B] [--output results.json]
   generate  text from an export: --checkpoint W/export --prompt "..."
-  compile-check  per-device memory of the idea steps, compiled (not run) on fake CPU devices:
-            --devices 64 --mesh data=1,fsdp=64,tensor=1 [--hbm_gib 95]
+  compile-check  every step a run executes, compiled (not run) for a slice: per-chip HBM, FLOPs,
+            bytes, roofline step time and MFU ceiling. --topology v5p-64 uses the TPU compiler
+            (libtpu, the `tpu` extra); v5p-N and v4-N count TensorCores (v5p-64 = 32 chips),
+            v5e-N and v6e-N count chips. --devices 64 [--hbm_gib 95]: fake CPU devices instead.
+            [--mesh data=1,fsdp=32,tensor=1] [--cost layers|scan] [--steps enlarged,prune]
   prepare-data   tokenized ArrayRecord shards for training (no --config):
             --input SPEC --output DIR [--tokenizer FILE | --vocab_size N]
             [--val_fraction F | --val_input SPEC] [--text_key K] [--shard I/N] [--tokenizer_only]
@@ -18,6 +21,7 @@
 
 import json
 import re
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -44,7 +48,16 @@ _TOP_P = flags.DEFINE_float('top_p', 0.9, 'generate: nucleus mass when temperatu
 _SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
 _DEVICES = flags.DEFINE_integer('devices', None, 'compile-check: fake CPU devices to compile for.')
 _MESH = flags.DEFINE_string('mesh', None, 'compile-check: data=D,fsdp=F,tensor=T into config.mesh.')
-_HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'compile-check: HBM per chip in GiB (v5p: 95).')
+_HBM_GIB = flags.DEFINE_float('hbm_gib', None, 'compile-check: HBM per chip in GiB (default: '
+                              "the topology's chip, else 95 as on v5p).")
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'compile-check: a TPU slice, v5p-N / v4-N (N TensorCores, 2 per chip: '
+    'v5p-64 is 32 chips) or v5e-N / v6e-N (N chips), or a libtpu name like v5p:2x4x4.')
+_COST = flags.DEFINE_enum('cost', None, ['layers', 'scan'],
+                          'compile-check: layers counts every layer (two extra small compiles per '
+                          'step; the default with --topology); scan reports the compiler cost with '
+                          'the layer loop counted once (the default with --devices).')
+_STEPS = flags.DEFINE_string('steps', '', 'compile-check: only these steps (comma-separated).')
 _INPUT = flags.DEFINE_string('input', None, 'prepare-data: embedded[:works] | tfds:NAME[:SPLIT] | '
                              'comma-separated files/globs (local or gs://).')
 _OUTPUT = flags.DEFINE_string('output', None, 'prepare-data: the prepared dir (local or gs://); '
@@ -101,8 +114,11 @@ def _main(argv):
     return
   if command == 'compile-check':
     from idea_prune_jax import compile_check
-    print(json.dumps(compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value),
-                     indent=1))
+    report = compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value,
+                                   _TOPOLOGY.value, _COST.value, _STEPS.value)
+    report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
+    print(compile_check.table(report), file=sys.stderr)
+    print(json.dumps(report, indent=1))
     return
   if not _WORKDIR.value:
     raise UsageError(f'--workdir is required for {command}')

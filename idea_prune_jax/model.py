@@ -9,7 +9,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from idea_prune_jax import attention as attention_lib
 from idea_prune_jax.config import ModelConfig
 
 Array = jax.Array
@@ -78,17 +80,15 @@ class Attention(nn.Module):
     q_BxLxHxK = (x @ wq.astype(cfg.dtype)).reshape(B, L, H, K)
     k_BxLxKVxK = (x @ wk.astype(cfg.dtype)).reshape(B, L, KV, K)
     v_BxLxKVxK = (x @ wv.astype(cfg.dtype)).reshape(B, L, KV, K)
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-    q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-    k_BxLxKVxK = rope(k_BxLxKVxK, positions_BxL, cfg.rope_theta)
-    mask_Bx1xLxL = None
-    if segment_ids_BxL is not None:  # packed documents: a token sees only its own document
-      mask_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-    # jax.nn.dot_product_attention handles GQA (H a multiple of KV) and picks a fused kernel
-    # where the backend has one.
-    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK,
-                                               mask=mask_Bx1xLxL, is_causal=True)
+    positions = jnp.arange(L) if positions_BxL is None else positions_BxL  # [L] or [B, L]
+    # Named for remat_policy='save_attn_proj': the backward pass reuses them instead of
+    # recomputing the projections.
+    q_BxLxHxK = checkpoint_name(rope(q_BxLxHxK, positions, cfg.rope_theta), 'q_proj')
+    k_BxLxKVxK = checkpoint_name(rope(k_BxLxKVxK, positions, cfg.rope_theta), 'k_proj')
+    v_BxLxKVxK = checkpoint_name(v_BxLxKVxK, 'v_proj')
+    out_BxLxHxK = attention_lib.attention(q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, segment_ids_BxL,
+                                          implementation=cfg.attention)
+    out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attn_out')
     return out_BxLxHxK.reshape(B, L, H * K) @ wo.astype(cfg.dtype)
 
 
@@ -142,11 +142,11 @@ class Transformer(nn.Module):
                        ('vocab', 'embed'), cfg.param_dtype)
     x_BxLxD = shard_batch(jnp.take(embedding, tokens_BxL, axis=0).astype(cfg.dtype))
     block = Block
-    if cfg.remat:
-      block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    if cfg.remat_policy != 'none':
+      block = nn.remat(Block, prevent_cse=False, policy=remat_policy(cfg.remat_policy))
     layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
-                     split_rngs={'params': True}, length=cfg.n_layers,
-                     in_axes=(nn.broadcast, nn.broadcast),
+                     split_rngs={'params': True}, in_axes=(nn.broadcast, nn.broadcast),
+                     length=cfg.n_layers, unroll=cfg.n_layers if cfg.unroll_layers else 1,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, segment_ids, positions)
     x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
@@ -156,6 +156,27 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BxLxD
     return logits(x_BxLxD, head(self.variables['params'], cfg), cfg)
+
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'save_attn_proj')
+
+
+def remat_policy(name: str):
+  """What a layer keeps for the backward pass (the rest is recomputed); see REMAT_POLICIES.
+
+  full: only the layer input. dots_saveable: every weight matmul's output (XLA's batch-free
+  dots; the attention score dots stay recomputed, else the [B, H, L, L] scores would be kept).
+  save_attn_proj: q, k, v (after RoPE), the attention output and the splash kernel's residuals.
+  """
+  policies = jax.checkpoint_policies
+  if name == 'full':
+    return policies.nothing_saveable
+  if name == 'dots_saveable':
+    return policies.dots_with_no_batch_dims_saveable
+  if name == 'save_attn_proj':
+    return policies.save_only_these_names('q_proj', 'k_proj', 'v_proj', 'attn_out',
+                                          attention_lib.SPLASH_RESIDUALS)
+  raise ValueError(f'remat policy {name!r}: use one of {REMAT_POLICIES}')
 
 
 def head(params, cfg: ModelConfig):

@@ -108,8 +108,52 @@ def forward(params, batch, model: nn.Module, **kwargs):
                      **kwargs)
 
 
+def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg: ModelConfig,
+                          chunk: int | None = None):
+  """`cross_entropy` from final hidden states and the LM head, `chunk` positions at a time.
+
+  The f32 [B, L, V] logits are never whole: each chunk's [B, C, V] is built, reduced to its NLL
+  sum and, in the backward pass, rebuilt (jax.checkpoint) rather than kept. chunk (default
+  cfg.loss_chunk) 0 or >= L is the unchunked loss.
+  """
+  B, L, _ = hidden_BxLxD.shape
+  chunk = cfg.loss_chunk if chunk is None else chunk
+  if chunk == 0 or chunk >= L:
+    return cross_entropy(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL, weights_BxL)
+  n = L // chunk
+  # Sequence chunks keep the batch axis (and its data sharding) whole; scan walks axis 0.
+  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h_BxCxD, targets_BxC, weights_BxC = xs
+    sums = cross_entropy(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
+    return jax.tree.map(jnp.add, carry, sums), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(
+      body, (zero, zero), (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
+  return total, count
+
+
+def _forward_sums(params, batch, model: nn.Module, mutable):
+  """(summed NLL, token count) of model on batch, and the mutated collections if mutable.
+
+  With model.cfg.loss_chunk the head runs chunk by chunk on the final hidden states.
+  """
+  chunked = bool(model.cfg.loss_chunk)
+  out = forward(params, batch, model, mutable=mutable, return_hidden=chunked)
+  out, inter = out if mutable else (out, None)
+  if chunked:
+    sums = chunked_cross_entropy(out, model_lib.head(params, model.cfg), batch['targets'],
+                                 batch['weights'], model.cfg)
+  else:
+    sums = cross_entropy(out, batch['targets'], batch['weights'])
+  return sums, inter
+
+
 def lm_loss(params, batch, model: nn.Module):
-  total, count = cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
+  (total, count), _ = _forward_sums(params, batch, model, False)
   return total / jnp.maximum(count, 1.0), count
 
 
@@ -169,9 +213,7 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
-    out = forward(params, batch, model, mutable=mutable)
-    logits, inter = out if want_acts else (out, None)
-    total, count = cross_entropy(logits, batch['targets'], batch['weights'])
+    (total, count), inter = _forward_sums(params, batch, model, mutable)
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
     loss, aux = kd_loss_fn(params, batch, teacher, model=model, teacher_model=kd.teacher_model,
@@ -240,7 +282,7 @@ def bind_teacher(step_fn, teacher_params):
 
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
-  return cross_entropy(forward(params, batch, model), batch['targets'], batch['weights'])
+  return _forward_sums(params, batch, model, False)[0]
 
 
 def abstract_params(model_cfg: ModelConfig):

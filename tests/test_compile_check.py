@@ -13,7 +13,7 @@ from idea_prune_jax.config import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=900):
   # No device count in XLA_FLAGS: the command itself must set it before JAX starts its backend.
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   env['XLA_FLAGS'] = '--xla_cpu_enable_fast_math=false'  # an existing flag the command must keep
@@ -22,29 +22,33 @@ def _cli(*args, timeout=300):
                         env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_three_steps_compile_with_ordered_sizes():
+def test_every_step_compiles_with_ordered_sizes():
   out = _cli('--devices', '8', '--mesh', 'data=2,fsdp=2,tensor=2')
   assert out.returncode == 0, out.stderr[-4000:]
   report = json.loads(out.stdout)
   assert report['config']['devices'] == 8
   assert report['config']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
   steps = report['steps']
-  assert set(steps) == {'enlarged', 'prune', 'recovery', 'naive_score'}
+  assert list(steps) == [name for name, _ in compile_check.STEPS]
+  assert set(steps) == {'enlarged', 'prune', 'prune_nokd', 'recovery', 'naive_score', 'eval'}
   for s in steps.values():
     for key in ('argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes'):
       assert s[key] > 0, (key, s)
     assert s['total_bytes'] == (s['argument_bytes'] + s['output_bytes'] + s['temp_bytes']
                                 - s['alias_bytes'])
     assert s['fits_hbm_gib'] is True
+    assert s['flops'] > 0 and s['bytes_accessed'] > 0 and s['model_flops'] > 0
   enlarged, prune, recovery = steps['enlarged'], steps['prune'], steps['recovery']
   assert prune['kd'] and prune['teacher'] and prune['masks']
   assert not (recovery['kd'] or recovery['teacher'] or recovery['masks'])
   assert recovery['ffn_dim'] < enlarged['ffn_dim']
   # The shrunk model is smaller; the prune+KD state adds masks, scores and a teacher.
   assert recovery['argument_bytes'] < enlarged['argument_bytes'] < prune['argument_bytes']
-  # naive's one-shot scoring holds the enlarged params, not their optimizer state.
-  assert steps['naive_score']['ffn_dim'] == enlarged['ffn_dim']
-  assert steps['naive_score']['argument_bytes'] < enlarged['argument_bytes']
+  assert not steps['prune_nokd']['teacher'] and steps['prune_nokd']['masks']
+  assert steps['prune_nokd']['argument_bytes'] < prune['argument_bytes']
+  # The eval forward holds params only; scoring holds params and scores (no optimizer state).
+  assert steps['eval']['argument_bytes'] < steps['naive_score']['argument_bytes'] < enlarged[
+      'argument_bytes']
   # Donation: the whole state is aliased input -> output.
   assert enlarged['alias_bytes'] == enlarged['state_bytes']
 

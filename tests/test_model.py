@@ -18,7 +18,7 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
     TINY,
     dataclasses.replace(TINY, tie_embeddings=False),
     dataclasses.replace(TINY, n_kv_heads=4, n_layers=3, ffn_dim=40),
-    dataclasses.replace(TINY, n_kv_heads=1, remat=True),
+    dataclasses.replace(TINY, n_kv_heads=1, remat_policy='full'),
 ])
 def test_param_count_matches_initialised_tree(cfg):
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
@@ -95,9 +95,9 @@ def test_gqa_equals_repeated_kv_mha():
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize('remat', [False, True])
+@pytest.mark.parametrize('remat', ['none', 'full'])
 def test_packed_document_logits_equal_the_document_alone(remat):
-  cfg = dataclasses.replace(TINY, remat=remat)
+  cfg = dataclasses.replace(TINY, remat_policy=remat)
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(1)))
   model = model_lib.Transformer(cfg)
   docs = [np.array([5, 9, 2, 7, 11]), np.array([3, 3, 8, 1, 4, 6, 12])]
