@@ -137,13 +137,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert info['step'] == 3 and info['data_position'] == json.loads(fresh.get_state())
 
 
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
-  workdir = str(tmp_path / 'w')
-  cmd = [sys.executable, '-m', 'idea_prune_jax.main', 'train', '--config',
-         os.path.join(ROOT, 'configs/tiny.py:test'), '--workdir', workdir,
-         '--config.train.steps=400', '--config.train.ckpt_every=1000',
-         '--config.train.eval_every=1000']
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def _sigterm_once_logging(cmd, workdir, **popen):
+  """Starts cmd, sends SIGTERM once it has logged a step; (return code, stderr, checkpoint steps)."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT, **popen)
   try:
     metrics = os.path.join(workdir, 'metrics.jsonl')
     deadline = time.time() + 120
@@ -153,8 +150,18 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
     _, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
-  assert proc.returncode == 0, err[-3000:]
   steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  return proc.returncode, err, steps
+
+
+def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
+  workdir = str(tmp_path / 'w')
+  cmd = [sys.executable, '-m', 'idea_prune_jax.main', 'train', '--config',
+         os.path.join(ROOT, 'configs/tiny.py:test'), '--workdir', workdir,
+         '--config.train.steps=400', '--config.train.ckpt_every=1000',
+         '--config.train.eval_every=1000']
+  code, err, steps = _sigterm_once_logging(cmd, workdir)
+  assert code == 0, err[-3000:]
   assert len(steps) == 1 and 0 < steps[0] < 400
   assert 'SIGTERM: saved step' in err
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -179,25 +186,14 @@ def test_sigterm_under_jax_distributed_stops_at_the_preemption_sync_point(tmp_pa
   workdir = str(tmp_path / 'w')
   env = dict(os.environ, IDEA_PRUNE_DISTRIBUTED='1', IDEA_PRUNE_COORDINATOR=f'127.0.0.1:{port}',
              IDEA_PRUNE_NUM_PROCESSES='1', IDEA_PRUNE_PROCESS_ID='0', JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen([sys.executable, '-m', 'idea_prune_jax.main', 'train', '--config',
-                           os.path.join(ROOT, 'configs/tiny.py:test'), '--workdir', workdir,
-                           '--config.train.steps=2000', '--config.train.ckpt_every=5000',
-                           '--config.train.eval_every=5000'], env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    metrics = os.path.join(workdir, 'metrics.jsonl')
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
-      time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-  assert proc.returncode == 0, err[-3000:]
-  steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  code, err, steps = _sigterm_once_logging(
+      [sys.executable, '-m', 'idea_prune_jax.main', 'train', '--config',
+       os.path.join(ROOT, 'configs/tiny.py:test'), '--workdir', workdir,
+       '--config.train.steps=2000', '--config.train.ckpt_every=5000',
+       '--config.train.eval_every=5000'], workdir, env=env)
+  assert code == 0, err[-3000:]
   assert len(steps) == 1 and 0 < steps[0] < 2000
   assert f'SIGTERM: saved step {steps[0]}' in err
-
 
 
 def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):
