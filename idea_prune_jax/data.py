@@ -40,14 +40,6 @@ class Data(NamedTuple):
   manifest: dict
   prepared_dir: str
 
-  @property
-  def train_tokens(self) -> int:
-    return self.manifest['splits']['train']['tokens']
-
-  @property
-  def val_tokens(self) -> int:
-    return self.manifest['splits']['validation']['tokens']
-
 
 # --- where the prepared data comes from -------------------------------------------------------
 
@@ -350,8 +342,8 @@ def build(config, workdir: str, process_index: int = 0, process_count: int = 1,
 
 def document_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
   """A document's ids as prepare writes them: [bos] + ids + [eos], each where the tokenizer has it."""
-  return ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text) + (
-      [sp.eos_id()] if sp.eos_id() >= 0 else [])
+  prefix, suffix = prepare.document_frame(sp)
+  return prefix + sp.encode(text) + suffix
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:

@@ -25,7 +25,8 @@ from etils import epath
 from idea_prune_jax import inputs
 from idea_prune_jax.inputs import DataError
 
-__all__ = ['DataError', 'prepare', 'read_manifest', 'check_vocab', 'parse_shard', 'train_spm']
+__all__ = ['DataError', 'prepare', 'read_manifest', 'check_vocab', 'parse_shard', 'train_spm',
+           'document_frame']
 
 FORMAT = 'idea_prune_jax.prepared/1'
 SPLITS = ('train', 'validation')
@@ -377,10 +378,14 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
     out.close()
 
 
+def document_frame(sp) -> tuple[list[int], list[int]]:
+  """(prefix, suffix) around a document's ids: [bos], [eos], each where the tokenizer has it."""
+  return ([sp.bos_id()] if sp.bos_id() >= 0 else []), ([sp.eos_id()] if sp.eos_id() >= 0 else [])
+
+
 def _write(sp, docs, route, writers, progress: bool, desc: str) -> None:
   """Encodes docs in batches and hands each record to the writer its route names (None: drop)."""
-  prefix = [sp.bos_id()] if sp.bos_id() >= 0 else []
-  suffix = [sp.eos_id()] if sp.eos_id() >= 0 else []
+  prefix, suffix = document_frame(sp)
   pending = {s: [] for s in writers}
   pending_chars = dict.fromkeys(writers, 0)
 
