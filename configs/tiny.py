@@ -12,7 +12,7 @@ def get_config(arg: str = ''):
   c.model.update(vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=1152)
   c.prune.update(target_ffn=384, round_to=1)
   c.data.seq_len = 128
-  c.train.update(steps=300, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=100,
+  c.train.update(steps=200, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=100,
                  ckpt_every=100, eval_batches=8)
   if arg == 'test':  # a few seconds: CLI and resume tests
     c.model.update(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)

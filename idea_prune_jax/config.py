@@ -5,6 +5,7 @@ import math
 
 import ml_collections
 
+from idea_prune_jax.distill import SCHEDULES as KD_SCHEDULES
 from idea_prune_jax.importance import KINDS as SCORE_KINDS
 from idea_prune_jax.schedules import WIDTH_SCHEDULES, PruneSchedule
 
@@ -111,6 +112,13 @@ def base() -> ml_collections.ConfigDict:
   cp.seeds = 2
   cp.pipelines = 'idea,idea_kd,naive,scratch,scratch_flops'
 
+  c.sweep = sw = ml_collections.ConfigDict()  # idea-prune sweep (sweep.py)
+  sw.budgets = '1,4,16'  # token budgets as multiples of train.steps
+  sw.pipelines = 'idea,naive,scratch,scratch_flops'
+  sw.lrs = ''  # peak LRs; empty: train.lr
+  sw.lr_pipelines = 'idea,scratch,scratch_flops'  # those run at every LR; others at the first
+  sw.seeds = 2
+
   c.eval = e = ml_collections.ConfigDict()  # lm-eval tasks on the final model, by `run`
   e.tasks = ''  # comma-separated task names; empty: none (needs the `eval` extra)
   e.num_fewshot = -1  # -1: each task's own default
@@ -119,8 +127,13 @@ def base() -> ml_collections.ConfigDict:
   e.batch_size = 16  # requests per batch; a multiple of mesh.data * mesh.fsdp
 
   c.distill = k = ml_collections.ConfigDict()
-  k.alpha = 0.0  # 0 disables KD
+  k.alpha = 0.0  # 0 disables KD; with alpha_schedule, the value the distilling steps start at
   k.tau = 1.0
+  # constant | linear | cosine from alpha (tau) to alpha_end (tau_end) over the distilling steps
+  k.alpha_schedule = 'constant'
+  k.alpha_end = 0.0
+  k.tau_schedule = 'constant'
+  k.tau_end = 1.0
   k.chunk = 0  # sequence chunk for the KL; 0 = unchunked
   k.phases = 'both'  # prune | recovery | both
   k.teacher = ''  # checkpoint path; empty = the pipeline's own enlarged model
@@ -248,6 +261,13 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('distill.alpha', k.alpha, 'must lie in [0, 1]')
   if k.tau <= 0:
     _fail('distill.tau', k.tau, 'must be > 0')
+  for name in ('alpha', 'tau'):
+    if k[f'{name}_schedule'] not in KD_SCHEDULES:
+      _fail(f'distill.{name}_schedule', k[f'{name}_schedule'], f'use {", ".join(KD_SCHEDULES)}')
+  if k.alpha_schedule != 'constant' and not 0 <= k.alpha_end <= 1:
+    _fail('distill.alpha_end', k.alpha_end, 'must lie in [0, 1]')
+  if k.tau_schedule != 'constant' and k.tau_end <= 0:
+    _fail('distill.tau_end', k.tau_end, 'must be > 0')
   if k.phases not in ('prune', 'recovery', 'both'):
     _fail('distill.phases', k.phases, 'use prune, recovery or both')
   if k.chunk and config.data.seq_len % k.chunk:

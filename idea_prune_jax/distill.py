@@ -10,15 +10,34 @@ params is exactly zero and no teacher backward pass is ever built.
   kd_loss          logits in, (loss, aux) out; any model.
   chunked_kd_loss  final hidden states + LM heads in; chunk > 0 computes logits one sequence chunk
                    at a time so full [B, L, V] teacher and student logits are never both alive.
+  schedule         α or τ over the distilling steps: constant, linear or cosine from a start to an
+                   end value (an optax schedule: step -> value, traceable).
 The trainer's fused teacher+student step (`train.kd_loss_fn`, `train.distill_step`) builds on these.
 """
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from idea_prune_jax.errors import PruneError
 
 _SUM_KEYS = ('ce', 'kl', 'teacher_ce')
+SCHEDULES = ('constant', 'linear', 'cosine')
+
+
+def schedule(kind: str, start: float, end: float, begin: int, steps: int) -> optax.Schedule:
+  """start until step `begin`, then to `end` over `steps` steps (linear or cosine), end after."""
+  if kind == 'constant':
+    return optax.constant_schedule(start)
+  if kind == 'linear':
+    return optax.linear_schedule(start, end, max(steps, 1), begin)
+  if kind == 'cosine':
+    # optax's cosine decays to a fraction of its start, so it cannot begin at 0 (α ramping up).
+    def cosine(step):
+      p = jnp.clip((step - begin) / max(steps, 1), 0.0, 1.0)
+      return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+    return cosine
+  raise PruneError(f'KD schedule {kind!r}: use one of {", ".join(SCHEDULES)}')
 
 
 def _is_one(x) -> bool:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from idea_prune_jax import data as data_lib
 from idea_prune_jax import export
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
@@ -98,7 +99,7 @@ def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
   return summary
 
 
-def _variant(config, name: str, seed: int, steps: int | None = None):
+def variant(config, name: str, seed: int, steps: int | None = None):
   """One compare entry as a plain pipeline config; only idea_kd distils."""
   c = copy.deepcopy(config)
   c.seed = seed
@@ -109,6 +110,27 @@ def _variant(config, name: str, seed: int, steps: int | None = None):
   return c
 
 
+def flops_matched_steps(config) -> int:
+  """Steps of the target model that cost what config's idea run costs (scratch_flops)."""
+  idea_cfg, scratch_cfg = variant(config, 'idea', config.seed), variant(config, 'scratch',
+                                                                         config.seed)
+  ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))
+           / pipeline.train_flops(scratch_cfg, pipeline.plan(scratch_cfg)))
+  return int(round(config.train.steps * ratio))
+
+
+def prepared_once(config, workdir: str):
+  """config reading its data prepared once into workdir/data, so every run it spawns shares it."""
+  if config.data.source == 'prepared':
+    return config
+  config = copy.deepcopy(config)
+  config.data.prepared_dir = data_lib.prepared_dir(
+      config, workdir, jax.process_index() == 0,
+      lambda: multihost_utils.sync_global_devices('idea_prune_jax:shared_data'))
+  config.data.source = 'prepared'
+  return config
+
+
 def compare(config, workdir: str) -> dict:
   """idea, idea+KD, naive, scratch at equal tokens, and scratch at idea's FLOPs, over seeds."""
   names = [n.strip() for n in config.compare.pipelines.split(',') if n.strip()]
@@ -117,24 +139,15 @@ def compare(config, workdir: str) -> dict:
     from idea_prune_jax.config import ConfigError
     raise ConfigError(f'config.compare.pipelines={config.compare.pipelines!r}: unknown '
                       f'{sorted(unknown)}; use some of {",".join(COMPARE_PIPELINES)}')
+  config = prepared_once(config, workdir)
   # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
-  if config.data.source != 'prepared':  # every variant reads one preparation of the data
-    config = copy.deepcopy(config)
-    config.data.prepared_dir = data_lib.prepared_dir(
-        config, workdir, jax.process_index() == 0,
-        lambda: multihost_utils.sync_global_devices('idea_prune_jax:compare_data'))
-    config.data.source = 'prepared'
-  idea_cfg = _variant(config, 'idea', config.seed)
-  scratch_cfg = _variant(config, 'scratch', config.seed)
-  ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))
-           / pipeline.train_flops(scratch_cfg, pipeline.plan(scratch_cfg)))
-  flops_steps = int(round(config.train.steps * ratio))
+  flops_steps = flops_matched_steps(config)
   check_downstream(config)  # bad task names fail now, not after the first pipeline
   results = {}
   for seed_index in range(config.compare.seeds):
     seed = config.seed + seed_index
     for name in names:
-      c = _variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
+      c = variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       s = run_experiment(c, run_dir, do_export=False)
       r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],

@@ -2,6 +2,7 @@
 
   run       one pipeline (config.pipeline: idea | naive | scratch), then export and report
   compare   idea, idea+KD, naive, scratch and FLOP-matched scratch over config.compare.seeds
+  sweep     pipelines × token budgets × peak LRs × seeds (config.sweep): sweep.json/md/png
   train     dense pretraining of config.model
   params    parameter counts of the enlarged and target models
   eval      perplexity of an export on text files: --checkpoint W/export --files a.txt,b.txt;
@@ -27,8 +28,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('run', 'compare', 'train', 'params', 'eval', 'generate', 'compile-check',
-            'prepare-data')
+COMMANDS = ('run', 'compare', 'sweep', 'train', 'params', 'eval', 'generate',
+            'compile-check', 'prepare-data')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, outputs).')
@@ -130,10 +131,10 @@ def _main(argv):
   elif command == 'run':
     summary = experiment.run_experiment(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
-  elif command == 'compare':
-    from idea_prune_jax import storage
-    experiment.compare(config, _WORKDIR.value)
-    print(storage.read_text(storage.join(_WORKDIR.value, 'compare.md')))
+  elif command in ('compare', 'sweep'):
+    from idea_prune_jax import storage, sweep
+    (experiment.compare if command == 'compare' else sweep.sweep)(config, _WORKDIR.value)
+    print(storage.read_text(storage.join(_WORKDIR.value, f'{command}.md')))
 
 
 def _process_setup(config, workdir):

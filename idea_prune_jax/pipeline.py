@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data as data_lib
+from idea_prune_jax import distill
 from idea_prune_jax import export
 from idea_prune_jax import importance
 from idea_prune_jax import loop
@@ -166,11 +167,24 @@ def prune_options(config, phase: Phase) -> train_lib.PruneOptions:
                                 config.prune.beta2, FFN_STRUCTURE)
 
 
+def kd_weights(config):
+  """(alpha, tau): numbers when constant, else `distill.schedule`s over the steps that distil
+  (the first distilling phase's start to the last one's end)."""
+  kd_phases = [ph for ph in plan(config) if ph.kd]
+  begin, end = kd_phases[0].start, kd_phases[-1].end
+  k = config.distill
+  return tuple(k[name] if k[f'{name}_schedule'] == 'constant' else
+               distill.schedule(k[f'{name}_schedule'], k[name], k[f'{name}_end'], begin,
+                                end - begin)
+               for name in ('alpha', 'tau'))
+
+
 def step_fn(config, phase: Phase, p: Parts, mesh):
   kd = None
   if phase.kd:
-    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(config)),
-                             config.distill.alpha, config.distill.tau, config.distill.chunk)
+    alpha, tau = kd_weights(config)
+    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(config)), alpha, tau,
+                             config.distill.chunk)
   want_acts = phase.prune is not None and config.prune.score == 'activation'
   return train_lib.jit_step(train_lib.train_step, p.shardings, mesh, model=p.model,
                             optimizer=p.optimizer, schedule=p.schedule, kd=kd, want_acts=want_acts)

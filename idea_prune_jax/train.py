@@ -3,7 +3,7 @@ sharded state construction."""
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -175,11 +175,19 @@ def prune_tx(inner: optax.GradientTransformation, prune: PruneOptions):
 
 @dataclasses.dataclass(frozen=True)
 class KDOptions:
-  """Distillation from TrainState.teacher (a frozen param tree) through `teacher_model`."""
+  """Distillation from TrainState.teacher (a frozen param tree) through `teacher_model`.
+
+  alpha, tau: numbers, or schedules (step -> value, `distill.schedule`) read at the state's step.
+  """
   teacher_model: nn.Module
-  alpha: float = 0.5
-  tau: float = 1.0
+  alpha: float | Callable = 0.5
+  tau: float | Callable = 1.0
   chunk: int = 0
+
+  def at(self, step) -> 'KDOptions':
+    """alpha and tau as values at `step` (scheduled ones traced; numbers stay static)."""
+    value = lambda v: v(step) if callable(v) else v
+    return dataclasses.replace(self, alpha=value(self.alpha), tau=value(self.tau))
 
 
 def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, tau, chunk=0,
@@ -233,11 +241,15 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   exactly zero, so the params the forward pass sees are already masked. want_acts: the sown FFN
   activations go to the optimizer as `activations=` (the 'activation' score).
   """
+  kd = None if kd is None else kd.at(state.step)
   (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
       state.params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
   # The LR logged is the one this update applies: the schedule at the optimizer's own count.
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'lr': schedule(lr_count(state.opt_state)), **aux}
+  if kd is not None:
+    metrics.update(kd_alpha=jnp.asarray(kd.alpha, jnp.float32),
+                   kd_tau=jnp.asarray(kd.tau, jnp.float32))
   extra = {'activations': {'ffn': metrics.pop('ffn_act')}} if want_acts else {}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)

@@ -1,13 +1,25 @@
-"""Shared fixtures: the tiny test config, and a runner for checks that need 8 fake devices."""
+"""Shared fixtures: the tiny test config, and a runner for checks that need 8 fake devices.
+
+Also one persistent compilation cache for the whole session, this process and every process a
+test starts: the same tiny programs are compiled by many tests (each resume test recompiles the
+uninterrupted run's steps), and a cache hit skips XLA. Set before jax is imported. Tests of the
+cache itself give their runs their own directory.
+"""
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
-import pytest
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix='idea_prune_jax_cache_'),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
-from idea_prune_jax import config as config_lib
+import pytest  # noqa: E402
+
+from idea_prune_jax import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -182,6 +182,32 @@ def test_chunk_that_does_not_divide_the_sequence_is_one_clear_line():
                                   h, head, h, head, jnp.ones((B, L), jnp.int32), jnp.ones((B, L)))
 
 
+@pytest.mark.parametrize('kind', distill.SCHEDULES)
+def test_kd_schedule_holds_its_start_moves_over_its_steps_and_holds_its_end(kind):
+  value = jax.jit(distill.schedule(kind, 0.9, 0.5, begin=10, steps=20))
+  v = np.array([float(value(s)) for s in range(40)])
+  if kind == 'constant':
+    np.testing.assert_allclose(v, 0.9)
+    return
+  np.testing.assert_allclose(v[:11], 0.9, rtol=1e-6)
+  np.testing.assert_allclose(v[30:], 0.5, rtol=1e-6)
+  assert np.all(np.diff(v) <= 1e-7) and v[20] == pytest.approx(0.7)
+  quarter = {'linear': 0.8, 'cosine': 0.5 + 0.2 * (1 + np.cos(np.pi / 4))}[kind]
+  assert v[15] == pytest.approx(quarter, rel=1e-6)
+  # From 0 up (α switched on gradually): optax's cosine decay cannot start at 0; ours can.
+  assert float(distill.schedule(kind, 0.0, 0.5, 0, 10)(10)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('field,value', [('alpha_schedule', 'exp'), ('tau_schedule', 'step'),
+                                         ('alpha_end', 1.5), ('tau_end', 0.0)])
+def test_bad_kd_schedule_fields_are_refused_naming_them(field, value):
+  c = config_lib.load('configs/tiny.py:test')
+  c.distill.update(alpha=0.5, alpha_schedule='linear', tau_schedule='cosine')
+  c.distill[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f'^config.distill.{field}='):
+    config_lib.validate(c, 1)
+
+
 def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
   params, teacher_params, batch = _params(STUDENT, 0), _params(TEACHER, 1), _batch()
   schedule = optax.constant_schedule(3e-3)
@@ -199,7 +225,8 @@ def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
   for _ in range(8):
     state, metrics = run(state, batch)
     losses.append(float(metrics['loss']))
-  assert set(metrics) == {'loss', 'ce', 'kl', 'teacher_ce', 'grad_norm', 'lr', 'tokens'}
+  assert set(metrics) == {'loss', 'ce', 'kl', 'teacher_ce', 'grad_norm', 'lr', 'tokens', 'kd_alpha',
+                          'kd_tau'}
   assert losses[-1] < losses[0] - 0.05, losses
   assert int(state.step) == 8 and float(metrics['lr']) == pytest.approx(3e-3)
   jax.tree.map(np.testing.assert_array_equal, teacher_params, teacher_before)

@@ -125,7 +125,9 @@ def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
 
 
 def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
-  tiny_config.distill.update(alpha=0.5, phases='both', chunk=16)
+  # α and τ scheduled over the distilling steps (t_s to T): the loss mixes the values logged.
+  tiny_config.distill.update(alpha=0.9, alpha_end=0.5, alpha_schedule='cosine', tau=1.0,
+                             tau_end=2.0, tau_schedule='linear', phases='both', chunk=16)
   workdir = str(tmp_path / 'kd')
   pipeline.run_pipeline(tiny_config, workdir)
   kl, teacher_ce, ce = _rows(workdir, 'kl'), _rows(workdir, 'teacher_ce'), _rows(workdir, 'ce')
@@ -135,6 +137,15 @@ def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
   t_s = min(kl)
   assert abs(kl[t_s]) < 1e-6  # at t_s the student is the teacher it was snapshotted from
   assert all(kl[s] > 0 for s in kl if s > t_s)
+  alpha, tau, loss = _rows(workdir, 'kd_alpha'), _rows(workdir, 'kd_tau'), _rows(workdir, 'loss')
+  steps = sorted(kl)
+  span = tiny_config.train.steps - t_s
+  for s in steps:
+    p = (s - t_s) / span
+    assert alpha[s] == pytest.approx(0.5 + 0.4 * 0.5 * (1 + np.cos(np.pi * p)), rel=1e-5)
+    assert tau[s] == pytest.approx(1.0 + p, rel=1e-5)
+    assert loss[s] == pytest.approx((1 - alpha[s]) * ce[s] + alpha[s] * tau[s]**2 * kl[s],
+                                    rel=1e-5)
   # The teacher carried to the end is the enlarged model (full FFN width), not the shrunk student.
   final = _ckpt_state(workdir, tiny_config.train.steps)
   assert final['teacher']['layers']['mlp']['gate'].shape[-1] == tiny_config.model.ffn_dim

@@ -1,0 +1,187 @@
+"""The regime study (`idea-prune sweep`): pipelines × token budgets × peak LRs × seeds.
+
+Where does enlarge-and-prune pay off? A budget multiplies train.steps; `scratch_flops` is the
+target model trained on as many FLOPs as idea spends at that budget. A pipeline's figure at a
+budget is its best peak LR (lowest mean validation loss over seeds), so one shared peak cannot
+decide the ranking. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps idea − scratch
+and idea − scratch_flops against tokens per target parameter). A rerun skips finished runs.
+"""
+
+import copy
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from idea_prune_jax import config as config_lib
+from idea_prune_jax import experiment
+from idea_prune_jax import model as model_lib
+from idea_prune_jax import pipeline
+from idea_prune_jax import report
+from idea_prune_jax import storage
+from idea_prune_jax.config import ConfigError, ModelConfig
+
+GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'))
+
+
+def _numbers(field: str, text: str, default: float) -> list[float]:
+  items = [t.strip() for t in str(text).split(',') if t.strip()]
+  try:
+    values = [float(t) for t in items] or [default]
+  except ValueError:
+    raise ConfigError(f'config.{field}={text!r}: not a comma-separated list of numbers') from None
+  if any(not v > 0 for v in values):
+    raise ConfigError(f'config.{field}={text!r}: every value must be > 0')
+  return values
+
+
+def _names(field: str, text: str) -> list[str]:
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  unknown = sorted(set(names) - set(experiment.COMPARE_PIPELINES))
+  if unknown or not names:
+    raise ConfigError(f'config.{field}={text!r}: unknown {unknown}; use some of '
+                      f'{",".join(experiment.COMPARE_PIPELINES)}')
+  return names
+
+
+def runs(config, workdir: str) -> list[dict]:
+  """Every run of the sweep, in execution order, each with its full pipeline config ('config')."""
+  s = config.sweep
+  budgets = _numbers('sweep.budgets', s.budgets, 1.0)
+  lrs = _numbers('sweep.lrs', s.lrs, config.train.lr)
+  names = _names('sweep.pipelines', s.pipelines)
+  tuned = set(_names('sweep.lr_pipelines', s.lr_pipelines)) if s.lr_pipelines else set()
+  if s.seeds < 1:
+    raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
+  out = []
+  for budget in budgets:
+    steps = max(1, int(round(config.train.steps * budget)))
+    base = copy.deepcopy(config)
+    base.train.steps = steps
+    for lr in lrs:
+      for seed in range(config.seed, config.seed + s.seeds):
+        for name in names:
+          if lr != lrs[0] and name not in tuned:
+            continue  # one LR (the first) for pipelines the LR study leaves out
+          c = copy.deepcopy(base)
+          c.train.lr = lr
+          if name == 'scratch_flops':
+            c = experiment.variant(c, name, seed, experiment.flops_matched_steps(c))
+          else:
+            c = experiment.variant(c, name, seed)
+          out.append({'budget': budget, 'pipeline': name, 'lr': lr, 'seed': seed,
+                      'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
+                      'config': c,
+                      'dir': os.path.join(workdir, f'x{budget:g}', name, f'lr{lr:g}',
+                                          f'seed{seed}')})
+  return out
+
+
+def _finished(run_dir: str) -> dict | None:
+  path = storage.join(run_dir, 'report.json')
+  return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def sweep(config, workdir: str) -> dict:
+  """Runs (or resumes) every run of config.sweep; writes and returns the sweep's summary."""
+  config = experiment.prepared_once(config, workdir)
+  plan = runs(config, workdir)
+  for r in plan:  # every run's config is checked before the first one computes
+    config_lib.validate(r['config'], jax.device_count())
+  experiment.check_downstream(config)
+  results = []
+  for r in plan:
+    summary = _finished(r['dir']) or experiment.run_experiment(r['config'], r['dir'],
+                                                               do_export=False)
+    results.append({k: v for k, v in r.items() if k != 'config'} | {
+        k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps', 'wall_s',
+                                'params_final')})
+  target = model_lib.param_count(ModelConfig.from_config(config,
+                                                          ffn_dim=config.prune.target_ffn))
+  out = {'params_target': target, 'runs': results, 'budgets': table(results, target)}
+  if jax.process_index() == 0:
+    write(workdir, out)
+  return out
+
+
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def table(results: list[dict], params_target: int) -> list[dict]:
+  """Per budget: each pipeline's loss by LR, its best LR, and the idea gaps at the best LRs."""
+  rows = []
+  for budget in sorted({r['budget'] for r in results}):
+    at = [r for r in results if r['budget'] == budget]
+    tokens = at[0]['budget_tokens']  # equal-token pipelines' tokens (scratch_flops: more)
+    row = {'budget': budget, 'tokens': tokens, 'tokens_per_param': tokens / params_target,
+           'pipelines': {}}
+    for name in dict.fromkeys(r['pipeline'] for r in at):
+      by_lr = {}
+      for r in at:
+        if r['pipeline'] == name:
+          by_lr.setdefault(r['lr'], []).append(r['val_loss'])
+      stats = {lr: _mean_std(v) for lr, v in by_lr.items()}
+      best = min(stats, key=lambda lr: stats[lr][0])
+      row['pipelines'][name] = {
+          'best_lr': best, 'val_loss_mean': stats[best][0], 'val_loss_std': stats[best][1],
+          'val_loss': by_lr[best], 'by_lr': {f'{lr:g}': stats[lr][0] for lr in stats},
+          'train_flops': next(r['train_flops'] for r in at if r['pipeline'] == name)}
+    for a, b in GAPS:
+      p = row['pipelines']
+      if a in p and b in p:
+        row[f'{a}-{b}'] = {'gap': p[a]['val_loss_mean'] - p[b]['val_loss_mean'],
+                           'spread': math.hypot(p[a]['val_loss_std'], p[b]['val_loss_std'])}
+    rows.append(row)
+  return rows
+
+
+def _plot(workdir, rows):
+  fig = Figure(figsize=(7, 4.5), layout='constrained')
+  ax = fig.subplots()
+  for i, (a, b) in enumerate(GAPS):
+    pts = [(r['tokens_per_param'], r[f'{a}-{b}']) for r in rows if f'{a}-{b}' in r]
+    if pts:
+      ax.errorbar([p[0] for p in pts], [p[1]['gap'] for p in pts],
+                  yerr=[p[1]['spread'] for p in pts], fmt='o-', capsize=4, color=f'C{i}',
+                  label=f'{a} − {b}')
+  ax.axhline(0.0, color='k', lw=0.8)
+  ax.set_xscale('log')
+  ax.set(xlabel='training tokens per target parameter',
+         ylabel='val-loss gap (nats; < 0: idea better)',
+         title='idea against scratch, each at its best peak LR')
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  return report._save(fig, workdir, 'sweep.png')
+
+
+def write(workdir: str, out: dict) -> None:
+  """sweep.json, sweep.md (one row per budget and pipeline) and sweep.png."""
+  storage.write_text(storage.join(workdir, 'sweep.json'), json.dumps(out, indent=2))
+  _plot(workdir, out['budgets'])
+  lines = ['# Sweep: pipelines × token budgets × peak LR', '',
+           f'Target model: {out["params_target"]:,} parameters. Each pipeline at its best peak '
+           'LR (lowest mean val loss over seeds); ± is the seed std; gaps are idea minus the '
+           'baseline (negative: idea better), ± their combined std.', '',
+           '| budget | tokens/param | pipeline | best LR | val loss | seeds | loss by LR '
+           '| train FLOPs |', '|---|---|---|---|---|---|---|---|']
+  for row in out['budgets']:
+    for name, p in row['pipelines'].items():
+      seeds = ', '.join(f'{v:.4f}' for v in p['val_loss'])
+      by_lr = ', '.join(f'{lr}: {v:.4f}' for lr, v in p['by_lr'].items())
+      lines.append(f'| {row["budget"]:g}× | {row["tokens_per_param"]:.2f} | {name} | '
+                   f'{p["best_lr"]:g} | {p["val_loss_mean"]:.4f} ± {p["val_loss_std"]:.4f} | '
+                   f'{seeds} | {by_lr} | {p["train_flops"]:.3e} |')
+  lines += ['', '| budget | tokens/param |' + ''.join(f' {a} − {b} |' for a, b in GAPS),
+            '|---|---|' + '---|' * len(GAPS)]
+  for row in out['budgets']:
+    cells = ''.join(f' {row[f"{a}-{b}"]["gap"]:+.4f} ± {row[f"{a}-{b}"]["spread"]:.4f} |'
+                    if f'{a}-{b}' in row else ' — |' for a, b in GAPS)
+    lines.append(f'| {row["budget"]:g}× | {row["tokens_per_param"]:.2f} |' + cells)
+  lines += ['', '![sweep](sweep.png)']
+  storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')

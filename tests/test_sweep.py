@@ -1,0 +1,93 @@
+"""The regime sweep: its run plan, best-LR table and gaps, and one tiny sweep end to end."""
+
+import json
+import math
+import os
+
+import pytest
+
+from conftest import ROOT
+from idea_prune_jax import config as config_lib
+from idea_prune_jax import sweep
+from idea_prune_jax.config import ConfigError
+
+
+def _config(**sweep_fields):
+  c = config_lib.load(os.path.join(ROOT, 'configs/micro.py:test'))
+  c.sweep.update(**sweep_fields)
+  return c
+
+
+def test_plan_covers_budgets_lrs_seeds_and_flops_matches_scratch():
+  c = _config(budgets='1,2', pipelines='idea,naive,scratch,scratch_flops', lrs='1e-3,2e-3',
+              lr_pipelines='idea,scratch,scratch_flops', seeds=2)
+  plan = sweep.runs(c, '/s')
+  key = lambda r: (r['budget'], r['pipeline'], r['lr'], r['seed'])
+  assert len({key(r) for r in plan}) == len(plan) == len({r['dir'] for r in plan})
+  # naive is left out of the LR study: the first LR only; the rest at every LR.
+  assert {(r['pipeline'], r['lr']) for r in plan} == {
+      (n, lr) for n in ('idea', 'scratch', 'scratch_flops') for lr in (1e-3, 2e-3)} | {
+      ('naive', 1e-3)}
+  assert len(plan) == 2 * 2 * (3 * 2 + 1)
+  for r in plan:
+    cfg, steps = r['config'], c.train.steps * r['budget']
+    assert cfg.train.lr == r['lr'] and cfg.seed == r['seed']
+    assert cfg.pipeline == {'scratch_flops': 'scratch'}.get(r['pipeline'], r['pipeline'])
+    if r['pipeline'] == 'scratch_flops':  # the target model on idea's FLOPs: more steps
+      assert cfg.train.steps > steps
+    else:
+      assert cfg.train.steps == steps
+    assert r['budget_tokens'] == steps * c.train.batch_size * c.data.seq_len
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('budgets', '1,x', 'config.sweep.budgets'), ('lrs', '0,1e-3', 'config.sweep.lrs'),
+    ('pipelines', 'idea,bogus', 'config.sweep.pipelines'), ('seeds', 0, 'config.sweep.seeds')])
+def test_bad_sweep_fields_are_one_line_naming_them(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    sweep.runs(_config(**{field: value}), '/s')
+
+
+def _result(budget, name, lr, seed, loss):
+  return {'budget': budget, 'pipeline': name, 'lr': lr, 'seed': seed, 'val_loss': loss,
+          'budget_tokens': 1000 * budget, 'train_flops': 1.0, 'tokens': 1000 * budget}
+
+
+def test_table_takes_each_pipelines_best_lr_and_gaps_at_those():
+  results = [_result(1, 'idea', 1e-3, s, 3.0 + s * 0.02) for s in (0, 1)]
+  results += [_result(1, 'idea', 2e-3, s, 2.9 + s * 0.02) for s in (0, 1)]  # idea's best
+  results += [_result(1, 'scratch', 1e-3, s, 2.95 + s * 0.04) for s in (0, 1)]  # scratch's best
+  results += [_result(1, 'scratch', 2e-3, s, 3.2) for s in (0, 1)]
+  (row,) = sweep.table(results, params_target=100)
+  assert row['tokens_per_param'] == 10.0
+  idea, scratch = row['pipelines']['idea'], row['pipelines']['scratch']
+  assert idea['best_lr'] == 2e-3 and scratch['best_lr'] == 1e-3
+  assert idea['val_loss_mean'] == pytest.approx(2.91)
+  assert row['idea-scratch']['gap'] == pytest.approx(2.91 - 2.97)
+  assert row['idea-scratch']['spread'] == pytest.approx(
+      math.hypot(idea['val_loss_std'], scratch['val_loss_std']))
+  assert 'idea-scratch_flops' not in row  # no such runs
+
+
+def test_sweep_runs_writes_and_skips_finished_runs(tmp_path):
+  # Compiles dominate here, so one budget and two pipelines: the plan and table tests cover
+  # the grid; this covers runs -> sweep.json/md/png and the rerun.
+  c = _config(budgets='1', pipelines='idea,scratch_flops', lrs='1e-3', seeds=1)
+  workdir = str(tmp_path / 's')
+  out = sweep.sweep(c, workdir)
+  saved = json.loads((tmp_path / 's' / 'sweep.json').read_text())
+  assert saved == json.loads(json.dumps(out)) and len(saved['runs']) == 2
+  (row,) = saved['budgets']
+  assert set(row['pipelines']) == {'idea', 'scratch_flops'}
+  assert math.isfinite(row['idea-scratch_flops']['gap'])
+  flops = {n: p['train_flops'] for n, p in row['pipelines'].items()}
+  assert flops['scratch_flops'] == pytest.approx(flops['idea'], rel=0.1)
+  assert row['tokens'] == c.train.steps * c.train.batch_size * c.data.seq_len
+  md = (tmp_path / 's' / 'sweep.md').read_text()
+  assert 'idea − scratch_flops' in md and (tmp_path / 's' / 'sweep.png').stat().st_size > 0
+  # A rerun reads the finished runs' reports instead of training again.
+  mtimes = {r['dir']: os.path.getmtime(os.path.join(r['dir'], 'report.json'))
+            for r in saved['runs']}
+  again = sweep.sweep(c, workdir)
+  assert [r['val_loss'] for r in again['runs']] == [r['val_loss'] for r in saved['runs']]
+  assert all(os.path.getmtime(os.path.join(d, 'report.json')) == t for d, t in mtimes.items())
