@@ -13,7 +13,7 @@ from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
 from idea_prune_jax import report
 from idea_prune_jax import storage
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.config import ConfigError, ModelConfig
 
 COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
 
@@ -99,6 +99,16 @@ def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
   return summary
 
 
+def pipeline_names(field: str, text: str) -> list[str]:
+  """Comma-separated compare/sweep entries; unknown ones (or none) refused naming the field."""
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  unknown = sorted(set(names) - set(COMPARE_PIPELINES))
+  if unknown or not names:
+    raise ConfigError(f'config.{field}={text!r}: unknown {unknown}; use some of '
+                      f'{",".join(COMPARE_PIPELINES)}')
+  return names
+
+
 def variant(config, name: str, seed: int, steps: int | None = None):
   """One compare entry as a plain pipeline config; only idea_kd distils."""
   c = copy.deepcopy(config)
@@ -133,12 +143,7 @@ def prepared_once(config, workdir: str):
 
 def compare(config, workdir: str) -> dict:
   """idea, idea+KD, naive, scratch at equal tokens, and scratch at idea's FLOPs, over seeds."""
-  names = [n.strip() for n in config.compare.pipelines.split(',') if n.strip()]
-  unknown = set(names) - set(COMPARE_PIPELINES)
-  if unknown:
-    from idea_prune_jax.config import ConfigError
-    raise ConfigError(f'config.compare.pipelines={config.compare.pipelines!r}: unknown '
-                      f'{sorted(unknown)}; use some of {",".join(COMPARE_PIPELINES)}')
+  names = pipeline_names('compare.pipelines', config.compare.pipelines)
   config = prepared_once(config, workdir)
   # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
   flops_steps = flops_matched_steps(config)

@@ -85,7 +85,7 @@ def read_attempts(workdir: str) -> list[dict]:
   return rows
 
 
-def _save(fig, workdir, name):
+def save_figure(fig, workdir, name):
   buf = io.BytesIO()
   fig.savefig(buf, dpi=110, format='png')
   storage.write_bytes(storage.join(workdir, name), buf.getvalue())
@@ -110,7 +110,7 @@ def _plot_loss(workdir, train, evals, bounds):
     ax.legend(loc='upper right')
     ax.grid(alpha=0.3)
   _log_y(full)
-  return _save(fig, workdir, 'loss.png')
+  return save_figure(fig, workdir, 'loss.png')
 
 
 def _plot_vs_step(workdir, train, bounds, key, ylabel, title, name):
@@ -123,7 +123,7 @@ def _plot_vs_step(workdir, train, bounds, key, ylabel, title, name):
   ax.ticklabel_format(axis='y', style='sci', scilimits=(-3, 5))
   ax.legend(loc='best')
   ax.grid(alpha=0.3)
-  return _save(fig, workdir, name)
+  return save_figure(fig, workdir, name)
 
 
 def load_importance(workdir: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -167,7 +167,7 @@ def _plot_importance(workdir, snaps):
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='outside lower center', ncols=max(len(labels), 1))
   fig.suptitle('FFN neuron importance per layer (histograms of log10 score)')
-  return _save(fig, workdir, 'importance.png')
+  return save_figure(fig, workdir, 'importance.png')
 
 
 def _fmt(v):
@@ -259,7 +259,7 @@ def _goodput_lines(last: dict | None, attempts: list[dict]) -> list[str]:
   return lines
 
 
-def _mean_std(xs):
+def mean_std(xs):
   xs = np.asarray(xs, np.float64)
   if xs.size == 0:
     return math.nan, math.nan
@@ -295,15 +295,15 @@ def compare_table(results: dict) -> dict:
   """Per pipeline: seed means/stds and costs, ordered by mean val loss (best first)."""
   table = {}
   for name, r in results.items():
-    loss_mean, loss_std = _mean_std(r.get('val_loss', []))
+    loss_mean, loss_std = mean_std(r.get('val_loss', []))
     table[name] = {
         'val_loss_mean': loss_mean, 'val_loss_std': loss_std,
         'val_loss': [float(v) for v in r.get('val_loss', [])],
-        'val_ppl_mean': _mean_std(r.get('val_ppl', []))[0],
+        'val_ppl_mean': mean_std(r.get('val_ppl', []))[0],
         'val_ppl': [float(v) for v in r.get('val_ppl', [])],
         'params_final': r.get('params_final'), 'tokens': r.get('tokens'),
         'train_flops': r.get('train_flops'),
-        'wall_s_mean': _mean_std(r.get('wall_s', []))[0],
+        'wall_s_mean': mean_std(r.get('wall_s', []))[0],
         'wall_s': [float(v) for v in r.get('wall_s', [])],
         'n_seeds': len(r.get('val_loss', [])), 'workdirs': list(r.get('workdirs', [])),
         'downstream': _downstream_means(r.get('downstream', []))}
@@ -352,7 +352,7 @@ def _plot_compare(workdir, results, table):
   finals.set_xticks(range(len(table)), list(table), rotation=30, ha='right')
   finals.set(title='Final val loss (mean ± std, seeds as circles)', ylabel='val loss (nats/token)')
   finals.grid(alpha=0.3, axis='y')
-  return _save(fig, workdir, 'compare.png')
+  return save_figure(fig, workdir, 'compare.png')
 
 
 def write_compare(workdir: str, results: dict) -> None:

@@ -13,13 +13,11 @@ import math
 import os
 
 import jax
-import numpy as np
 from matplotlib.figure import Figure
 
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import experiment
 from idea_prune_jax import model as model_lib
-from idea_prune_jax import pipeline
 from idea_prune_jax import report
 from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError, ModelConfig
@@ -38,22 +36,13 @@ def _numbers(field: str, text: str, default: float) -> list[float]:
   return values
 
 
-def _names(field: str, text: str) -> list[str]:
-  names = [n.strip() for n in text.split(',') if n.strip()]
-  unknown = sorted(set(names) - set(experiment.COMPARE_PIPELINES))
-  if unknown or not names:
-    raise ConfigError(f'config.{field}={text!r}: unknown {unknown}; use some of '
-                      f'{",".join(experiment.COMPARE_PIPELINES)}')
-  return names
-
-
 def runs(config, workdir: str) -> list[dict]:
   """Every run of the sweep, in execution order, each with its full pipeline config ('config')."""
   s = config.sweep
   budgets = _numbers('sweep.budgets', s.budgets, 1.0)
   lrs = _numbers('sweep.lrs', s.lrs, config.train.lr)
-  names = _names('sweep.pipelines', s.pipelines)
-  tuned = set(_names('sweep.lr_pipelines', s.lr_pipelines)) if s.lr_pipelines else set()
+  names = experiment.pipeline_names('sweep.pipelines', s.pipelines)
+  tuned = set(experiment.pipeline_names('sweep.lr_pipelines', s.lr_pipelines)) if s.lr_pipelines else set()
   if s.seeds < 1:
     raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
   out = []
@@ -61,17 +50,15 @@ def runs(config, workdir: str) -> list[dict]:
     steps = max(1, int(round(config.train.steps * budget)))
     base = copy.deepcopy(config)
     base.train.steps = steps
+    flops_steps = experiment.flops_matched_steps(base)  # FLOPs do not depend on the LR
     for lr in lrs:
       for seed in range(config.seed, config.seed + s.seeds):
         for name in names:
           if lr != lrs[0] and name not in tuned:
             continue  # one LR (the first) for pipelines the LR study leaves out
-          c = copy.deepcopy(base)
+          c = experiment.variant(base, name, seed,
+                                 flops_steps if name == 'scratch_flops' else None)
           c.train.lr = lr
-          if name == 'scratch_flops':
-            c = experiment.variant(c, name, seed, experiment.flops_matched_steps(c))
-          else:
-            c = experiment.variant(c, name, seed)
           out.append({'budget': budget, 'pipeline': name, 'lr': lr, 'seed': seed,
                       'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
                       'config': c,
@@ -107,11 +94,6 @@ def sweep(config, workdir: str) -> dict:
   return out
 
 
-def _mean_std(values):
-  v = np.asarray(values, np.float64)
-  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
 def table(results: list[dict], params_target: int) -> list[dict]:
   """Per budget: each pipeline's loss by LR, its best LR, and the idea gaps at the best LRs."""
   rows = []
@@ -125,7 +107,7 @@ def table(results: list[dict], params_target: int) -> list[dict]:
       for r in at:
         if r['pipeline'] == name:
           by_lr.setdefault(r['lr'], []).append(r['val_loss'])
-      stats = {lr: _mean_std(v) for lr, v in by_lr.items()}
+      stats = {lr: report.mean_std(v) for lr, v in by_lr.items()}
       best = min(stats, key=lambda lr: stats[lr][0])
       row['pipelines'][name] = {
           'best_lr': best, 'val_loss_mean': stats[best][0], 'val_loss_std': stats[best][1],
@@ -157,7 +139,7 @@ def _plot(workdir, rows):
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend()
-  return report._save(fig, workdir, 'sweep.png')
+  return report.save_figure(fig, workdir, 'sweep.png')
 
 
 def write(workdir: str, out: dict) -> None:
