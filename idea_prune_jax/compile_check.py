@@ -151,6 +151,7 @@ class Step:
   model_flops: float  # analytic model FLOPs of one call, whole mesh (6N per token for training)
   info: dict
   kernel_flops: float = 0.0  # Pallas kernels' FLOPs, whole mesh: cost_analysis() cannot see them
+  recompute_flops: float = 0.0  # chunked losses' backward recompute, whole mesh (`_layers_cost`)
 
 
 def _abstract_state(p: pipeline.Parts, mesh):
@@ -188,6 +189,17 @@ def _splash_flops(config, mesh, passes: float, teacher: bool = False) -> float:
   return passes * fwd(m) + (fwd(pipeline.teacher_config(config)) if teacher else 0.0)
 
 
+def _chunk_recompute_flops(config, kd: bool) -> float:
+  """FLOPs a chunked loss adds to a training step: each chunk's logits are rebuilt for backward.
+
+  Two heads (student and teacher) under KD, whose loss chunks by distill.chunk; one otherwise.
+  """
+  chunk, heads = (config.distill.chunk, 2) if kd else (config.model.loss_chunk, 1)
+  if not chunk or chunk >= config.data.seq_len:
+    return 0.0
+  return heads * 2.0 * _tokens(config) * config.model.d_model * config.model.vocab_size
+
+
 def _train_passes(config) -> float:
   recompute = config.model.remat_policy in ('full', 'dots_saveable')
   return 3.0 + recompute
@@ -202,7 +214,8 @@ def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> 
   state = _abstract_state(p, mesh)
   return Step(name or phase.name, fn, (state, abstract_batch(config, mesh)),
               _train_flops(config, phase), {**info, **_state_bytes(state)},
-              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd))
+              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd),
+              _chunk_recompute_flops(config, phase.kd))
 
 
 def naive_score_step(config, mesh) -> Step:
@@ -218,7 +231,8 @@ def naive_score_step(config, mesh) -> Step:
   return Step('naive_score', pipeline.oneshot_score_fn(config, p.model_cfg, mesh),
               (scores, params, abstract_batch(config, mesh)), _train_flops(config, phase),
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)))
+               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)),
+              _chunk_recompute_flops(config, False))
 
 
 def eval_step(config, mesh) -> Step:
@@ -311,11 +325,12 @@ def _compile(lowered, hbm_gib: float) -> tuple[dict, Any]:
 
 
 def _small_configs(config) -> list:
-  """The step at 1 and 2 unrolled layers, for `_layers_cost`."""
+  """The step at 1 and 2 unrolled layers with whole-sequence losses, for `_layers_cost`."""
   out = []
   for n in (1, 2):
     small = copy.deepcopy(config)
-    small.model.update(n_layers=n, unroll_layers=True)
+    small.model.update(n_layers=n, unroll_layers=True, loss_chunk=0)
+    small.distill.chunk = 0
     out.append(small)
   return out
 
@@ -324,8 +339,10 @@ def _layers_cost(config, costs: list[dict]) -> dict:
   """Compiled cost of all layers from the costs of 1- and 2-layer unrolled compiles.
 
   cost_analysis() counts a while loop's body once, so under nn.scan its flops and bytes miss
-  n_layers - 1 layers. Every per-layer cost is linear in the layer count, so
-  cost(n) = cost(1) + (n - 1)·(cost(2) - cost(1)), from two small programs.
+  n_layers - 1 layers (forward and backward). Every per-layer cost is linear in the layer count,
+  so cost(n) = cost(1) + (n - 1)·(cost(2) - cost(1)), from two small programs without loops:
+  layers unrolled, losses unchunked (a loss-chunk loop is counted once too); what chunking adds,
+  the logits rebuilt in the backward pass, is `_chunk_recompute_flops`.
   """
   n = config.model.n_layers
   return {k: costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
@@ -393,14 +410,17 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
         layers = _layers_cost(config, [_cost(c) for c in small])
         row.update(layers)
         row['cost_source'] = 'cost_analysis, extrapolated from 1- and 2-layer unrolled compiles'
+      if layers and step.recompute_flops:
+        row['recompute_flops'] = step.recompute_flops / n_devices
+        row['flops'] += row['recompute_flops']
+        row['cost_source'] += ' + analytic chunked-loss recompute (recompute_flops)'
       if step.kernel_flops:
         row['kernel_flops'] = step.kernel_flops / n_devices
         row['flops'] += row['kernel_flops']
         row['cost_source'] += ' + analytic splash-kernel FLOPs (kernel_flops)'
       if chip is not None and layers:  # with the loop counted once the bound means nothing
-        # Loops the extrapolation does not see (the backward layer scan, loss-chunk scans) are
-        # still counted once; below the model's own FLOPs the count is known short, so the
-        # bound uses the model's FLOPs instead and says so.
+        # A guard: a loop the extrapolation does not remove would be counted once; below the
+        # model's own FLOPs the count is known short, so the bound uses the model's FLOPs.
         row['flops_below_model'] = row['flops'] < row['model_flops']
         row.update(roofline(max(row['flops'], row['model_flops']), row['bytes_accessed'],
                             row['model_flops'], chip))

@@ -118,6 +118,11 @@ def base() -> ml_collections.ConfigDict:
   sw.lrs = ''  # peak LRs; empty: train.lr
   sw.lr_pipelines = 'idea,scratch,scratch_flops'  # those run at every LR; others at the first
   sw.seeds = 2
+  # idea_kd runs once per KD setting: alphas x taus x phases (each empty: the distill config's).
+  # An alpha is a value or START:END[:KIND], a schedule over the distilling steps (cosine default).
+  sw.kd_alphas = ''  # e.g. '0.1,0.3,0.5,0.9:0.5'
+  sw.kd_taus = ''  # e.g. '1,2'
+  sw.kd_phases = ''  # e.g. 'prune,recovery,both'
 
   c.eval = e = ml_collections.ConfigDict()  # lm-eval tasks on the final model, by `run`
   e.tasks = ''  # comma-separated task names; empty: none (needs the `eval` extra)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ import sentencepiece as spm
 from absl import logging
 from etils import epath
 
-from idea_prune_jax import prepare
+from idea_prune_jax import inputs, prepare
 from idea_prune_jax.inputs import DataError
 
 __all__ = ['DataError', 'Data', 'build', 'split_batch', 'global_batch']
@@ -84,10 +85,43 @@ def prepared_dir(config, workdir: str, is_main: bool, barrier) -> str:
   if is_main:
     if (epath.Path(out) / prepare.MANIFEST).exists():
       _check_prepared_from(prepare.read_manifest(out), args, out)
+    elif os.environ.get(DATA_CACHE_ENV) and config.data.source == 'embedded':
+      _copy_dir(_cached_embedded(os.environ[DATA_CACHE_ENV], args), out)
     else:
       prepare.prepare(output_dir=out, progress=False, **args)
   barrier()
   return out
+
+
+# Where prepared copies of the embedded corpus are kept, by prepare arguments, when set: many
+# runs in fresh workdirs (a test suite, repeated demos) then prepare it once, not once each.
+DATA_CACHE_ENV = 'IDEA_PRUNE_DATA_CACHE'
+
+
+def _cached_embedded(cache_dir: str, args: dict) -> str:
+  """cache_dir/<key>, the embedded corpus prepared with args (prepared now if it is not yet)."""
+  key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()
+                       + inputs.CORPUS.read_bytes()).hexdigest()[:16]
+  cached = os.path.join(cache_dir, key)
+  if not os.path.isfile(os.path.join(cached, prepare.MANIFEST)):
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'{key}.tmp', dir=cache_dir)
+    prepare.prepare(output_dir=tmp, progress=False, **args)
+    try:
+      os.rename(tmp, cached)  # whole or not at all; another process may have won the race
+    except OSError:
+      if not os.path.isfile(os.path.join(cached, prepare.MANIFEST)):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+  return cached
+
+
+def _copy_dir(src: str, dst: str) -> None:
+  """Copies a local directory's files to dst (local or gs://), the manifest last."""
+  names = sorted(os.listdir(src), key=lambda n: n == prepare.MANIFEST)
+  (epath.Path(dst)).mkdir(parents=True, exist_ok=True)
+  for name in names:
+    (epath.Path(dst) / name).write_bytes(open(os.path.join(src, name), 'rb').read())
 
 
 def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:

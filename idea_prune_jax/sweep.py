@@ -3,8 +3,10 @@
 Where does enlarge-and-prune pay off? A budget multiplies train.steps; `scratch_flops` is the
 target model trained on as many FLOPs as idea spends at that budget. A pipeline's figure at a
 budget is its best peak LR (lowest mean validation loss over seeds), so one shared peak cannot
-decide the ranking. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps idea − scratch
-and idea − scratch_flops against tokens per target parameter). A rerun skips finished runs.
+decide the ranking. `idea_kd` runs once per KD setting of sweep.kd_alphas × kd_taus × kd_phases
+and each is tabled against idea. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps
+idea − scratch and idea − scratch_flops against tokens per target parameter). A rerun skips
+finished runs.
 """
 
 import copy
@@ -16,6 +18,7 @@ import jax
 from matplotlib.figure import Figure
 
 from idea_prune_jax import config as config_lib
+from idea_prune_jax import distill
 from idea_prune_jax import experiment
 from idea_prune_jax import model as model_lib
 from idea_prune_jax import report
@@ -36,6 +39,46 @@ def _numbers(field: str, text: str, default: float) -> list[float]:
   return values
 
 
+def _kd_alpha(item: str) -> dict:
+  """'0.5' -> a constant alpha; '0.9:0.5[:kind]' -> a schedule from 0.9 to 0.5 (cosine default)."""
+  parts = [t.strip() for t in item.split(':')]
+  kind = parts[2] if len(parts) == 3 else 'cosine' if len(parts) == 2 else 'constant'
+  try:
+    values = [float(t) for t in parts[:2]]
+  except ValueError:
+    values = []
+  if (not values or len(parts) > 3 or kind not in distill.SCHEDULES
+      or not all(0 <= v <= 1 for v in values)):
+    raise ConfigError(f'config.sweep.kd_alphas: {item!r} is not an alpha in [0, 1] or '
+                      f'START:END[:KIND] with KIND one of {",".join(distill.SCHEDULES)}')
+  if len(values) == 1:
+    return {'alpha': values[0], 'alpha_schedule': 'constant'}
+  return {'alpha': values[0], 'alpha_end': values[1], 'alpha_schedule': kind}
+
+
+def kd_settings(config) -> list[tuple[str, dict]]:
+  """(pipeline label, distill overrides) for each KD setting the sweep's idea_kd runs."""
+  s, k = config.sweep, config.distill
+  alphas = [_kd_alpha(a) for a in str(s.kd_alphas).split(',') if a.strip()]
+  taus = _numbers('sweep.kd_taus', s.kd_taus, k.tau) if str(s.kd_taus).strip() else []
+  phases = [p.strip() for p in str(s.kd_phases).split(',') if p.strip()]
+  if set(phases) - {'prune', 'recovery', 'both'}:
+    raise ConfigError(f'config.sweep.kd_phases={s.kd_phases!r}: use prune, recovery or both')
+  if not (alphas or taus or phases):
+    return [('idea_kd', {})]  # the distill config as it is
+  out = []
+  for alpha in alphas or [{}]:
+    for tau in taus or [None]:
+      for phase in phases or [None]:
+        over = {**alpha, **({'tau': tau, 'tau_schedule': 'constant'} if tau else {}),
+                **({'phases': phase} if phase else {})}
+        a = (f'{over["alpha"]:g}' + (f'-{over["alpha_end"]:g}{over["alpha_schedule"][:3]}'
+                                     if 'alpha_end' in over else '')) if alpha else ''
+        label = '_'.join(x for x in ('idea_kd', a and f'a{a}', tau and f't{tau:g}', phase) if x)
+        out.append((label, over))
+  return out
+
+
 def runs(config, workdir: str) -> list[dict]:
   """Every run of the sweep, in execution order, each with its full pipeline config ('config')."""
   s = config.sweep
@@ -45,6 +88,7 @@ def runs(config, workdir: str) -> list[dict]:
   tuned = set(experiment.pipeline_names('sweep.lr_pipelines', s.lr_pipelines)) if s.lr_pipelines else set()
   if s.seeds < 1:
     raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
+  kd = kd_settings(config) if 'idea_kd' in names else []
   out = []
   for budget in budgets:
     steps = max(1, int(round(config.train.steps * budget)))
@@ -56,14 +100,16 @@ def runs(config, workdir: str) -> list[dict]:
         for name in names:
           if lr != lrs[0] and name not in tuned:
             continue  # one LR (the first) for pipelines the LR study leaves out
-          c = experiment.variant(base, name, seed,
-                                 flops_steps if name == 'scratch_flops' else None)
-          c.train.lr = lr
-          out.append({'budget': budget, 'pipeline': name, 'lr': lr, 'seed': seed,
-                      'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
-                      'config': c,
-                      'dir': os.path.join(workdir, f'x{budget:g}', name, f'lr{lr:g}',
-                                          f'seed{seed}')})
+          for label, distill_over in (kd if name == 'idea_kd' else [(name, {})]):
+            c = experiment.variant(base, name, seed,
+                                   flops_steps if name == 'scratch_flops' else None)
+            c.train.lr = lr
+            c.distill.update(distill_over)
+            out.append({'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
+                        'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
+                        'config': c,
+                        'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
+                                            f'seed{seed}')})
   return out
 
 
@@ -113,11 +159,14 @@ def table(results: list[dict], params_target: int) -> list[dict]:
           'best_lr': best, 'val_loss_mean': stats[best][0], 'val_loss_std': stats[best][1],
           'val_loss': by_lr[best], 'by_lr': {f'{lr:g}': stats[lr][0] for lr in stats},
           'train_flops': next(r['train_flops'] for r in at if r['pipeline'] == name)}
+    p = row['pipelines']
+    gap = lambda a, b: {'gap': p[a]['val_loss_mean'] - p[b]['val_loss_mean'],
+                        'spread': math.hypot(p[a]['val_loss_std'], p[b]['val_loss_std'])}
     for a, b in GAPS:
-      p = row['pipelines']
       if a in p and b in p:
-        row[f'{a}-{b}'] = {'gap': p[a]['val_loss_mean'] - p[b]['val_loss_mean'],
-                           'spread': math.hypot(p[a]['val_loss_std'], p[b]['val_loss_std'])}
+        row[f'{a}-{b}'] = gap(a, b)
+    if 'idea' in p:  # what each KD setting adds to idea (negative: KD helps)
+      row['kd-idea'] = {n: gap(n, 'idea') for n in p if n.startswith('idea_kd')}
     rows.append(row)
   return rows
 
@@ -165,5 +214,14 @@ def write(workdir: str, out: dict) -> None:
     cells = ''.join(f' {row[f"{a}-{b}"]["gap"]:+.4f} ± {row[f"{a}-{b}"]["spread"]:.4f} |'
                     if f'{a}-{b}' in row else ' — |' for a, b in GAPS)
     lines.append(f'| {row["budget"]:g}× | {row["tokens_per_param"]:.2f} |' + cells)
+  kd_rows = [(row, n, g) for row in out['budgets'] for n, g in row.get('kd-idea', {}).items()]
+  if kd_rows:
+    lines += ['', 'Distillation: idea_kd_a{alpha or start-end and schedule}_t{tau}_{phases} '
+              'minus idea, at their best LRs (negative: KD helps).', '',
+              '| budget | KD setting | val loss | − idea |', '|---|---|---|---|']
+    for row, name, g in sorted(kd_rows, key=lambda t: (t[0]['budget'], t[2]['gap'])):
+      p = row['pipelines'][name]
+      lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
+                   f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} |')
   lines += ['', '![sweep](sweep.png)']
   storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')

@@ -4,6 +4,10 @@ Also one persistent compilation cache for the whole session, this process and ev
 test starts: the same tiny programs are compiled by many tests (each resume test recompiles the
 uninterrupted run's steps), and a cache hit skips XLA. Set before jax is imported. Tests of the
 cache itself give their runs their own directory.
+
+And XLA:CPU at LLVM optimisation level 0, for this process and every process a test starts: the
+tests compile hundreds of tiny programs and run each for a few steps, so LLVM's optimisation costs
+more than it saves (a quarter of the suite's wall time). Every comparison is like for like.
 """
 
 import json
@@ -16,6 +20,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix='idea_prune_jax_cache_'),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+# Likewise the embedded corpus, prepared once per set of prepare arguments (data.py).
+os.environ.setdefault('IDEA_PRUNE_DATA_CACHE', tempfile.mkdtemp(prefix='idea_prune_jax_data_'))
+FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
+if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAG}'.strip()
 
 import pytest  # noqa: E402
 
@@ -33,8 +42,10 @@ def run_on_devices(script: str, n_devices: int = 8, timeout: int = 600) -> dict:
   """Runs tests/<script> in a fresh process with n fake CPU devices; returns its last JSON line.
 
   XLA reads the device count once, at backend start, so sharded checks need their own process.
+  Its programs (n-device meshes) are nobody else's: no compilation cache, whose writes cost 15%.
   """
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}',
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(XLA_FLAGS=f'{FAST_COMPILE_FLAG} --xla_force_host_platform_device_count={n_devices}',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', script)], env=env,
                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -13,6 +13,9 @@ from idea_prune_jax import data as data_lib  # noqa: E402
 from idea_prune_jax import pipeline, sharding  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
+# Pretrain on every mesh; prune (masks and scores split over the FFN axis) and distill (a teacher
+# beside the student, its logits split over tensor) on the meshes that split what they add.
+KIND_MESHES = {'pretrain': MESHES, 'prune': MESHES[1:], 'distill': MESHES[2:]}
 N_STEPS = 6
 
 
@@ -58,6 +61,8 @@ def main():
     config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
     devices = jax.devices()[:int(np.prod(mesh))]
     for kind, (index, alpha) in kinds.items():
+      if mesh != (1, 1, 1) and mesh not in KIND_MESHES[kind]:
+        continue
       config.distill.update(alpha=alpha, phases='recovery')
       if kind not in inits:  # on one device; numpy, so no mesh's buffers are donated
         parts = pipeline.parts(config, pipeline.plan(config)[index], sharding.make_mesh(

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE_FLAG
 from idea_prune_jax import compile_check
 from idea_prune_jax.config import ConfigError
 
@@ -16,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cli(*args, timeout=900):
   # No device count in XLA_FLAGS: the command itself must set it before JAX starts its backend.
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env['XLA_FLAGS'] = '--xla_cpu_enable_fast_math=false'  # an existing flag the command must keep
+  # An existing flag the command must keep (and conftest's, for speed).
+  env['XLA_FLAGS'] = f'--xla_cpu_enable_fast_math=false {FAST_COMPILE_FLAG}'
   return subprocess.run([sys.executable, '-m', 'idea_prune_jax.main', 'compile-check',
                          '--config', os.path.join(ROOT, 'configs/tiny.py:test'), *args],
                         env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

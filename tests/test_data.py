@@ -205,6 +205,22 @@ def test_workdir_preparation_is_reused_and_a_changed_source_refused(tmp_path):
     data.build(config, workdir)
 
 
+def test_the_data_cache_prepares_the_embedded_corpus_once_for_every_workdir(tmp_path, monkeypatch):
+  config = config_lib.base()
+  config.model.vocab_size = SMALL_VOCAB
+  config.data.update(val_works='tempest', max_docs=3)
+  calls, real = [], prepare.prepare
+  monkeypatch.setattr(prepare, 'prepare', lambda **kw: calls.append(kw) or real(**kw))
+  here = lambda name: data.prepared_dir(config, str(tmp_path / name), True, lambda: None)
+  files = lambda d: {n: open(os.path.join(d, n), 'rb').read() for n in os.listdir(d)}
+  monkeypatch.delenv(data.DATA_CACHE_ENV, raising=False)  # conftest sets one for the session
+  uncached = files(here('plain'))
+  monkeypatch.setenv(data.DATA_CACHE_ENV, str(tmp_path / 'cache'))
+  assert files(here('a')) == files(here('b')) == uncached and len(calls) == 2
+  config.data.max_docs = 4  # other prepare arguments: prepared anew
+  assert files(here('c')) != uncached and len(calls) == 3
+
+
 def test_missing_prepared_dir_is_one_line(tmp_path):
   with pytest.raises(DataError, match=r'no manifest.json; prepare it with idea-prune prepare-data'):
     data.build(make_config(tmp_path / 'nowhere'), '/unused')

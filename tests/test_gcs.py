@@ -101,15 +101,16 @@ def _run_args(workdir, cache):
           '--config.train.ckpt_every=1', f'--config.train.compilation_cache={cache}']
 
 
-def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, tmp_path):
+def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, tmp_path,
+                                                                          tiny_config):
   """idea-prune run on gs://, SIGKILLed mid-window, rerun: the report of an uninterrupted local
   run; eval and generate read the bucket's export; the HF export is in the bucket."""
+  from idea_prune_jax import experiment
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  # One compilation cache in the bucket for all three runs: it is tested, and they compile once.
+  # One compilation cache in the bucket for both CLI runs: it is tested, and they compile once.
   cache = f'gs://{BUCKET}/jax_cache'
   local = str(tmp_path / 'local')
-  out = _cli(*_run_args(local, cache), env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
+  experiment.run_experiment(tiny_config, local)  # the reference, in this process: what `run` does
 
   workdir = f'gs://{BUCKET}/cli'
   proc = subprocess.Popen([sys.executable, '-m', 'idea_prune_jax.main',

@@ -40,12 +40,33 @@ def test_plan_covers_budgets_lrs_seeds_and_flops_matches_scratch():
     assert r['budget_tokens'] == steps * c.train.batch_size * c.data.seq_len
 
 
+def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
+  c = _config(budgets='1', pipelines='idea,idea_kd', lrs='1e-3', seeds=2,
+              kd_alphas='0.1,0.9:0.5', kd_taus='1,2', kd_phases='prune,both')
+  plan = sweep.runs(c, '/s')
+  kd = {r['pipeline']: r['config'].distill for r in plan if r['seed'] == c.seed
+        and r['pipeline'] != 'idea'}
+  assert len(plan) == 2 * (1 + 2 * 2 * 2) and len({r['dir'] for r in plan}) == len(plan)
+  d = kd['idea_kd_a0.9-0.5cos_t2_prune']
+  assert (d.alpha, d.alpha_end, d.alpha_schedule, d.tau, d.phases) == (0.9, 0.5, 'cosine', 2.0,
+                                                                       'prune')
+  d = kd['idea_kd_a0.1_t1_both']
+  assert (d.alpha, d.alpha_schedule, d.tau, d.phases) == (0.1, 'constant', 1.0, 'both')
+  assert all(r['config'].distill.alpha == 0.0 for r in plan if r['pipeline'] == 'idea')
+  # No KD grid: one idea_kd, the distill config as it is (alpha 0.5 when it has none).
+  (only,) = [r for r in sweep.runs(_config(pipelines='idea_kd', seeds=1, budgets='1'), '/s')]
+  assert only['pipeline'] == 'idea_kd' and only['config'].distill.alpha == 0.5
+
+
 @pytest.mark.parametrize('field,value,match', [
     ('budgets', '1,x', 'config.sweep.budgets'), ('lrs', '0,1e-3', 'config.sweep.lrs'),
-    ('pipelines', 'idea,bogus', 'config.sweep.pipelines'), ('seeds', 0, 'config.sweep.seeds')])
+    ('pipelines', 'idea,bogus', 'config.sweep.pipelines'), ('seeds', 0, 'config.sweep.seeds'),
+    ('kd_alphas', '0.5,1.5', 'config.sweep.kd_alphas'),
+    ('kd_alphas', '0.9:0.5:step', 'config.sweep.kd_alphas'),
+    ('kd_taus', '1,-2', 'config.sweep.kd_taus'), ('kd_phases', 'all', 'config.sweep.kd_phases')])
 def test_bad_sweep_fields_are_one_line_naming_them(field, value, match):
   with pytest.raises(ConfigError, match=match):
-    sweep.runs(_config(**{field: value}), '/s')
+    sweep.runs(_config(**{'pipelines': 'idea,idea_kd', field: value}), '/s')
 
 
 def _result(budget, name, lr, seed, loss):
@@ -67,6 +88,16 @@ def test_table_takes_each_pipelines_best_lr_and_gaps_at_those():
   assert row['idea-scratch']['spread'] == pytest.approx(
       math.hypot(idea['val_loss_std'], scratch['val_loss_std']))
   assert 'idea-scratch_flops' not in row  # no such runs
+  assert row['kd-idea'] == {}
+
+
+def test_table_gives_each_kd_setting_against_idea():
+  results = [_result(1, 'idea', 1e-3, s, 3.0) for s in (0, 1)]
+  results += [_result(1, 'idea_kd_a0.1', 1e-3, s, 2.9 + 0.1 * s) for s in (0, 1)]
+  results += [_result(1, 'idea_kd_a0.5', 1e-3, s, 3.1) for s in (0, 1)]
+  (row,) = sweep.table(results, params_target=100)
+  assert row['kd-idea']['idea_kd_a0.1']['gap'] == pytest.approx(-0.05)
+  assert row['kd-idea']['idea_kd_a0.5'] == pytest.approx({'gap': 0.1, 'spread': 0.0})
 
 
 def test_sweep_runs_writes_and_skips_finished_runs(tmp_path):

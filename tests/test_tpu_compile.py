@@ -51,16 +51,20 @@ def test_needed_bytes_from_resource_exhausted():
   assert compile_check.needed_bytes('INTERNAL: something else') is None
 
 
+# A small model splash can tile (seq 256, head_dim 128), 3 layers under nn.scan, chunked loss.
+SPLASH_V5P = ('--config', os.path.join(ROOT, 'configs/tiny.py:test'), '--topology', 'v5p-8',
+              '--mesh', 'data=2,fsdp=1,tensor=2', '--steps', 'enlarged',
+              '--config.model.attention=splash', '--config.model.d_model=256',
+              '--config.model.n_heads=2', '--config.model.n_kv_heads=2',
+              '--config.model.n_layers=3', '--config.data.seq_len=256',
+              '--config.model.remat_policy=save_attn_proj')
+
+
 @needs_libtpu
 def test_train_step_with_splash_compiles_for_v5p():
-  # A small model splash can tile (seq 256, head_dim 128): the whole enlarged train step,
-  # attention under shard_map over a data x tensor mesh, compiled by XLA:TPU.
-  out = _cli('--config', os.path.join(ROOT, 'configs/tiny.py:test'), '--topology', 'v5p-8',
-             '--mesh', 'data=2,fsdp=1,tensor=2', '--steps', 'enlarged',
-             '--config.model.attention=splash', '--config.model.d_model=256',
-             '--config.model.n_heads=2', '--config.model.n_kv_heads=2',
-             '--config.data.seq_len=256', '--config.model.loss_chunk=128',
-             '--config.model.remat_policy=save_attn_proj')
+  # The whole enlarged train step, attention under shard_map over a data x tensor mesh,
+  # compiled by XLA:TPU.
+  out = _cli(*SPLASH_V5P, '--config.model.loss_chunk=128')
   assert out.returncode == 0, out.stderr[-4000:]
   report = json.loads(out.stdout)
   assert report['config']['platform'] == 'tpu' and report['config']['device_kind'] == 'TPU v5'
@@ -71,6 +75,15 @@ def test_train_step_with_splash_compiles_for_v5p():
     assert step[key] > 0, key
   # All layers counted, splash kernels included: about the model's own FLOPs (the loop body
   # counted once would give ~60% here).
-  assert step['flops'] >= 0.9 * step['model_flops'] and step['kernel_flops'] > 0
+  assert step['flops'] >= step['model_flops'] and step['kernel_flops'] > 0
+  assert not step['flops_below_model'] and step['recompute_flops'] > 0
   assert 'extrapolated' in step['cost_source']
   assert 'enlarged' in out.stderr  # the table
+
+  # The truth the extrapolation stands for: the same step with no loop at all (layers unrolled,
+  # loss whole), counted as compiled. The chunked loss differs by its recompute only.
+  out = _cli(*SPLASH_V5P, '--config.model.unroll_layers=true', '--cost', 'scan')
+  assert out.returncode == 0, out.stderr[-4000:]
+  unrolled = json.loads(out.stdout)['steps']['enlarged']
+  assert step['flops'] - step['recompute_flops'] == pytest.approx(unrolled['flops'], rel=1e-3)
+  assert step['bytes_accessed'] == pytest.approx(unrolled['bytes_accessed'], rel=1e-2)
