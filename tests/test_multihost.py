@@ -44,7 +44,8 @@ def _free_port() -> int:
 
 
 def _env(n_devices: int, cache_dir: str, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith('IDEA_PRUNE_')}
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith('IDEA_PRUNE_') or k == 'IDEA_PRUNE_DATA_CACHE'}
   # The compilation cache lets the resumed launch skip most of its compiles.
   flags = f'--xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=0'
   env.update(XLA_FLAGS=flags, JAX_PLATFORMS='cpu',
