@@ -25,7 +25,7 @@ import sentencepiece as spm
 from absl import logging
 from etils import epath
 
-from idea_prune_jax import inputs, prepare
+from idea_prune_jax import inputs, prepare, storage
 from idea_prune_jax.inputs import DataError
 
 __all__ = ['DataError', 'Data', 'build', 'split_batch', 'global_batch']
@@ -117,11 +117,9 @@ def _cached_embedded(cache_dir: str, args: dict) -> str:
 
 
 def _copy_dir(src: str, dst: str) -> None:
-  """Copies a local directory's files to dst (local or gs://), the manifest last."""
-  names = sorted(os.listdir(src), key=lambda n: n == prepare.MANIFEST)
-  (epath.Path(dst)).mkdir(parents=True, exist_ok=True)
-  for name in names:
-    (epath.Path(dst) / name).write_bytes(open(os.path.join(src, name), 'rb').read())
+  """Copies a local directory's files to dst (local or gs://), each whole, the manifest last."""
+  for name in sorted(os.listdir(src), key=lambda n: n == prepare.MANIFEST):
+    storage.write_bytes(storage.join(dst, name), storage.read_bytes(os.path.join(src, name)))
 
 
 def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:

@@ -72,10 +72,13 @@ def kd_settings(config) -> list[tuple[str, dict]]:
       for phase in phases or [None]:
         over = {**alpha, **({'tau': tau, 'tau_schedule': 'constant'} if tau else {}),
                 **({'phases': phase} if phase else {})}
-        a = (f'{over["alpha"]:g}' + (f'-{over["alpha_end"]:g}{over["alpha_schedule"][:3]}'
-                                     if 'alpha_end' in over else '')) if alpha else ''
-        label = '_'.join(x for x in ('idea_kd', a and f'a{a}', tau and f't{tau:g}', phase) if x)
-        out.append((label, over))
+        tags = ['idea_kd']
+        if alpha:  # e.g. a0.5, or a0.9-0.5cos for a schedule
+          tags.append(f'a{over["alpha"]:g}' + (f'-{over["alpha_end"]:g}{over["alpha_schedule"][:3]}'
+                                               if 'alpha_end' in over else ''))
+        tags += [f't{tau:g}'] if tau else []
+        tags += [phase] if phase else []
+        out.append(('_'.join(tags), over))
   return out
 
 
@@ -85,7 +88,8 @@ def runs(config, workdir: str) -> list[dict]:
   budgets = _numbers('sweep.budgets', s.budgets, 1.0)
   lrs = _numbers('sweep.lrs', s.lrs, config.train.lr)
   names = experiment.pipeline_names('sweep.pipelines', s.pipelines)
-  tuned = set(experiment.pipeline_names('sweep.lr_pipelines', s.lr_pipelines)) if s.lr_pipelines else set()
+  tuned = (set(experiment.pipeline_names('sweep.lr_pipelines', s.lr_pipelines))
+           if s.lr_pipelines else set())
   if s.seeds < 1:
     raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
   kd = kd_settings(config) if 'idea_kd' in names else []
