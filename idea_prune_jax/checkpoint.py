@@ -8,17 +8,26 @@ import orbax.checkpoint as ocp
 from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError
 
+_COMMIT_MARKER = 'commit_success.txt'  # orbax's mark of a finished save
+
 
 def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints',
-            async_save: bool = True) -> ocp.CheckpointManager:
+            async_save: bool = True, keep_steps: tuple[int, ...] = ()) -> ocp.CheckpointManager:
   """Orbax manager of W/checkpoints (local or gs://: orbax commits without renames on GCS).
 
   With async_save a save returns once the state is copied to host memory and training goes on
   while it is written; a step only counts (latest_step, restore) once committed, so a process
   killed mid-write resumes from the previous one. Call `wait_until_finished` before exiting.
+  keep_steps: saved steps kept besides the latest `keep` (fork points, see `fork`).
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  if keep_steps:
+    policy = ocp.checkpoint_managers.preservation_policy
+    keeping = dict(max_to_keep=None, preservation_policy=policy.AnyPreservationPolicy(
+        [policy.LatestN(keep), policy.CustomSteps(list(keep_steps))]))
+  else:
+    keeping = dict(max_to_keep=keep)
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
+                                         **keeping)
   return ocp.CheckpointManager(storage.join(workdir, subdir), options=options,
                                item_names=('state', 'data', 'meta'))
 
@@ -34,6 +43,33 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -
       state=ocp.args.StandardSave(state),
       data=grain_checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def fork(src_workdir: str, dst_workdir: str, step: int, subdir: str = 'checkpoints') -> bool:
+  """Copies src's committed checkpoint `step` into dst's checkpoints; False if src has none.
+
+  A run in dst then resumes there, as it would have after training to `step` itself. Locally
+  the copy is renamed into place once whole; on GCS orbax's commit marker is copied last.
+  """
+  src = storage.path(src_workdir) / subdir / str(step)
+  if not (src / _COMMIT_MARKER).exists():
+    return False
+  root = storage.path(dst_workdir) / subdir
+  final = root / str(step)
+  staging = final if storage.is_url(dst_workdir) else root / f'{step}.fork-tmp'
+  files = sorted(_files(src), key=lambda f: f.name == _COMMIT_MARKER)
+  for f in files:
+    target = staging / f.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    f.copy(target, overwrite=True)
+  if staging != final:
+    staging.rename(final)
+  return True
+
+
+def _files(directory):
+  for child in directory.iterdir():  # epath refuses '**' globs (one RPC per match on GCS)
+    yield from _files(child) if child.is_dir() else (child,)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -76,6 +76,7 @@ def base() -> ml_collections.ConfigDict:
   t.eval_batches = 8
   t.ckpt_every = 200
   t.keep_ckpts = 2
+  t.keep_steps = ''  # checkpoints never deleted, e.g. '1000,1400' (the sweep keeps t_start)
   t.async_ckpt = True  # training goes on while a checkpoint is written
   # Compiled steps persist here, so a resumed run does not compile them again ('' = W/jax_cache,
   # 'none' = off); gs:// works.
@@ -228,6 +229,18 @@ def validate_model(config) -> None:
     _fail('model.loss_chunk', m.loss_chunk, 'must be >= 0 (0 = unchunked)')
 
 
+def keep_steps(config) -> tuple[int, ...]:
+  """config.train.keep_steps ('1000,1400') as step numbers."""
+  text = str(config.train.keep_steps)
+  try:
+    steps = tuple(int(s) for s in text.split(',') if s.strip())
+  except ValueError:
+    steps = (-1,)
+  if any(s < 1 for s in steps):
+    _fail('train.keep_steps', text, 'must be comma-separated step numbers >= 1, e.g. 1000,1400')
+  return steps
+
+
 def validate(config, n_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked before compute; returns the mesh shape."""
   validate_model(config)
@@ -238,6 +251,7 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('train.steps', t.steps, 'must be >= 1')
   if not 0 <= t.warmup_steps <= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must lie in [0, train.steps={t.steps}]')
+  keep_steps(config)
   if config.profile.start_step >= 0 and config.profile.steps < 1:
     _fail('profile.steps', config.profile.steps, 'must be >= 1 when profile.start_step is set')
   if config.data.seq_len < 2:

@@ -169,7 +169,8 @@ def setup(config, workdir: str) -> RunContext:
   data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
                         barrier=lambda: multihost_utils.sync_global_devices(
                             'idea_prune_jax:data_prepared'))
-  ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt)
+  ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt,
+                          keep_steps=config_lib.keep_steps(config))
   return RunContext(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
              clock, chips.peak_flops_per_device(jax.devices()[0]))
 

@@ -15,12 +15,15 @@ import math
 import os
 
 import jax
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
+from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import distill
 from idea_prune_jax import experiment
 from idea_prune_jax import model as model_lib
+from idea_prune_jax import pipeline
 from idea_prune_jax import report
 from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError, ModelConfig
@@ -93,6 +96,10 @@ def runs(config, workdir: str) -> list[dict]:
   if s.seeds < 1:
     raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
   kd = kd_settings(config) if 'idea_kd' in names else []
+  # idea_kd is idea until t_start (no KD phase starts earlier): each idea_kd run starts from
+  # its idea run's checkpoint at t_start, which that run keeps, so idea must run first.
+  forked = 'idea' in names and 'idea_kd' in names
+  names = sorted(names, key=lambda n: n == 'idea_kd')
   out = []
   for budget in budgets:
     steps = max(1, int(round(config.train.steps * budget)))
@@ -109,12 +116,37 @@ def runs(config, workdir: str) -> list[dict]:
                                    flops_steps if name == 'scratch_flops' else None)
             c.train.lr = lr
             c.distill.update(distill_over)
-            out.append({'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
-                        'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
-                        'config': c,
-                        'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
-                                            f'seed{seed}')})
+            run = {'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
+                   'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
+                   'config': c,
+                   'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
+                                       f'seed{seed}')}
+            if forked and name in ('idea', 'idea_kd'):
+              t_start = pipeline.plan(c)[0].end
+              if name == 'idea':
+                c.train.keep_steps = str(t_start)
+                source = run['dir']
+              else:
+                run['fork'] = {'dir': source, 'step': t_start}
+            out.append(run)
   return out
+
+
+def fork(run: dict) -> bool:
+  """Starts run in its dir from run['fork']: that dir's checkpoint (and metrics) at its step.
+
+  Only a run with no checkpoint of its own forks; False when the source does not hold the step
+  (it ran before it kept it): the run then starts from step 0.
+  """
+  src, step, dst = run['fork']['dir'], run['fork']['step'], run['dir']
+  if storage.exists(storage.join(dst, 'checkpoints')):
+    return False
+  if not ckpt_lib.fork(src, dst, step):
+    return False
+  rows = [line for line in storage.read_text(storage.join(src, 'metrics.jsonl')).splitlines()
+          if line and json.loads(line)['step'] < step]
+  storage.write_text(storage.join(dst, 'metrics.jsonl'), ''.join(r + '\n' for r in rows))
+  return True
 
 
 def _finished(run_dir: str) -> dict | None:
@@ -131,8 +163,13 @@ def sweep(config, workdir: str) -> dict:
   experiment.check_downstream(config)
   results = []
   for r in plan:
-    summary = _finished(r['dir']) or experiment.run_experiment(r['config'], r['dir'],
-                                                               do_export=False)
+    summary = _finished(r['dir'])
+    if summary is None:
+      if 'fork' in r:
+        if jax.process_index() == 0:
+          r['fork']['done'] = fork(r)
+        multihost_utils.sync_global_devices('idea_prune_jax:sweep_fork')
+      summary = experiment.run_experiment(r['config'], r['dir'], do_export=False)
     results.append({k: v for k, v in r.items() if k != 'config'} | {
         k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps', 'wall_s',
                                 'params_final')})

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
+from idea_prune_jax import experiment
 from idea_prune_jax import sweep
 from idea_prune_jax.config import ConfigError
 
@@ -100,22 +101,32 @@ def test_table_gives_each_kd_setting_against_idea():
   assert row['kd-idea']['idea_kd_a0.5'] == pytest.approx({'gap': 0.1, 'spread': 0.0})
 
 
-def test_sweep_runs_writes_and_skips_finished_runs(tmp_path):
-  # Compiles dominate here, so one budget and two pipelines: the plan and table tests cover
-  # the grid; this covers runs -> sweep.json/md/png and the rerun.
-  c = _config(budgets='1', pipelines='idea,scratch_flops', lrs='1e-3', seeds=1)
+def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_path):
+  # Compiles dominate here, so one budget, idea and one idea_kd: the plan and table tests cover
+  # the grid; this covers runs -> sweep.json/md/png, the fork at t_start and the rerun.
+  c = _config(budgets='1', pipelines='idea_kd,idea', lrs='1e-3', seeds=1)
   workdir = str(tmp_path / 's')
   out = sweep.sweep(c, workdir)
   saved = json.loads((tmp_path / 's' / 'sweep.json').read_text())
   assert saved == json.loads(json.dumps(out)) and len(saved['runs']) == 2
   (row,) = saved['budgets']
-  assert set(row['pipelines']) == {'idea', 'scratch_flops'}
-  assert math.isfinite(row['idea-scratch_flops']['gap'])
-  flops = {n: p['train_flops'] for n, p in row['pipelines'].items()}
-  assert flops['scratch_flops'] == pytest.approx(flops['idea'], rel=0.1)
+  assert set(row['pipelines']) == {'idea', 'idea_kd'}
+  assert math.isfinite(row['kd-idea']['idea_kd']['gap'])
   assert row['tokens'] == c.train.steps * c.train.batch_size * c.data.seq_len
   md = (tmp_path / 's' / 'sweep.md').read_text()
-  assert 'idea − scratch_flops' in md and (tmp_path / 's' / 'sweep.png').stat().st_size > 0
+  assert 'idea_kd' in md and (tmp_path / 's' / 'sweep.png').stat().st_size > 0
+  # idea ran first and kept its t_start checkpoint; idea_kd started from it, with idea's
+  # metrics before t_start, and ends where a run of its own from step 0 ends.
+  idea, kd = saved['runs']
+  assert idea['pipeline'] == 'idea' and kd['fork'] == {'dir': idea['dir'], 'step': kd['fork'][
+      'step'], 'done': True}
+  t_start = kd['fork']['step']
+  assert os.path.isdir(os.path.join(idea['dir'], 'checkpoints', str(t_start)))
+  rows = [json.loads(l) for l in open(os.path.join(kd['dir'], 'metrics.jsonl'))]
+  assert rows[0]['step'] == 0 and {r['phase'] for r in rows if r['step'] < t_start} == {'enlarged'}
+  (kd_plan,) = [r for r in sweep.runs(c, workdir) if r['pipeline'] == 'idea_kd']
+  alone = experiment.run_experiment(kd_plan['config'], str(tmp_path / 'alone'), do_export=False)
+  assert alone['val_loss'] == kd['val_loss']
   # A rerun reads the finished runs' reports instead of training again.
   mtimes = {r['dir']: os.path.getmtime(os.path.join(r['dir'], 'report.json'))
             for r in saved['runs']}

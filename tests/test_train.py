@@ -52,6 +52,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path):
     ({'train.batch_size': 7, 'mesh.data': 2, 'mesh.fsdp': 1}, None),
     ({'pipeline': 'bogus'}, 'pipeline'),
     ({'train.warmup_steps': 100}, 'train.warmup_steps'),
+    ({'train.keep_steps': '6,x'}, 'train.keep_steps'),
+    ({'train.keep_steps': '0'}, 'train.keep_steps'),
 ])
 def test_bad_config_is_one_clear_line(tiny_config, override, field):
   for k, v in override.items():
