@@ -108,6 +108,7 @@ def runs(config, workdir: str) -> list[dict]:
     flops_steps = experiment.flops_matched_steps(base)  # FLOPs do not depend on the LR
     for lr in lrs:
       for seed in range(config.seed, config.seed + s.seeds):
+        source = None  # this LR and seed's idea run, the one its idea_kd runs fork from
         for name in names:
           if lr != lrs[0] and name not in tuned:
             continue  # one LR (the first) for pipelines the LR study leaves out
@@ -121,13 +122,11 @@ def runs(config, workdir: str) -> list[dict]:
                    'config': c,
                    'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
                                        f'seed{seed}')}
-            if forked and name in ('idea', 'idea_kd'):
-              t_start = pipeline.plan(c)[0].end
-              if name == 'idea':
-                c.train.keep_steps = str(t_start)
-                source = run['dir']
-              else:
-                run['fork'] = {'dir': source, 'step': t_start}
+            if forked and name == 'idea':
+              source = run['dir']
+              c.train.keep_steps = str(pipeline.plan(c)[0].end)
+            elif forked and name == 'idea_kd' and source:
+              run['fork'] = {'dir': source, 'step': pipeline.plan(c)[0].end}
             out.append(run)
   return out
 

@@ -54,6 +54,18 @@ def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
   d = kd['idea_kd_a0.1_t1_both']
   assert (d.alpha, d.alpha_schedule, d.tau, d.phases) == (0.1, 'constant', 1.0, 'both')
   assert all(r['config'].distill.alpha == 0.0 for r in plan if r['pipeline'] == 'idea')
+  # Each idea_kd run forks from its seed's idea run at t_start, the step that run keeps.
+  ideas = {r['seed']: r for r in plan if r['pipeline'] == 'idea'}
+  t_start = c.train.steps * c.prune.t_start
+  for r in plan:
+    if r['pipeline'] != 'idea':
+      assert r['fork'] == {'dir': ideas[r['seed']]['dir'], 'step': t_start}
+  assert {ideas[s]['config'].train.keep_steps for s in ideas} == {f'{t_start:g}'}
+  # An LR idea does not run at has no idea run to fork from.
+  tuned = sweep.runs(_config(budgets='1', pipelines='idea_kd,idea', lrs='1e-3,2e-3', seeds=1,
+                             lr_pipelines='idea_kd'), '/s')
+  assert [(r['pipeline'], r['lr'], 'fork' in r) for r in tuned] == [
+      ('idea', 1e-3, False), ('idea_kd', 1e-3, True), ('idea_kd', 2e-3, False)]
   # No KD grid: one idea_kd, the distill config as it is (alpha 0.5 when it has none).
   (only,) = [r for r in sweep.runs(_config(pipelines='idea_kd', seeds=1, budgets='1'), '/s')]
   assert only['pipeline'] == 'idea_kd' and only['config'].distill.alpha == 0.5
@@ -118,8 +130,7 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   # idea ran first and kept its t_start checkpoint; idea_kd started from it, with idea's
   # metrics before t_start, and ends where a run of its own from step 0 ends.
   idea, kd = saved['runs']
-  assert idea['pipeline'] == 'idea' and kd['fork'] == {'dir': idea['dir'], 'step': kd['fork'][
-      'step'], 'done': True}
+  assert idea['pipeline'] == 'idea' and kd['fork']['dir'] == idea['dir'] and kd['fork']['done']
   t_start = kd['fork']['step']
   assert os.path.isdir(os.path.join(idea['dir'], 'checkpoints', str(t_start)))
   rows = [json.loads(l) for l in open(os.path.join(kd['dir'], 'metrics.jsonl'))]
