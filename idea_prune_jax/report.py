@@ -17,6 +17,7 @@ SUMMARY_KEYS = ('pipeline', 'params_enlarged', 'params_final', 'ffn_enlarged', '
                 'tokens', 'steps', 'val_loss', 'val_ppl', 'wall_s', 'export_dir')
 # Snapshot tags in pipeline order; any other tag follows alphabetically.
 TAG_ORDER = ('t_start', 't_mid', 't_end')
+KD_KEYS = ('ce', 'teacher_ce', 'kl')  # what a distilling step logs besides its loss
 
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
@@ -113,11 +114,12 @@ def _plot_loss(workdir, train, evals, bounds):
   return save_figure(fig, workdir, 'loss.png')
 
 
-def _plot_vs_step(workdir, train, bounds, key, ylabel, title, name):
+def _plot_vs_step(workdir, train, bounds, keys, ylabel, title, name):
   fig = Figure(figsize=(9, 4), layout='constrained')
   ax = fig.subplots()
-  x, y = _series(train, 'step', key)
-  ax.plot(x, y, lw=1.5, label=key)
+  for key in keys.split(','):
+    x, y = _series(train, 'step', key)
+    ax.plot(x, y, lw=1.5, label=key)
   _mark_phases(ax, bounds, 'step')
   ax.set(title=title, xlabel='step', ylabel=ylabel)
   ax.ticklabel_format(axis='y', style='sci', scilimits=(-3, 5))
@@ -191,6 +193,12 @@ def _jsonable(v):
   return str(v)
 
 
+def kd_means(train: list[dict]) -> dict | None:
+  """Student CE, teacher CE and KL averaged over the logged distilling steps (None: no KD)."""
+  rows = [r for r in train if r.get('teacher_ce') is not None]
+  return {k: float(np.mean([r[k] for r in rows])) for k in KD_KEYS} if rows else None
+
+
 def write_report(workdir: str, summary: dict) -> None:
   """Writes W/report.json, W/report.md and the PNG plots of one run."""
   train, evals = read_metrics(workdir)
@@ -207,6 +215,12 @@ def write_report(workdir: str, summary: dict) -> None:
   if any(r.get('ffn_width') is not None for r in train):
     plots.append(_plot_vs_step(workdir, train, bounds, 'ffn_width', 'kept FFN neurons per layer',
                                'FFN width (mean kept neurons per layer)', 'ffn_width.png'))
+  kd = kd_means(train)
+  if kd:
+    plots.append(_plot_vs_step(workdir, train, bounds, 'ce,teacher_ce,kl', 'nats per token',
+                               'Distillation (train batches): student CE, teacher CE, KL',
+                               'kd.png'))
+    summary = {**summary, 'kd_means': kd}
   snaps = load_importance(workdir)
   if snaps:
     plots.append(_plot_importance(workdir, snaps))

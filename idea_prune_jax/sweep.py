@@ -168,10 +168,11 @@ def sweep(config, workdir: str) -> dict:
         if jax.process_index() == 0:
           r['fork']['done'] = fork(r)
         multihost_utils.sync_global_devices('idea_prune_jax:sweep_fork')
-      summary = experiment.run_experiment(r['config'], r['dir'], do_export=False)
+      ran = experiment.run_experiment(r['config'], r['dir'], do_export=False)
+      summary = _finished(r['dir']) or ran  # the report adds what it reads back (kd_means)
     results.append({k: v for k, v in r.items() if k != 'config'} | {
         k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps', 'wall_s',
-                                'params_final')})
+                                'params_final', 'kd_means') if k in summary})
   target = model_lib.param_count(ModelConfig.from_config(config,
                                                           ffn_dim=config.prune.target_ffn))
   out = {'params_target': target, 'runs': results, 'budgets': table(results, target)}
@@ -199,6 +200,11 @@ def table(results: list[dict], params_target: int) -> list[dict]:
           'best_lr': best, 'val_loss_mean': stats[best][0], 'val_loss_std': stats[best][1],
           'val_loss': by_lr[best], 'by_lr': {f'{lr:g}': stats[lr][0] for lr in stats},
           'train_flops': next(r['train_flops'] for r in at if r['pipeline'] == name)}
+      kd = [r['kd_means'] for r in at if r['pipeline'] == name and r['lr'] == best
+            and r.get('kd_means')]
+      if kd:  # why KD does (not) help: the teacher's CE against the student's while distilling
+        row['pipelines'][name]['kd_means'] = {k: sum(m[k] for m in kd) / len(kd)
+                                              for k in report.KD_KEYS}
     p = row['pipelines']
     gap = lambda a, b: {'gap': p[a]['val_loss_mean'] - p[b]['val_loss_mean'],
                         'spread': math.hypot(p[a]['val_loss_std'], p[b]['val_loss_std'])}
@@ -257,11 +263,15 @@ def write(workdir: str, out: dict) -> None:
   kd_rows = [(row, n, g) for row in out['budgets'] for n, g in row.get('kd-idea', {}).items()]
   if kd_rows:
     lines += ['', 'Distillation: idea_kd_a{alpha or start-end and schedule}_t{tau}_{phases} '
-              'minus idea, at their best LRs (negative: KD helps).', '',
-              '| budget | KD setting | val loss | − idea |', '|---|---|---|---|']
+              'minus idea, at their best LRs (negative: KD helps); student CE, teacher CE and '
+              'KL are means over the distilling steps\' train batches.', '',
+              '| budget | KD setting | val loss | − idea | student CE | teacher CE | KL |',
+              '|---|---|---|---|---|---|---|']
     for row, name, g in sorted(kd_rows, key=lambda t: (t[0]['budget'], t[2]['gap'])):
       p = row['pipelines'][name]
+      kd = ' | '.join(f'{p["kd_means"][k]:.4f}' if 'kd_means' in p else '—'
+                      for k in report.KD_KEYS)
       lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
-                   f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} |')
+                   f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} | {kd} |')
   lines += ['', '![sweep](sweep.png)']
   storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')

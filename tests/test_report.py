@@ -101,6 +101,17 @@ def test_write_report(tmp_path):
   assert all(f'({name})' in md for name in got['plots'])
 
 
+def test_write_report_plots_and_averages_the_distilling_steps(tmp_path):
+  rows = [_train_row(s, 'enlarged') for s in (0, 10)]
+  rows += [_train_row(s, 'prune', ce=4.0 + s / 100, teacher_ce=3.0, kl=0.5) for s in (20, 30)]
+  _write_rows(tmp_path, rows)
+  report.write_report(str(tmp_path), {'pipeline': 'idea'})
+  got = json.loads((tmp_path / 'report.json').read_text())
+  assert got['kd_means'] == pytest.approx({'ce': 4.25, 'teacher_ce': 3.0, 'kl': 0.5})
+  assert 'kd.png' in got['plots']
+  _assert_png(tmp_path / 'kd.png')
+
+
 def test_write_report_takes_exact_boundaries_from_the_plan(tmp_path):
   _idea_run(tmp_path)  # logged every 10 steps; the plan's phases start at 35 and 66
   phases = [{'name': 'enlarged', 'start': 0, 'end': 35, 'ffn_dim': 8},

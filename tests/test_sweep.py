@@ -111,6 +111,13 @@ def test_table_gives_each_kd_setting_against_idea():
   (row,) = sweep.table(results, params_target=100)
   assert row['kd-idea']['idea_kd_a0.1']['gap'] == pytest.approx(-0.05)
   assert row['kd-idea']['idea_kd_a0.5'] == pytest.approx({'gap': 0.1, 'spread': 0.0})
+  # The teacher's and the student's CE while distilling: means over the best LR's seeds.
+  results[2]['kd_means'] = {'ce': 4.0, 'teacher_ce': 3.0, 'kl': 0.5}
+  results[3]['kd_means'] = {'ce': 5.0, 'teacher_ce': 3.5, 'kl': 0.7}
+  (row,) = sweep.table(results, params_target=100)
+  assert row['pipelines']['idea_kd_a0.1']['kd_means'] == pytest.approx(
+      {'ce': 4.5, 'teacher_ce': 3.25, 'kl': 0.6})
+  assert 'kd_means' not in row['pipelines']['idea_kd_a0.5']
 
 
 def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_path):
@@ -138,6 +145,8 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   (kd_plan,) = [r for r in sweep.runs(c, workdir) if r['pipeline'] == 'idea_kd']
   alone = experiment.run_experiment(kd_plan['config'], str(tmp_path / 'alone'), do_export=False)
   assert alone['val_loss'] == kd['val_loss']
+  assert set(kd['kd_means']) == {'ce', 'teacher_ce', 'kl'} and 'kd_means' not in idea
+  assert f"{row['pipelines']['idea_kd']['kd_means']['teacher_ce']:.4f} |" in md
   # A rerun reads the finished runs' reports instead of training again.
   mtimes = {r['dir']: os.path.getmtime(os.path.join(r['dir'], 'report.json'))
             for r in saved['runs']}
