@@ -117,7 +117,7 @@ def _plot_loss(workdir, train, evals, bounds):
 def _plot_vs_step(workdir, train, bounds, keys, ylabel, title, name):
   fig = Figure(figsize=(9, 4), layout='constrained')
   ax = fig.subplots()
-  for key in keys.split(','):
+  for key in keys:
     x, y = _series(train, 'step', key)
     ax.plot(x, y, lw=1.5, label=key)
   _mark_phases(ax, bounds, 'step')
@@ -210,14 +210,14 @@ def write_report(workdir: str, summary: dict) -> None:
   if train or evals:
     plots.append(_plot_loss(workdir, train, evals, bounds))
   if any(r.get('lr') is not None for r in train):
-    plots.append(_plot_vs_step(workdir, train, bounds, 'lr', 'learning rate', 'Learning rate',
+    plots.append(_plot_vs_step(workdir, train, bounds, ('lr',), 'learning rate', 'Learning rate',
                                'lr.png'))
   if any(r.get('ffn_width') is not None for r in train):
-    plots.append(_plot_vs_step(workdir, train, bounds, 'ffn_width', 'kept FFN neurons per layer',
+    plots.append(_plot_vs_step(workdir, train, bounds, ('ffn_width',), 'kept FFN neurons per layer',
                                'FFN width (mean kept neurons per layer)', 'ffn_width.png'))
   kd = kd_means(train)
   if kd:
-    plots.append(_plot_vs_step(workdir, train, bounds, 'ce,teacher_ce,kl', 'nats per token',
+    plots.append(_plot_vs_step(workdir, train, bounds, KD_KEYS, 'nats per token',
                                'Distillation (train batches): student CE, teacher CE, KL',
                                'kd.png'))
     summary = {**summary, 'kd_means': kd}

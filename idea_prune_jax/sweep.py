@@ -123,10 +123,10 @@ def runs(config, workdir: str) -> list[dict]:
                    'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
                                        f'seed{seed}')}
             if forked and name == 'idea':
-              source = run['dir']
-              c.train.keep_steps = str(pipeline.plan(c)[0].end)
+              source = {'dir': run['dir'], 'step': pipeline.plan(c)[0].end}  # t_start
+              c.train.keep_steps = str(source['step'])
             elif forked and name == 'idea_kd' and source:
-              run['fork'] = {'dir': source, 'step': pipeline.plan(c)[0].end}
+              run['fork'] = dict(source)
             out.append(run)
   return out
 
