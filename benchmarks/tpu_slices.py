@@ -31,7 +31,7 @@ def main(paths):
   reports = [json.load(open(p)) for p in paths]
   body = ('Per chip, from the TPU compiler through libtpu (no TPU attached): HBM in GiB '
           '(argument, output, temp, total = arg + out + temp - aliased), compiled TFLOP and GB '
-          'accessed per step (all layers: 1- and 2-layer unrolled compiles extrapolated), model '
+          'accessed per step (every loop iteration counted from the compiled HLO), model '
           'TFLOP (6N per token, + 2N for a KD teacher), the roofline bound max(flops / peak, '
           'bytes / HBM bandwidth) and the MFU it allows (chips.py peaks).\n\n' + section(reports))
   print(body)

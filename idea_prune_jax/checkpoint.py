@@ -54,22 +54,9 @@ def fork(src_workdir: str, dst_workdir: str, step: int, subdir: str = 'checkpoin
   src = storage.path(src_workdir) / subdir / str(step)
   if not (src / _COMMIT_MARKER).exists():
     return False
-  root = storage.path(dst_workdir) / subdir
-  final = root / str(step)
-  staging = final if storage.is_url(dst_workdir) else root / f'{step}.fork-tmp'
-  files = sorted(_files(src), key=lambda f: f.name == _COMMIT_MARKER)
-  for f in files:
-    target = staging / f.relative_to(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    f.copy(target, overwrite=True)
-  if staging != final:
-    staging.rename(final)
+  storage.path(dst_workdir).joinpath(subdir).mkdir(parents=True, exist_ok=True)
+  storage.copy_dir(src, storage.join(dst_workdir, subdir, str(step)), last=_COMMIT_MARKER)
   return True
-
-
-def _files(directory):
-  for child in directory.iterdir():  # epath refuses '**' globs (one RPC per match on GCS)
-    yield from _files(child) if child.is_dir() else (child,)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

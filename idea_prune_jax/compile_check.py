@@ -29,6 +29,7 @@ from idea_prune_jax import attention as attention_lib
 from idea_prune_jax import checkpoint as ckpt_lib
 from idea_prune_jax import chips as chips_lib
 from idea_prune_jax import config as config_lib
+from idea_prune_jax import hlo_cost
 from idea_prune_jax import importance
 from idea_prune_jax import masks as masks_lib
 from idea_prune_jax import model as model_lib
@@ -151,7 +152,6 @@ class Step:
   model_flops: float  # analytic model FLOPs of one call, whole mesh (6N per token for training)
   info: dict
   kernel_flops: float = 0.0  # Pallas kernels' FLOPs, whole mesh: cost_analysis() cannot see them
-  recompute_flops: float = 0.0  # chunked losses' backward recompute, whole mesh (`_layers_cost`)
 
 
 def _abstract_state(p: pipeline.Parts, mesh):
@@ -189,17 +189,6 @@ def _splash_flops(config, mesh, passes: float, teacher: bool = False) -> float:
   return passes * fwd(m) + (fwd(pipeline.teacher_config(config)) if teacher else 0.0)
 
 
-def _chunk_recompute_flops(config, kd: bool) -> float:
-  """FLOPs a chunked loss adds to a training step: each chunk's logits are rebuilt for backward.
-
-  Two heads (student and teacher) under KD, whose loss chunks by distill.chunk; one otherwise.
-  """
-  chunk, heads = (config.distill.chunk, 2) if kd else (config.model.loss_chunk, 1)
-  if not chunk or chunk >= config.data.seq_len:
-    return 0.0
-  return heads * 2.0 * _tokens(config) * config.model.d_model * config.model.vocab_size
-
-
 def _train_passes(config) -> float:
   recompute = config.model.remat_policy in ('full', 'dots_saveable')
   return 3.0 + recompute
@@ -214,8 +203,7 @@ def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> 
   state = _abstract_state(p, mesh)
   return Step(name or phase.name, fn, (state, abstract_batch(config, mesh)),
               _train_flops(config, phase), {**info, **_state_bytes(state)},
-              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd),
-              _chunk_recompute_flops(config, phase.kd))
+              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd))
 
 
 def naive_score_step(config, mesh) -> Step:
@@ -231,8 +219,7 @@ def naive_score_step(config, mesh) -> Step:
   return Step('naive_score', pipeline.oneshot_score_fn(config, p.model_cfg, mesh),
               (scores, params, abstract_batch(config, mesh)), _train_flops(config, phase),
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)),
-              _chunk_recompute_flops(config, False))
+               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)))
 
 
 def eval_step(config, mesh) -> Step:
@@ -282,10 +269,28 @@ def needed_bytes(message: str) -> int | None:
 
 
 def _cost(compiled) -> dict:
+  """The compiler's FLOPs and bytes per chip, every loop iteration counted (`hlo_cost`).
+
+  cost_analysis() counts a loop body once (one layer of a scanned stack, one chunk of a chunked
+  loss); what the other iterations add is XLA's cost analysis of the same compiled bodies.
+  """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  return {'flops': float(cost.get('flops', 0.0)),
-          'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
+  out = {'flops': float(cost.get('flops', 0.0)),
+         'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
+  try:
+    counted = hlo_cost.loop_cost(compiled.as_text())
+  except Exception as e:  # an HLO text the parser cannot read: the loops stay counted once
+    return {**out, 'loops_counted': False,
+            'cost_source': f'cost_analysis, loops counted once ({type(e).__name__}: {e})'[:300]}
+  unknown = [body for body, trips in counted['loops'] if trips is None]
+  for key in out:
+    out[key] += counted[key] - counted['once'][key]
+  out['loop_trips'] = sorted(trips for _, trips in counted['loops'] if trips is not None)
+  out['loops_counted'] = not unknown
+  out['cost_source'] = ('cost_analysis, every loop iteration counted' if not unknown else
+                        f'cost_analysis, loops {unknown} counted once (trip count not found)')
+  return out
 
 
 def _memory(compiled, hbm_gib: float) -> dict:
@@ -324,30 +329,6 @@ def _compile(lowered, hbm_gib: float) -> tuple[dict, Any]:
   return out, compiled
 
 
-def _small_configs(config) -> list:
-  """The step at 1 and 2 unrolled layers with whole-sequence losses, for `_layers_cost`."""
-  out = []
-  for n in (1, 2):
-    small = copy.deepcopy(config)
-    small.model.update(n_layers=n, unroll_layers=True, loss_chunk=0)
-    small.distill.chunk = 0
-    out.append(small)
-  return out
-
-
-def _layers_cost(config, costs: list[dict]) -> dict:
-  """Compiled cost of all layers from the costs of 1- and 2-layer unrolled compiles.
-
-  cost_analysis() counts a while loop's body once, so under nn.scan its flops and bytes miss
-  n_layers - 1 layers (forward and backward). Every per-layer cost is linear in the layer count,
-  so cost(n) = cost(1) + (n - 1)·(cost(2) - cost(1)), from two small programs without loops:
-  layers unrolled, losses unchunked (a loss-chunk loop is counted once too); what chunking adds,
-  the logits rebuilt in the backward pass, is `_chunk_recompute_flops`.
-  """
-  n = config.model.n_layers
-  return {k: costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
-
-
 def roofline(flops: float, bytes_accessed: float, model_flops: float, chip) -> dict:
   """Lower bound on step time, max(compute, HBM traffic), and the MFU it allows."""
   compute_s = flops / (chip.bf16_tflops * 1e12)
@@ -368,12 +349,10 @@ def validate(config, n_devices: int):
 
 
 def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
-                  cost: str = 'layers', only: tuple[str, ...] = ()) -> dict:
+                  only: tuple[str, ...] = ()) -> dict:
   """Compiles every step of config for a mesh over devices; per-chip memory, cost and roofline.
 
-  chip: a `chips.Chip` for the roofline (None: memory only). cost: 'layers' extrapolates the
-  compiled cost to all layers from 1- and 2-layer compiles (two small compiles per step); 'scan'
-  reports cost_analysis() as is (the layer loop counted once). only: step names to compile.
+  chip: a `chips.Chip` for the roofline (None: memory only). only: step names to compile.
   """
   n_devices = len(devices)
   config = validate(config, n_devices)
@@ -381,46 +360,28 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
   mesh = sharding_lib.make_mesh(config, devices)
   # Lowering is Python (one at a time); XLA compiles release the GIL, so they run in threads,
   # one per core: the paper pair's steps take minutes each.
-  jobs = {}  # (step name, layers or 0) -> (step, row, lowered)
+  jobs = {}  # step name -> (step, row, lowered)
   for name, make in STEPS:
-    if only and name not in only:
-      continue
-    step = make(config, mesh)
-    jobs[name, 0] = (step, *_lower(step))
-    if cost == 'layers' and config.model.n_layers > 1:
-      for small in _small_configs(config):
-        small_step = make(validate(small, n_devices), mesh)
-        jobs[name, small.model.n_layers] = (small_step, *_lower(small_step))
+    if not only or name in only:
+      step = make(config, mesh)
+      jobs[name] = (step, *_lower(step))
   with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-    futures = {key: pool.submit(_compile, lowered, hbm_gib if key[1] == 0 else float('inf'))
-               for key, (_, _, lowered) in jobs.items()}
-    results = {key: f.result() for key, f in futures.items()}
+    results = {name: pool.submit(_compile, lowered, hbm_gib)
+               for name, (_, _, lowered) in jobs.items()}
+    results = {name: f.result() for name, f in results.items()}
   out_steps = {}
-  for (name, n), (step, row, _) in jobs.items():
-    if n:
-      continue
-    more, compiled = results[name, 0]
+  for name, (step, row, _) in jobs.items():
+    more, compiled = results[name]
     row = {**row, **more, 'model_flops': step.model_flops / n_devices}
     if compiled is not None:
       row.update(_cost(compiled))
-      row['cost_source'] = 'cost_analysis (layer loop counted once)'
-      small = [results.get((name, k), (None, None))[1] for k in (1, 2)]
-      layers = {}
-      if all(c is not None for c in small) and (name, 1) in jobs:
-        layers = _layers_cost(config, [_cost(c) for c in small])
-        row.update(layers)
-        row['cost_source'] = 'cost_analysis, extrapolated from 1- and 2-layer unrolled compiles'
-      if layers and step.recompute_flops:
-        row['recompute_flops'] = step.recompute_flops / n_devices
-        row['flops'] += row['recompute_flops']
-        row['cost_source'] += ' + analytic chunked-loss recompute (recompute_flops)'
       if step.kernel_flops:
         row['kernel_flops'] = step.kernel_flops / n_devices
         row['flops'] += row['kernel_flops']
         row['cost_source'] += ' + analytic splash-kernel FLOPs (kernel_flops)'
-      if chip is not None and layers:  # with the loop counted once the bound means nothing
-        # A guard: a loop the extrapolation does not remove would be counted once; below the
-        # model's own FLOPs the count is known short, so the bound uses the model's FLOPs.
+      if chip is not None and row['loops_counted']:  # a loop counted once: the bound means nothing
+        # A guard: below the model's own FLOPs the count is known short (a loop the analysis
+        # missed), so the bound uses the model's FLOPs.
         row['flops_below_model'] = row['flops'] < row['model_flops']
         row.update(roofline(max(row['flops'], row['model_flops']), row['bytes_accessed'],
                             row['model_flops'], chip))
@@ -492,14 +453,11 @@ def tpu_devices(sl: chips_lib.Slice):
 
 
 def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | None,
-            topology: str | None = None, cost: str | None = None, only: str = '') -> dict:
+            topology: str | None = None, only: str = '') -> dict:
   """The CLI's compile-check: --mesh into config.mesh, validate, devices, compile."""
   config = copy.deepcopy(config)
   if mesh:
     config.mesh.update(parse_mesh(mesh))
-  cost = cost or ('layers' if topology else 'scan')
-  if cost not in ('layers', 'scan'):
-    raise ConfigError(f'--cost={cost!r}: use layers (all layers counted) or scan (faster)')
   only_steps = tuple(s.strip() for s in (only or '').split(',') if s.strip())
   chip = sl = None
   if topology:
@@ -513,6 +471,7 @@ def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | No
                       'the chip count of the slice, e.g. --devices 64')
   validate(config, n_devices)  # a bad mesh fails before the devices start
   if sl is not None and libtpu_available():
+    sharding_lib.apply_libtpu_args(config)  # the run's XLA:TPU flags, so its programs
     devices = tpu_devices(sl)
   else:
     if sl is not None:
@@ -521,7 +480,7 @@ def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | No
             file=sys.stderr)
     use_host_devices(n_devices)
     devices = jax.devices()[:n_devices]
-  report = compile_check(config, devices, hbm_gib, chip, cost, only_steps)
+  report = compile_check(config, devices, hbm_gib, chip, only_steps)
   if sl is not None:
     report['config']['topology'] = {'name': topology, 'libtpu': sl.topology, 'chips': sl.chips}
   return report

@@ -35,7 +35,7 @@ def base() -> ml_collections.ConfigDict:
   m.attention = 'auto'  # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | splash | cudnn
   m.remat_policy = 'none'  # none | full | dots_saveable | save_attn_proj (see model.remat_policy)
   m.loss_chunk = 0  # LM-head cross-entropy in sequence chunks of this size; 0 = whole logits
-  m.unroll_layers = False  # unrolled layer loop (compile-check's cost analysis); scan otherwise
+  m.unroll_layers = False  # layers unrolled instead of nn.scan (to check compile-check's counts)
 
   c.data = d = ml_collections.ConfigDict()
   # Training reads prepared ArrayRecord shards (idea-prune prepare-data). Any other source is
@@ -91,6 +91,8 @@ def base() -> ml_collections.ConfigDict:
   ms.fsdp = 1
   ms.tensor = 1
   ms.distributed = False  # jax.distributed.initialize(); also IDEA_PRUNE_DISTRIBUTED=1
+  # XLA:TPU flags for this run (and compile-check), added to LIBTPU_INIT_ARGS before libtpu starts
+  ms.libtpu_args = ''
 
   c.prune = p = ml_collections.ConfigDict()
   p.target_ffn = 384

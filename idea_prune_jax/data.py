@@ -86,7 +86,8 @@ def prepared_dir(config, workdir: str, is_main: bool, barrier) -> str:
     if (epath.Path(out) / prepare.MANIFEST).exists():
       _check_prepared_from(prepare.read_manifest(out), args, out)
     elif os.environ.get(DATA_CACHE_ENV) and config.data.source == 'embedded':
-      _copy_dir(_cached_embedded(os.environ[DATA_CACHE_ENV], args), out)
+      storage.copy_dir(_cached_embedded(os.environ[DATA_CACHE_ENV], args), out,
+                       last=prepare.MANIFEST)
     else:
       prepare.prepare(output_dir=out, progress=False, **args)
   barrier()
@@ -114,12 +115,6 @@ def _cached_embedded(cache_dir: str, args: dict) -> str:
         raise
       shutil.rmtree(tmp, ignore_errors=True)
   return cached
-
-
-def _copy_dir(src: str, dst: str) -> None:
-  """Copies a local directory's files to dst (local or gs://), each whole, the manifest last."""
-  for name in sorted(os.listdir(src), key=lambda n: n == prepare.MANIFEST):
-    storage.write_bytes(storage.join(dst, name), storage.read_bytes(os.path.join(src, name)))
 
 
 def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:
@@ -154,15 +149,8 @@ def local_copy(path: str) -> str:
   if size > LOCAL_COPY_WARN_BYTES:
     logging.warning('copying %.1f GB of prepared data from %s to local disk; mount the bucket '
                     'with gcsfuse and pass the mount path instead (docs/tpu.md)', size / 1e9, path)
-  tmp = f'{local}.tmp{os.getpid()}'
-  os.makedirs(tmp, exist_ok=True)
-  for name in names + [prepare.MANIFEST]:  # the manifest last: it marks the copy complete
-    with open(os.path.join(tmp, name), 'wb') as f:
-      f.write((src / name).read_bytes())
-  try:
-    os.rename(tmp, local)
-  except OSError:  # another process on this host finished the same copy first
-    pass
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  storage.copy_dir(path, local, names + [prepare.MANIFEST], last=prepare.MANIFEST)
   return local
 
 

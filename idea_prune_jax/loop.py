@@ -161,6 +161,7 @@ def setup(config, workdir: str) -> RunContext:
   """
   clock = Clock()
   storage.check_workdir(workdir)
+  sharding_lib.apply_libtpu_args(config)
   sharding_lib.maybe_initialize_distributed(config)
   _, _, tensor = config_lib.validate(config, jax.device_count())
   if config.pipeline in ('idea', 'naive'):

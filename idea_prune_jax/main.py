@@ -13,7 +13,7 @@
             bytes, roofline step time and MFU ceiling. --topology v5p-64 uses the TPU compiler
             (libtpu, the `tpu` extra); v5p-N and v4-N count TensorCores (v5p-64 = 32 chips),
             v5e-N and v6e-N count chips. --devices 64 [--hbm_gib 95]: fake CPU devices instead.
-            [--mesh data=1,fsdp=32,tensor=1] [--cost layers|scan] [--steps enlarged,prune]
+            [--mesh data=1,fsdp=32,tensor=1] [--steps enlarged,prune]
   prepare-data   tokenized ArrayRecord shards for training (no --config):
             --input SPEC --output DIR [--tokenizer FILE | --vocab_size N]
             [--val_fraction F | --val_input SPEC] [--text_key K] [--shard I/N] [--tokenizer_only]
@@ -54,10 +54,6 @@ _HBM_GIB = flags.DEFINE_float('hbm_gib', None, 'compile-check: HBM per chip in G
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, 'compile-check: a TPU slice, v5p-N / v4-N (N TensorCores, 2 per chip: '
     'v5p-64 is 32 chips) or v5e-N / v6e-N (N chips), or a libtpu name like v5p:2x4x4.')
-_COST = flags.DEFINE_enum('cost', None, ['layers', 'scan'],
-                          'compile-check: layers counts every layer (two extra small compiles per '
-                          'step; the default with --topology); scan reports the compiler cost with '
-                          'the layer loop counted once (the default with --devices).')
 _STEPS = flags.DEFINE_string('steps', '', 'compile-check: only these steps (comma-separated).')
 _INPUT = flags.DEFINE_string('input', None, 'prepare-data: embedded[:works] | tfds:NAME[:SPLIT] | '
                              'comma-separated files/globs (local or gs://).')
@@ -116,7 +112,7 @@ def _main(argv):
   if command == 'compile-check':
     from idea_prune_jax import compile_check
     report = compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value,
-                                   _TOPOLOGY.value, _COST.value, _STEPS.value)
+                                   _TOPOLOGY.value, _STEPS.value)
     report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
     print(compile_check.table(report), file=sys.stderr)
     print(json.dumps(report, indent=1))

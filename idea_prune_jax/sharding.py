@@ -5,6 +5,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized(): no public spelling
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idea_prune_jax import config as config_lib
@@ -30,6 +31,23 @@ RULES = (
 _DISTRIBUTED_ENV = (('coordinator_address', 'IDEA_PRUNE_COORDINATOR', str),
                     ('num_processes', 'IDEA_PRUNE_NUM_PROCESSES', int),
                     ('process_id', 'IDEA_PRUNE_PROCESS_ID', int))
+
+
+def apply_libtpu_args(config) -> None:
+  """config.mesh.libtpu_args into LIBTPU_INIT_ARGS, which libtpu reads once, when it starts."""
+  wanted = config.mesh.libtpu_args.split()
+  if any(not a.startswith('--') for a in wanted):
+    raise config_lib.ConfigError(f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: flags '
+                                 'start with --, e.g. --xla_tpu_enable_latency_hiding_scheduler=true')
+  have = os.environ.get('LIBTPU_INIT_ARGS', '').split()
+  missing = [a for a in wanted if a not in have]
+  if not missing:
+    return
+  if xla_bridge.backends_are_initialized():
+    raise config_lib.ConfigError(
+        f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: JAX started its backends before '
+        f'they could be set; run with LIBTPU_INIT_ARGS="{" ".join(have + missing)}" instead')
+  os.environ['LIBTPU_INIT_ARGS'] = ' '.join(have + missing)
 
 
 def maybe_initialize_distributed(config) -> None:

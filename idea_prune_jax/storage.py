@@ -8,6 +8,7 @@ GCS object appears whole when its upload finishes, so there it is written in pla
 
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -62,6 +63,44 @@ def read_text(p) -> str:
 
 def exists(p) -> bool:
   return path(p).exists()
+
+
+def files(directory) -> list[epath.Path]:
+  """Every file under directory, nested ones included."""
+  out = []
+  for child in path(directory).iterdir():  # epath refuses '**' globs (one RPC per match on GCS)
+    out.extend(files(child) if child.is_dir() else [child])
+  return out
+
+
+def copy_dir(src, dst, names=None, last: str = '') -> None:
+  """Copies src's files (or just `names`) into dst, the file `last` last: it marks dst whole.
+
+  A local dst is assembled under a temporary name and renamed into place; if another process
+  got there first with a whole copy, that one stays. A bucket has no rename: there the `last`
+  file, written after all the others, is what says the copy is complete.
+  """
+  src, final = path(src), path(dst)
+  rel = sorted((epath.Path(n) for n in names) if names is not None else
+               (f.relative_to(src) for f in files(src)), key=lambda r: r.name == last)
+  staging = final if is_url(dst) else _tmp_name(final)
+  for r in rel:
+    target = staging / r
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_url(src) == is_url(dst):
+      (src / r).copy(target, overwrite=True)
+    else:
+      target.write_bytes((src / r).read_bytes())
+  if staging == final:
+    return
+  if final.exists() and not (final / last).exists():  # a copy that died half way
+    shutil.rmtree(final)
+  try:
+    os.rename(staging, final)
+  except OSError:  # another process on this host finished the same copy first
+    shutil.rmtree(staging, ignore_errors=True)
+    if not (final / last).exists():
+      raise
 
 
 def local_twin(url: str, kind: str) -> str:

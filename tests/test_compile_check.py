@@ -40,6 +40,8 @@ def test_every_step_compiles_with_ordered_sizes():
                                 - s['alias_bytes'])
     assert s['fits_hbm_gib'] is True
     assert s['flops'] > 0 and s['bytes_accessed'] > 0 and s['model_flops'] > 0
+    # XLA:CPU's program too: the layer loop (2 layers) counted as often as it runs.
+    assert s['loops_counted'] and 2 in s['loop_trips'], s['cost_source']
   enlarged, prune, recovery = steps['enlarged'], steps['prune'], steps['recovery']
   assert prune['kd'] and prune['teacher'] and prune['masks']
   assert not (recovery['kd'] or recovery['teacher'] or recovery['masks'])

@@ -209,3 +209,28 @@ def test_cli_names_a_missing_bucket_in_one_line(gcs):
   assert out.stderr.strip().splitlines()[-1] == (
       'idea-prune: error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket does not '
       'exist; create it with `gcloud storage buckets create gs://no-such-bucket`')
+
+
+def test_copy_dir_whole_or_not_at_all(gcs, tmp_path):
+  src = tmp_path / 'src'
+  (src / 'sub').mkdir(parents=True)
+  for name, text in (('a', 'A'), ('sub/b', 'B'), ('DONE', 'ok')):
+    (src / name).write_text(text)
+  listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
+  # Local: renamed into place whole; a half copy (no marker) is replaced; a whole one is kept,
+  # and the losing copy's temporary directory is gone.
+  dst = tmp_path / 'dst'
+  (dst / 'sub').mkdir(parents=True)
+  (dst / 'stale').write_text('from a copy that died')
+  storage.copy_dir(src, dst, last='DONE')
+  assert listing(dst) == ['DONE', 'a', 'sub/b'] and (dst / 'sub/b').read_text() == 'B'
+  (src / 'a').write_text('changed')
+  storage.copy_dir(src, dst, last='DONE')
+  assert (dst / 'a').read_text() == 'A' and sorted(os.listdir(tmp_path)) == ['dst', 'src']
+  # To a bucket and back, the named files only.
+  url = f'gs://{BUCKET}/copy_dir'
+  storage.copy_dir(src, url, names=['sub/b', 'DONE'], last='DONE')
+  assert sorted(_objects(gcs, 'copy_dir/')) == ['copy_dir/DONE', 'copy_dir/sub/b']
+  back = tmp_path / 'back'
+  storage.copy_dir(url, back, names=['DONE', 'sub/b'], last='DONE')
+  assert listing(back) == ['DONE', 'sub/b'] and (back / 'sub/b').read_text() == 'B'

@@ -1,5 +1,7 @@
 """Pretrain, prune and distill steps on 8-device meshes (data x fsdp x tensor) equal one device."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,25 @@ def test_state_shards_follow_the_rules(results):
   assert spec('prune', '1x1x8', 'mask_spec') == [None, 'tensor']
   assert spec('prune', '1x1x8', 'score_spec') == [None, 'tensor']
   assert spec('distill', '2x2x2', 'teacher_gate') == [None, 'fsdp', 'tensor']
+
+
+def test_libtpu_args_go_to_the_environment_before_jax_starts(monkeypatch, tiny_config):
+  from jax._src import xla_bridge
+
+  from idea_prune_jax import sharding
+  from idea_prune_jax.config import ConfigError
+  flag = '--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000'
+  monkeypatch.setenv('LIBTPU_INIT_ARGS', '--xla_tpu_enable_latency_hiding_scheduler=true')
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+  tiny_config.mesh.libtpu_args = flag
+  sharding.apply_libtpu_args(tiny_config)
+  assert os.environ['LIBTPU_INIT_ARGS'] == f'--xla_tpu_enable_latency_hiding_scheduler=true {flag}'
+  sharding.apply_libtpu_args(tiny_config)  # already there: nothing to do, even after start
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
+  sharding.apply_libtpu_args(tiny_config)
+  tiny_config.mesh.libtpu_args = '--xla_tpu_other=1'  # too late for libtpu to see it
+  with pytest.raises(ConfigError, match='mesh.libtpu_args.*LIBTPU_INIT_ARGS='):
+    sharding.apply_libtpu_args(tiny_config)
+  tiny_config.mesh.libtpu_args = 'xla_tpu_other=1'
+  with pytest.raises(ConfigError, match='start with --'):
+    sharding.apply_libtpu_args(tiny_config)

@@ -73,17 +73,20 @@ def test_train_step_with_splash_compiles_for_v5p():
   assert step['fits_hbm_gib'] and 0 < step['total_gib'] < step['chip_hbm_gib'] == 95.0
   for key in ('flops', 'bytes_accessed', 'roofline_step_s', 'mfu_ceiling'):
     assert step[key] > 0, key
-  # All layers counted, splash kernels included: about the model's own FLOPs (the loop body
-  # counted once would give ~60% here).
+  # Every loop iteration counted (3 layers forward and backward, 2 loss chunks each way),
+  # splash kernels included: above the model's own FLOPs (each loop counted once, as
+  # cost_analysis() counts, gives about half).
+  assert step['loops_counted'] and step['loop_trips'] == [2, 2, 3, 3], step['cost_source']
+  assert 'every loop iteration counted' in step['cost_source']
   assert step['flops'] >= step['model_flops'] and step['kernel_flops'] > 0
-  assert not step['flops_below_model'] and step['recompute_flops'] > 0
-  assert 'extrapolated' in step['cost_source']
+  assert not step['flops_below_model']
   assert 'enlarged' in out.stderr  # the table
 
-  # The truth the extrapolation stands for: the same step with no loop at all (layers unrolled,
-  # loss whole), counted as compiled. The chunked loss differs by its recompute only.
-  out = _cli(*SPLASH_V5P, '--config.model.unroll_layers=true', '--cost', 'scan')
+  # Against the same step with the layers unrolled (the loss chunks still a loop): another
+  # program (the scan adds slicing of the stacked layers, fusion differs), so close, not equal.
+  out = _cli(*SPLASH_V5P, '--config.model.loss_chunk=128', '--config.model.unroll_layers=true')
   assert out.returncode == 0, out.stderr[-4000:]
   unrolled = json.loads(out.stdout)['steps']['enlarged']
-  assert step['flops'] - step['recompute_flops'] == pytest.approx(unrolled['flops'], rel=1e-3)
-  assert step['bytes_accessed'] == pytest.approx(unrolled['bytes_accessed'], rel=1e-2)
+  assert unrolled['loop_trips'] == [2, 2]
+  assert step['flops'] == pytest.approx(unrolled['flops'], rel=0.06)
+  assert step['bytes_accessed'] == pytest.approx(unrolled['bytes_accessed'], rel=0.15)
