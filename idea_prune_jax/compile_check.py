@@ -471,7 +471,7 @@ def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | No
                       'the chip count of the slice, e.g. --devices 64')
   validate(config, n_devices)  # a bad mesh fails before the devices start
   if sl is not None and libtpu_available():
-    sharding_lib.apply_libtpu_args(config)  # the run's XLA:TPU flags, so its programs
+    sharding_lib.apply_libtpu_args(config)  # the run's XLA:TPU flags: the programs it runs
     devices = tpu_devices(sl)
   else:
     if sl is not None:

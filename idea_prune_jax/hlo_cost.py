@@ -71,7 +71,8 @@ def _closure(comps: dict, root: str, loops: bool) -> list[str]:
 def _xla_cost(comps: dict, root: str) -> dict:
   """XLA's own cost analysis of one computation (its callees included) as a module."""
   parts = ['HloModule cost']
-  for name in reversed(_closure(comps, root, loops=True)):
+  needed = set(_closure(comps, root, loops=True))
+  for name in (n for n in comps if n in needed):  # the text's order: callees before callers
     head, *rest = comps[name]
     head = head.removeprefix('ENTRY ')
     parts.append('\n'.join([('ENTRY ' if name == root else '') + head, *rest]))

@@ -37,8 +37,9 @@ def apply_libtpu_args(config) -> None:
   """config.mesh.libtpu_args into LIBTPU_INIT_ARGS, which libtpu reads once, when it starts."""
   wanted = config.mesh.libtpu_args.split()
   if any(not a.startswith('--') for a in wanted):
-    raise config_lib.ConfigError(f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: flags '
-                                 'start with --, e.g. --xla_tpu_enable_latency_hiding_scheduler=true')
+    raise config_lib.ConfigError(
+        f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: flags start with --, e.g. '
+        '--xla_tpu_enable_windowed_einsum_for_all_gather=false')
   have = os.environ.get('LIBTPU_INIT_ARGS', '').split()
   missing = [a for a in wanted if a not in have]
   if not missing:
