@@ -41,7 +41,6 @@ from idea_prune_jax import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
 
 GIB = 2 ** 30
-KD_ALPHA = 0.5  # what `compare`'s idea_kd uses when the config has no alpha of its own
 _COUNT_FLAG = '--xla_force_host_platform_device_count'
 _REEXEC_ENV = 'IDEA_PRUNE_COMPILE_CHECK_REEXEC'
 
@@ -92,13 +91,13 @@ def use_host_devices(n: int) -> None:
 def kd_config(config):
   """The idea pipeline with KD in its prune phase; recovery stays as the config runs it.
 
-  A config without KD gets alpha=KD_ALPHA on the prune phase only, so the prune step holds masks,
-  scores and the teacher while the recovery step is still the plain shrunk one.
+  A config without KD gets idea_kd's alpha (IDEA_KD_ALPHA) on the prune phase only, so the prune
+  step holds masks, scores and the teacher while the recovery step is still the plain shrunk one.
   """
   config = copy.deepcopy(config)
   config.pipeline = 'idea'
   if config.distill.alpha <= 0:
-    config.distill.alpha, config.distill.phases = KD_ALPHA, 'prune'
+    config.distill.alpha, config.distill.phases = config_lib.IDEA_KD_ALPHA, 'prune'
   elif config.distill.phases == 'recovery':
     config.distill.phases = 'both'
   return config

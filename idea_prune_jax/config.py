@@ -10,6 +10,10 @@ from idea_prune_jax.importance import KINDS as SCORE_KINDS
 from idea_prune_jax.schedules import WIDTH_SCHEDULES, PruneSchedule
 
 
+# idea_kd's distill.alpha where the config has none (compare, sweep; compile-check's KD step).
+IDEA_KD_ALPHA = 0.5
+
+
 class ConfigError(ValueError):
   """A bad config value; the message names the field and how to fix it."""
 

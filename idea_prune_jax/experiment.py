@@ -13,7 +13,7 @@ from idea_prune_jax import model as model_lib
 from idea_prune_jax import pipeline
 from idea_prune_jax import report
 from idea_prune_jax import storage
-from idea_prune_jax.config import ConfigError, ModelConfig
+from idea_prune_jax.config import IDEA_KD_ALPHA, ConfigError, ModelConfig
 
 COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
 
@@ -114,7 +114,7 @@ def variant(config, name: str, seed: int, steps: int | None = None):
   c = copy.deepcopy(config)
   c.seed = seed
   c.pipeline = {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name)
-  c.distill.alpha = (config.distill.alpha or 0.5) if name == 'idea_kd' else 0.0
+  c.distill.alpha = (config.distill.alpha or IDEA_KD_ALPHA) if name == 'idea_kd' else 0.0
   if steps is not None:
     c.train.steps = steps
   return c
