@@ -212,9 +212,23 @@ def table(results: list[dict], params_target: int) -> list[dict]:
       if a in p and b in p:
         row[f'{a}-{b}'] = gap(a, b)
     if 'idea' in p:  # what each KD setting adds to idea (negative: KD helps)
-      row['kd-idea'] = {n: gap(n, 'idea') for n in p if n.startswith('idea_kd')}
+      row['kd-idea'] = {n: _paired(at, n, 'idea', p[n]['best_lr'])
+                        for n in p if n.startswith('idea_kd')}
     rows.append(row)
   return rows
+
+
+def _paired(at: list[dict], a: str, b: str, lr: float) -> dict:
+  """a − b run by run: over the seeds both ran at lr, the mean and std of the differences.
+
+  An idea_kd run forks from the idea run of its seed and LR, so the two share everything up
+  to t_start; their difference is what KD did, free of the seed-to-seed spread.
+  """
+  loss = {name: {r['seed']: r['val_loss'] for r in at if r['pipeline'] == name and r['lr'] == lr}
+          for name in (a, b)}
+  diffs = [loss[a][seed] - loss[b][seed] for seed in sorted(loss[a]) if seed in loss[b]]
+  mean, std = report.mean_std(diffs)
+  return {'gap': mean, 'spread': std, 'seeds': len(diffs)}
 
 
 def _plot(workdir, rows):
@@ -263,15 +277,17 @@ def write(workdir: str, out: dict) -> None:
   kd_rows = [(row, n, g) for row in out['budgets'] for n, g in row.get('kd-idea', {}).items()]
   if kd_rows:
     lines += ['', 'Distillation: idea_kd_a{alpha or start-end and schedule}_t{tau}_{phases} '
-              'minus idea, at their best LRs (negative: KD helps); student CE, teacher CE and '
-              'KL are means over the distilling steps\' train batches.', '',
-              '| budget | KD setting | val loss | − idea | student CE | teacher CE | KL |',
-              '|---|---|---|---|---|---|---|']
+              'minus the idea run of the same seed and LR (negative: KD helps), mean ± std '
+              'over seeds; student CE, teacher CE and KL are means over the distilling steps\' '
+              'train batches.', '',
+              '| budget | KD setting | val loss | − idea | seeds | student CE | teacher CE | KL |',
+              '|---|---|---|---|---|---|---|---|']
     for row, name, g in sorted(kd_rows, key=lambda t: (t[0]['budget'], t[2]['gap'])):
       p = row['pipelines'][name]
       kd = ' | '.join(f'{p["kd_means"][k]:.4f}' if 'kd_means' in p else '—'
                       for k in report.KD_KEYS)
       lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
-                   f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} | {kd} |')
+                   f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} | '
+                   f'{g["seeds"]} | {kd} |')
   lines += ['', '![sweep](sweep.png)']
   storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')

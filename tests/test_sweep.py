@@ -104,16 +104,20 @@ def test_table_takes_each_pipelines_best_lr_and_gaps_at_those():
   assert row['kd-idea'] == {}
 
 
-def test_table_gives_each_kd_setting_against_idea():
-  results = [_result(1, 'idea', 1e-3, s, 3.0) for s in (0, 1)]
-  results += [_result(1, 'idea_kd_a0.1', 1e-3, s, 2.9 + 0.1 * s) for s in (0, 1)]
-  results += [_result(1, 'idea_kd_a0.5', 1e-3, s, 3.1) for s in (0, 1)]
+def test_table_gives_each_kd_setting_against_idea_seed_by_seed():
+  # Seeds far apart (0.5), KD's effect small and steady: paired by seed it stands out.
+  results = [_result(1, 'idea', 1e-3, s, 3.0 + 0.5 * s) for s in (0, 1)]
+  results += [_result(1, 'idea', 2e-3, s, 2.0) for s in (0, 1)]  # idea's best LR, not KD's
+  results += [_result(1, 'idea_kd_a0.1', 1e-3, s, 2.99 + 0.5 * s) for s in (0, 1)]
+  results += [_result(1, 'idea_kd_a0.5', 1e-3, s, 3.1 + 0.4 * s) for s in (0, 1, 2)]
   (row,) = sweep.table(results, params_target=100)
-  assert row['kd-idea']['idea_kd_a0.1']['gap'] == pytest.approx(-0.05)
-  assert row['kd-idea']['idea_kd_a0.5'] == pytest.approx({'gap': 0.1, 'spread': 0.0})
+  assert row['kd-idea']['idea_kd_a0.1'] == pytest.approx({'gap': -0.01, 'spread': 0.0,
+                                                          'seeds': 2})
+  assert row['kd-idea']['idea_kd_a0.5'] == pytest.approx(
+      {'gap': 0.05, 'spread': math.sqrt(0.005), 'seeds': 2})  # seed 2 has no idea run
   # The teacher's and the student's CE while distilling: means over the best LR's seeds.
-  results[2]['kd_means'] = {'ce': 4.0, 'teacher_ce': 3.0, 'kl': 0.5}
-  results[3]['kd_means'] = {'ce': 5.0, 'teacher_ce': 3.5, 'kl': 0.7}
+  results[4]['kd_means'] = {'ce': 4.0, 'teacher_ce': 3.0, 'kl': 0.5}
+  results[5]['kd_means'] = {'ce': 5.0, 'teacher_ce': 3.5, 'kl': 0.7}
   (row,) = sweep.table(results, params_target=100)
   assert row['pipelines']['idea_kd_a0.1']['kd_means'] == pytest.approx(
       {'ce': 4.5, 'teacher_ce': 3.25, 'kl': 0.6})
