@@ -10,8 +10,9 @@ from idea_prune_jax.importance import KINDS as SCORE_KINDS
 from idea_prune_jax.schedules import WIDTH_SCHEDULES, PruneSchedule
 
 
-# idea_kd's distill.alpha where the config has none (compare, sweep; compile-check's KD step).
-IDEA_KD_ALPHA = 0.5
+# idea_kd's distill.alpha where the config has none (compare, sweep; compile-check's KD step):
+# the best alpha of the KD grid at tiny (README, results/kd_tiny), with tau 1 over both phases.
+IDEA_KD_ALPHA = 0.1
 
 
 class ConfigError(ValueError):
