@@ -66,9 +66,9 @@ def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
                              lr_pipelines='idea_kd'), '/s')
   assert [(r['pipeline'], r['lr'], 'fork' in r) for r in tuned] == [
       ('idea', 1e-3, False), ('idea_kd', 1e-3, True), ('idea_kd', 2e-3, False)]
-  # No KD grid: one idea_kd, the distill config as it is (alpha 0.5 when it has none).
+  # No KD grid: one idea_kd, the distill config as it is (IDEA_KD_ALPHA when it has none).
   (only,) = [r for r in sweep.runs(_config(pipelines='idea_kd', seeds=1, budgets='1'), '/s')]
-  assert only['pipeline'] == 'idea_kd' and only['config'].distill.alpha == 0.5
+  assert only['pipeline'] == 'idea_kd' and only['config'].distill.alpha == 0.1
 
 
 @pytest.mark.parametrize('field,value,match', [
