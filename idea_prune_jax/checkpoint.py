@@ -54,7 +54,6 @@ def fork(src_workdir: str, dst_workdir: str, step: int, subdir: str = 'checkpoin
   src = storage.path(src_workdir) / subdir / str(step)
   if not (src / _COMMIT_MARKER).exists():
     return False
-  storage.path(dst_workdir).joinpath(subdir).mkdir(parents=True, exist_ok=True)
   storage.copy_dir(src, storage.join(dst_workdir, subdir, str(step)), last=_COMMIT_MARKER)
   return True
 

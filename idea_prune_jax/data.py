@@ -149,7 +149,6 @@ def local_copy(path: str) -> str:
   if size > LOCAL_COPY_WARN_BYTES:
     logging.warning('copying %.1f GB of prepared data from %s to local disk; mount the bucket '
                     'with gcsfuse and pass the mount path instead (docs/tpu.md)', size / 1e9, path)
-  os.makedirs(os.path.dirname(local), exist_ok=True)
   storage.copy_dir(path, local, names + [prepare.MANIFEST], last=prepare.MANIFEST)
   return local
 

@@ -84,10 +84,11 @@ def copy_dir(src, dst, names=None, last: str = '') -> None:
   rel = sorted((epath.Path(n) for n in names) if names is not None else
                (f.relative_to(src) for f in files(src)), key=lambda r: r.name == last)
   staging = final if is_url(dst) else _tmp_name(final)
+  same_kind = is_url(src) == is_url(dst)  # epath copies within one filesystem only
   for r in rel:
     target = staging / r
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_url(src) == is_url(dst):
+    target.parent.mkdir(parents=True, exist_ok=True)  # staging's parent is dst's: made here
+    if same_kind:
       (src / r).copy(target, overwrite=True)
     else:
       target.write_bytes((src / r).read_bytes())
