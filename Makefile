@@ -27,8 +27,10 @@ demo: $(VENV)/.demo-installed
 	XLA_FLAGS="$(CPU_XLA_FLAGS) $$XLA_FLAGS" $(VENV)/bin/idea-prune run --config configs/tiny.py \
 	  --workdir runs/tiny
 
+# One worker per core (at most 4: each holds its own JAX and spawns multi-device processes); a
+# file stays on one worker, so module fixtures (the 8-device mesh runs, the GCS server) run once.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs

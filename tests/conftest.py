@@ -51,3 +51,15 @@ def run_on_devices(script: str, n_devices: int = 8, timeout: int = 600) -> dict:
                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# The files that take a minute or more (several processes, a GCS server, 8-device meshes) start
+# first: `make test` hands whole files to its workers in this order (--no-loadscope-reorder), and
+# one of these last would run alone at the end while the other cores idle.
+SLOW_FILES = ('test_multihost.py', 'test_gcs.py', 'test_sharding.py', 'test_resume.py',
+              'test_sweep.py', 'test_tpu_compile.py', 'test_compile_check.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: files keep order
