@@ -198,7 +198,7 @@ def table(results: list[dict], params_target: int) -> list[dict]:
       best = min(stats, key=lambda lr: stats[lr][0])
       row['pipelines'][name] = {
           'best_lr': best, 'val_loss_mean': stats[best][0], 'val_loss_std': stats[best][1],
-          'val_loss': by_lr[best], 'by_lr': {f'{lr:g}': stats[lr][0] for lr in stats},
+          'val_loss': by_lr[best], 'by_lr': {f'{lr:g}': stats[lr][0] for lr in sorted(stats)},
           'train_flops': next(r['train_flops'] for r in at if r['pipeline'] == name)}
       kd = [r['kd_means'] for r in at if r['pipeline'] == name and r['lr'] == best
             and r.get('kd_means')]

@@ -92,10 +92,12 @@ def test_table_takes_each_pipelines_best_lr_and_gaps_at_those():
   results += [_result(1, 'idea', 2e-3, s, 2.9 + s * 0.02) for s in (0, 1)]  # idea's best
   results += [_result(1, 'scratch', 1e-3, s, 2.95 + s * 0.04) for s in (0, 1)]  # scratch's best
   results += [_result(1, 'scratch', 2e-3, s, 3.2) for s in (0, 1)]
+  results += [_result(1, 'idea', 5e-4, s, 3.5) for s in (0, 1)]  # a later sweep's lower peak
   (row,) = sweep.table(results, params_target=100)
   assert row['tokens_per_param'] == 10.0
   idea, scratch = row['pipelines']['idea'], row['pipelines']['scratch']
   assert idea['best_lr'] == 2e-3 and scratch['best_lr'] == 1e-3
+  assert list(idea['by_lr']) == ['0.0005', '0.001', '0.002']  # by LR, not by when each ran
   assert idea['val_loss_mean'] == pytest.approx(2.91)
   assert row['idea-scratch']['gap'] == pytest.approx(2.91 - 2.97)
   assert row['idea-scratch']['spread'] == pytest.approx(
