@@ -28,7 +28,7 @@ from idea_prune_jax import report
 from idea_prune_jax import storage
 from idea_prune_jax.config import ConfigError, ModelConfig
 
-GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'))
+GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'), ('idea', 'naive'))
 
 
 def _numbers(field: str, text: str, default: float) -> list[float]:
@@ -244,7 +244,7 @@ def _plot(workdir, rows):
   ax.set_xscale('log')
   ax.set(xlabel='training tokens per target parameter',
          ylabel='val-loss gap (nats; < 0: idea better)',
-         title='idea against scratch, each at its best peak LR')
+         title='idea against each baseline, each at its best peak LR')
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend()

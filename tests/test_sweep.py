@@ -102,7 +102,9 @@ def test_table_takes_each_pipelines_best_lr_and_gaps_at_those():
   assert row['idea-scratch']['gap'] == pytest.approx(2.91 - 2.97)
   assert row['idea-scratch']['spread'] == pytest.approx(
       math.hypot(idea['val_loss_std'], scratch['val_loss_std']))
-  assert 'idea-scratch_flops' not in row  # no such runs
+  assert 'idea-scratch_flops' not in row and 'idea-naive' not in row  # no such runs
+  results += [_result(1, 'naive', 1e-3, s, 2.96) for s in (0, 1)]
+  assert sweep.table(results, params_target=100)[0]['idea-naive']['gap'] == pytest.approx(-0.05)
   assert row['kd-idea'] == {}
 
 
