@@ -5,13 +5,12 @@ target model trained on as many FLOPs as idea spends at that budget. A pipeline'
 budget is its best peak LR (lowest mean validation loss over seeds), so one shared peak cannot
 decide the ranking. `idea_kd` runs once per KD setting of sweep.kd_alphas × kd_taus × kd_phases
 and each is tabled against idea. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps
-idea − scratch and idea − scratch_flops against tokens per target parameter). A rerun skips
-finished runs.
+idea − scratch, idea − scratch_flops and idea − naive, seed by seed, against tokens per target
+parameter). A rerun skips finished runs.
 """
 
 import copy
 import json
-import math
 import os
 
 import jax
@@ -206,26 +205,25 @@ def table(results: list[dict], params_target: int) -> list[dict]:
         row['pipelines'][name]['kd_means'] = {k: sum(m[k] for m in kd) / len(kd)
                                               for k in report.KD_KEYS}
     p = row['pipelines']
-    gap = lambda a, b: {'gap': p[a]['val_loss_mean'] - p[b]['val_loss_mean'],
-                        'spread': math.hypot(p[a]['val_loss_std'], p[b]['val_loss_std'])}
-    for a, b in GAPS:
+    for a, b in GAPS:  # each at its best LR, seed by seed: a seed fixes the batches for both
       if a in p and b in p:
-        row[f'{a}-{b}'] = gap(a, b)
+        row[f'{a}-{b}'] = _paired(at, a, b, p[a]['best_lr'], p[b]['best_lr'])
     if 'idea' in p:  # what each KD setting adds to idea (negative: KD helps)
-      row['kd-idea'] = {n: _paired(at, n, 'idea', p[n]['best_lr'])
+      row['kd-idea'] = {n: _paired(at, n, 'idea', p[n]['best_lr'], p[n]['best_lr'])
                         for n in p if n.startswith('idea_kd')}
     rows.append(row)
   return rows
 
 
-def _paired(at: list[dict], a: str, b: str, lr: float) -> dict:
-  """a − b run by run: over the seeds both ran at lr, the mean and std of the differences.
+def _paired(at: list[dict], a: str, b: str, lr_a: float, lr_b: float) -> dict:
+  """a at lr_a − b at lr_b seed by seed: over the seeds both ran, the differences' mean and std.
 
-  An idea_kd run forks from the idea run of its seed and LR, so the two share everything up
-  to t_start; their difference is what KD did, free of the seed-to-seed spread.
+  A seed fixes the training batches' order for every pipeline, and an idea_kd run shares
+  everything with the idea run of its seed up to t_start: most of the seed-to-seed spread is
+  common to both sides and cancels in the difference.
   """
   loss = {name: {r['seed']: r['val_loss'] for r in at if r['pipeline'] == name and r['lr'] == lr}
-          for name in (a, b)}
+          for name, lr in ((a, lr_a), (b, lr_b))}
   diffs = [loss[a][seed] - loss[b][seed] for seed in sorted(loss[a]) if seed in loss[b]]
   mean, std = report.mean_std(diffs)
   return {'gap': mean, 'spread': std, 'seeds': len(diffs)}
@@ -258,7 +256,7 @@ def write(workdir: str, out: dict) -> None:
   lines = ['# Sweep: pipelines × token budgets × peak LR', '',
            f'Target model: {out["params_target"]:,} parameters. Each pipeline at its best peak '
            'LR (lowest mean val loss over seeds); ± is the seed std; gaps are idea minus the '
-           'baseline (negative: idea better), ± their combined std.', '',
+           'baseline seed by seed (negative: idea better), mean ± std over the seeds both ran.', '',
            '| budget | tokens/param | pipeline | best LR | val loss | seeds | loss by LR '
            '| train FLOPs |', '|---|---|---|---|---|---|---|---|']
   for row in out['budgets']:
