@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_EXTRAS ?= data
 TEST_EXTRAS ?= test,data,hf,eval,gcs,tpu
 
-.PHONY: demo test clean
+.PHONY: demo test rehearse clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(VENV)/.demo-installed
 # file stays on one worker, so module fixtures (the 8-device mesh runs, the GCS server) run once.
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+
+# The pod path rehearsed on this machine (docs/tpu.md): launch/*.sh against tests/fake_gcloud, two
+# local workers per slice training on a gs:// workdir in fake-gcs-server; one file per worker.
+rehearse: $(VENV)/.test-installed
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/test_rehearsal.py tests/test_rehearsal_faults.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -45,6 +45,13 @@ def get_config(arg: str = ''):
     c.model.update(remat_policy=remat, loss_chunk=loss_chunk)
     c.distill.chunk = kd_chunk
     c.mesh.libtpu_args = libtpu_args
+    # Every record read through gcsfuse is a GCS round trip (30-100 ms): 2 read threads feed a
+    # host 27k tokens/s at 30 ms, 128 feed 1.2M (545k at 100 ms) against the 163k a v6e-64 host
+    # trains at the roofline (BENCHMARKS.md "Data loader from a bucket").
+    c.data.read_threads = 128
+    # A step takes seconds on a slice: at most 20 minutes of work lost to a preemption, however
+    # slow the steps (train.ckpt_every alone bounds steps, not time).
+    c.train.ckpt_minutes = 20
   elif arg:
     raise ValueError(f'configs/paper_2p8b_to_1p3b.py: unknown variant {arg!r}; use "" or one '
                      f'of {", ".join(SLICES)}')

@@ -1,8 +1,12 @@
-"""Accelerator chips: HBM, bf16 peak and HBM bandwidth per chip (one JAX device), and TPU slices.
+"""Accelerator chips: HBM, bf16 peak, HBM and interconnect bandwidth per chip (one JAX device),
+and TPU slices.
 
 Figures are the vendors' published per-chip numbers (Cloud TPU system-architecture pages; NVIDIA
 H100/H200 SXM datasheets, dense bf16 without sparsity). They serve compile-check's roofline and
-the trainer's MFU; a measured peak is always lower.
+the trainer's MFU; a measured peak is always lower. The interconnect figure is the published
+bidirectional ICI (NVLink) bandwidth per chip over all its ports; v4's page gives none, so its
+is the pod's all-reduce bandwidth per chip (1.1 PB/s over 4096 chips) times two, the relation
+the v5e and v6e pages' own figures obey.
 """
 
 import dataclasses
@@ -18,15 +22,24 @@ class Chip:
   hbm_gib: float  # per chip
   bf16_tflops: float  # dense peak per chip
   hbm_gbps: float  # GB/s (1e9 bytes) per chip
+  ici_gbps: float  # GB/s per chip, both directions of all its ICI ports (NVLink on GPUs)
+  ici_ports: int
+
+  @property
+  def collective_gbps(self) -> float:
+    """What one chip can send (or receive) at once: every port, one direction. A ring
+    collective over the whole slice keeps every port busy; one along a single torus axis uses
+    two ports, so this is the collectives' best case."""
+    return self.ici_gbps / 2
 
 
 CHIPS = {
-    'v4': Chip('TPU v4', 32.0, 275.0, 1228.0),
-    'v5e': Chip('TPU v5e', 16.0, 197.0, 819.0),
-    'v5p': Chip('TPU v5p', 95.0, 459.0, 2765.0),
-    'v6e': Chip('TPU v6e', 32.0, 918.0, 1640.0),
-    'h100': Chip('NVIDIA H100 SXM', 80.0, 989.0, 3350.0),
-    'h200': Chip('NVIDIA H200 SXM', 141.0, 989.0, 4800.0),
+    'v4': Chip('TPU v4', 32.0, 275.0, 1228.0, 537.0, 6),
+    'v5e': Chip('TPU v5e', 16.0, 197.0, 819.0, 400.0, 4),
+    'v5p': Chip('TPU v5p', 95.0, 459.0, 2765.0, 1200.0, 6),
+    'v6e': Chip('TPU v6e', 32.0, 918.0, 1640.0, 800.0, 4),
+    'h100': Chip('NVIDIA H100 SXM', 80.0, 989.0, 3350.0, 900.0, 18),
+    'h200': Chip('NVIDIA H200 SXM', 141.0, 989.0, 4800.0, 900.0, 18),
 }
 
 # JAX `device_kind` strings -> CHIPS keys (for a running job's MFU).

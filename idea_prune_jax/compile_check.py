@@ -285,6 +285,8 @@ def _cost(compiled) -> dict:
   unknown = [body for body, trips in counted['loops'] if trips is None]
   for key in out:
     out[key] += counted[key] - counted['once'][key]
+  out['collective_bytes'] = {kind: n for kind, n in counted['collectives'].items() if n}
+  out['ici_bytes'] = sum(counted['collectives'].values())
   out['loop_trips'] = sorted(trips for _, trips in counted['loops'] if trips is not None)
   out['loops_counted'] = not unknown
   out['cost_source'] = ('cost_analysis, every loop iteration counted' if not unknown else
@@ -328,15 +330,25 @@ def _compile(lowered, hbm_gib: float) -> tuple[dict, Any]:
   return out, compiled
 
 
-def roofline(flops: float, bytes_accessed: float, model_flops: float, chip) -> dict:
-  """Lower bound on step time, max(compute, HBM traffic), and the MFU it allows."""
-  compute_s = flops / (chip.bf16_tflops * 1e12)
+def roofline(flops: float, bytes_accessed: float, model_flops: float, chip,
+             ici_bytes: float = 0.0) -> dict:
+  """Step time from compute, HBM traffic and collectives, and the MFU each allows.
+
+  roofline_step_s = max(compute, HBM): the chip alone. With the collectives' bytes priced at the
+  chip's ICI bandwidth (every port busy, `Chip.collective_gbps`), the step lies between every
+  part overlapped (max of the three) and nothing overlapped (their sum): step_s_range.
+  """
+  peak = chip.bf16_tflops * 1e12
+  compute_s = flops / peak
   memory_s = bytes_accessed / (chip.hbm_gbps * 1e9)
+  ici_s = ici_bytes / (chip.collective_gbps * 1e9)
   step_s = max(compute_s, memory_s)
-  return {'compute_s': compute_s, 'memory_s': memory_s, 'roofline_step_s': step_s,
-          'bound': 'compute' if compute_s >= memory_s else 'memory',
-          'mfu_ceiling': round(model_flops / (step_s * chip.bf16_tflops * 1e12), 4)
-                         if step_s else None}
+  span = (max(step_s, ici_s), compute_s + memory_s + ici_s)
+  mfu = lambda s: round(model_flops / (s * peak), 4) if s else None
+  bound = max((('compute', compute_s), ('memory', memory_s), ('ici', ici_s)), key=lambda kv: kv[1])
+  return {'compute_s': compute_s, 'memory_s': memory_s, 'ici_s': ici_s, 'roofline_step_s': step_s,
+          'bound': bound[0], 'mfu_ceiling': mfu(step_s), 'step_s_range': list(span),
+          'mfu_range': [mfu(span[1]), mfu(span[0])]}
 
 
 def validate(config, n_devices: int):
@@ -383,7 +395,7 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
         # missed), so the bound uses the model's FLOPs.
         row['flops_below_model'] = row['flops'] < row['model_flops']
         row.update(roofline(max(row['flops'], row['model_flops']), row['bytes_accessed'],
-                            row['model_flops'], chip))
+                            row['model_flops'], chip, row['ici_bytes']))
     out_steps[name] = row
   del results
   m = config.model
@@ -410,11 +422,16 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
   }
 
 
+def _range(mfus) -> str:
+  """'41-68%': MFU with nothing overlapped, and with compute, HBM and ICI all overlapped."""
+  return f'{100 * mfus[0]:.0f}-{100 * mfus[1]:.0f}%' if mfus and None not in mfus else '-'
+
+
 def table(report: dict) -> str:
   """The report's steps as a fixed-width table (GiB per chip; TFLOP and GB per step and chip)."""
   head = (f'{"step":<12}{"arg":>7}{"out":>7}{"temp":>7}{"total":>8}{"HBM%":>6}  '
-          f'{"TFLOP":>8}{"model":>8}{"GB acc":>9}{"roof s":>8}{"bound":>8}{"MFU<=":>7}'
-          f'{"comp s":>8}')
+          f'{"TFLOP":>8}{"model":>8}{"GB acc":>9}{"GB ICI":>8}{"roof s":>8}{"bound":>8}'
+          f'{"MFU<=":>7}{"MFU range":>12}{"comp s":>8}')
   lines = [head]
   g = lambda row, k: f'{row[k] / GIB:7.2f}' if row.get(k) is not None else f'{"-":>7}'
   for name, r in report['steps'].items():
@@ -427,8 +444,10 @@ def table(report: dict) -> str:
                  f'{f("total_bytes", GIB, 8)}{100 * r.get("hbm_fraction", 0):6.0f}  '
                  f'{f("flops", 1e12, 8)}{f("model_flops", 1e12, 8)}'
                  f'{f("bytes_accessed", 1e9, 9, 1)}'
+                 f'{f("ici_bytes", 1e9, 8, 1)}'
                  f'{f("roofline_step_s", 1, 8, 3)}{r.get("bound", "-"):>8}'
-                 f'{f("mfu_ceiling", 0.01, 7, 1)}{r["compile_s"]:8.1f}')
+                 f'{f("mfu_ceiling", 0.01, 7, 1)}{_range(r.get("mfu_range")):>12}'
+                 f'{r["compile_s"]:8.1f}')
   c = report['config']
   lines.append(f'{c["devices"]} x {c["device_kind"]} ({c["platform"]}), mesh {c["mesh"]}, batch '
                f'{c["batch"]} x {c["seq_len"]}, attention {c["attention"]}, remat '

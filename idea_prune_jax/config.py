@@ -80,6 +80,9 @@ def base() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.eval_batches = 8
   t.ckpt_every = 200
+  # Also a checkpoint once this many minutes of wall time passed since the last one (0 = off):
+  # bounds the work a preemption loses when steps are slow. Process 0's clock decides.
+  t.ckpt_minutes = 0.0
   t.keep_ckpts = 2
   t.keep_steps = ''  # checkpoints never deleted, e.g. '1000,1400' (the sweep keeps t_start)
   t.async_ckpt = True  # training goes on while a checkpoint is written
@@ -248,6 +251,22 @@ def keep_steps(config) -> tuple[int, ...]:
   return steps
 
 
+# Fields holding a path (or comma-separated paths) that may be gs://.
+PATH_FIELDS = ('data.prepared_dir', 'data.files', 'data.val_files', 'data.tokenizer',
+               'data.tfds_data_dir', 'train.compilation_cache', 'distill.teacher',
+               'eval.include_path')
+
+
+def validate_paths(config) -> None:
+  """A gs:// path with a bucket name GCS rejects fails here, not in tensorstore after retries."""
+  from idea_prune_jax import storage  # lazy: etils is not needed to read a config
+  for field in PATH_FIELDS:
+    group, name = field.split('.')
+    for p in str(config[group][name]).split(','):
+      if storage.bucket_problem(p.strip()):
+        _fail(field, config[group][name], storage.bucket_problem(p.strip()))
+
+
 def validate(config, n_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked before compute; returns the mesh shape."""
   validate_model(config)
@@ -258,6 +277,11 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('train.steps', t.steps, 'must be >= 1')
   if not 0 <= t.warmup_steps <= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must lie in [0, train.steps={t.steps}]')
+  for f in ('log_every', 'eval_every', 'ckpt_every'):
+    if t[f] < 1:
+      _fail(f'train.{f}', t[f], 'must be >= 1 (a cadence in steps)')
+  if t.ckpt_minutes < 0:
+    _fail('train.ckpt_minutes', t.ckpt_minutes, 'must be >= 0 (0 = no wall-time checkpoints)')
   keep_steps(config)
   if config.profile.start_step >= 0 and config.profile.steps < 1:
     _fail('profile.steps', config.profile.steps, 'must be >= 1 when profile.start_step is set')
@@ -275,11 +299,14 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
   for f in ('shards', 'read_threads', 'prefetch', 'workers', 'max_docs'):
     if d[f] < 0:
       _fail(f'data.{f}', d[f], 'must be >= 0')
+  validate_paths(config)
   n = config.naive
   if not 0 < n.split < 1:
     _fail('naive.split', n.split, 'must lie in (0, 1)')
   if n.prune not in ('oneshot', 'iterative'):
     _fail('naive.prune', n.prune, 'use oneshot or iterative')
+  if n.score_batches < 1:
+    _fail('naive.score_batches', n.score_batches, 'must be >= 1 (one-shot scores need gradients)')
   if n.prune == 'iterative' and not 0 < n.window < 1 - n.split:
     _fail('naive.window', n.window, f'must lie in (0, 1 - naive.split={1 - n.split})')
   k = config.distill

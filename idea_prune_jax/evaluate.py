@@ -9,12 +9,17 @@ import numpy as np
 
 from idea_prune_jax import data as data_lib
 from idea_prune_jax import model as model_lib
-from idea_prune_jax import prepare
 from idea_prune_jax import train as train_lib
 
-# prepare-data starts every document with BOS (tokenizers trained here have one), so a request's
-# context is scored after BOS, as training saw document starts.
-START_ID = prepare.BOS_ID
+
+def start_id(sp) -> int:
+  """The id a request's context follows: the tokenizer's BOS, which training puts before every
+  document (`data.document_ids`); without one, its EOS, which ends the document before."""
+  start = sp.bos_id() if sp.bos_id() >= 0 else sp.eos_id()
+  if start < 0:
+    raise data_lib.DataError('the tokenizer has neither BOS nor EOS, so a context has no start; '
+                             'use a SentencePiece model with bos_id or eos_id set')
+  return start
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -26,13 +31,14 @@ def _scored(model_cfg, params, inputs_BxL, targets_BxL):
   return logprobs_BxL, jnp.argmax(logits_BxLxV, -1)
 
 
-def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: list[int]
-                  ) -> tuple[float, bool]:
+def loglikelihood(params, model_cfg, context_ids: list[int], continuation_ids: list[int], *,
+                  sp) -> tuple[float, bool]:
   """(sum log p(continuation | context), whether it is the greedy continuation).
 
-  The two numbers an lm-eval-harness `loglikelihood` request asks for.
+  The two numbers an lm-eval-harness `loglikelihood` request asks for; sp: the tokenizer the
+  model was trained with (its special ids start the context).
   """
-  ids = np.asarray([START_ID] + context_ids + continuation_ids, np.int32)[None]
+  ids = np.asarray([start_id(sp)] + context_ids + continuation_ids, np.int32)[None]
   n = len(continuation_ids)
   logprobs, greedy = _scored(model_cfg, params, jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]))
   return float(logprobs[0, -n:].sum()), bool(np.all(np.asarray(greedy[0, -n:]) == ids[0, -n:]))
@@ -54,14 +60,17 @@ def perplexity(params, model_cfg, sp, texts: list[str], seq_len: int, batch_size
 
 
 def generate(params, model_cfg, prompt_ids: list[int], max_new_tokens: int, key,
-             temperature: float = 0.0, top_p: float = 1.0, max_len: int = 512,
-             eos_id: int = prepare.EOS_ID) -> list[int]:
+             temperature: float = 0.0, top_p: float = 1.0, max_len: int = 512, *,
+             sp) -> list[int]:
   """Greedy (temperature 0) or nucleus sampling; one compiled step for every position.
+
+  sp: the model's tokenizer; the prompt follows its BOS (see `start_id`) and generation stops
+  after its EOS (included in the result).
 
   No KV cache: each step re-runs a fixed [1, max_len] buffer, which keeps one compilation and
   is fine for the small exported models this is meant to spot-check.
   """
-  ids = [START_ID] + list(prompt_ids)
+  ids, eos_id = [start_id(sp)] + list(prompt_ids), sp.eos_id()
   if len(ids) + max_new_tokens > max_len:
     raise ValueError(f'prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
                      f'max_len={max_len}; shorten the prompt or raise max_len')

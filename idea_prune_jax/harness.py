@@ -10,9 +10,9 @@ CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.h
 it for `lm_eval.simple_evaluate(model='idea-prune', ...)`.
 
 Tokens are what lm-eval's `hf` model gets from our HF export (`export/hf`, LlamaTokenizer with
-add_bos_token=False): a context's SentencePiece pieces, no BOS added. BOS prefixes an empty context
-and the first rolling window, as prepare-data starts every training document with it (EOS where a
-tokenizer has no BOS), which is also the `hf` model's default prefix; EOS ends a generation.
+add_bos_token=True): BOS, then a text's SentencePiece pieces, as prepare-data starts every
+training document. BOS also prefixes an empty context and the first rolling window (EOS where a
+tokenizer has no BOS), which is the `hf` model's default prefix; EOS ends a generation.
 
 Nothing is downloaded: a task whose data lives on the Hugging Face Hub and is not cached here is
 refused, by name, before the model is loaded.
@@ -89,7 +89,10 @@ class IdeaPruneLM(TemplateLM):
     return 'sentencepiece'
 
   def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-    return self.sp.encode(string)
+    # BOS first unless lm-eval asks for none: training starts every document with it, and the
+    # HF export's tokenizer (add_bos_token) adds it the same way.
+    bos = [self.sp.bos_id()] if self.sp.bos_id() >= 0 and add_special_tokens is not False else []
+    return bos + self.sp.encode(string)
 
   def tok_decode(self, tokens) -> str:
     return self.sp.decode(list(tokens))

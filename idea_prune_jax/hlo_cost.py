@@ -8,13 +8,20 @@ module of its own by the same `HloCostAnalysis`, and counted as often as the loo
     cost(C) = xla_cost(C) + sum over loops w in C of trip(w)·cost(body(w)) - xla_cost(body(w))
 
 (and the same for each loop's condition), so nested loops multiply. No further compile: the
-analysis reads the text of the executable already compiled. The trip count is XLA's
+analysis reads the text of the executable already compiled.
+
+The same walk counts the bytes each chip moves over the interconnect in collectives (all-gather,
+reduce-scatter, all-reduce, all-to-all, collective-permute), with the ring algorithms' per-chip
+traffic: a group of n chips all-gathering an output of S bytes receives (n-1)/n·S on each chip,
+a reduce-scatter of an S-byte output sends (n-1)·S, an all-reduce of S bytes 2(n-1)/n·S, an
+all-to-all (n-1)/n·S, a collective-permute S. The trip count is XLA's
 `known_trip_count` where the HLO carries it, else read off the loop condition
 (`i < N` on a counter the loop's init sets to a constant), which is how `lax.scan` and
 `fori_loop` lower.
 """
 
 import functools
+import math
 import re
 
 import jax
@@ -28,6 +35,12 @@ _WHILE = re.compile(r'^\s*(?:ROOT )?%?[\w.\-]+ = .*? while\(%?([\w.\-]+)\), '
                     r'condition=%?([\w.\-]+), body=%?([\w.\-]+)')
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _STACK_FRAME = re.compile(r',? ?stack_frame_id=\d+')  # ids into a table the text does not carry
+# A collective and its output type; the async forms' -done halves move nothing of their own.
+_COLLECTIVE = re.compile(r'^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather|reduce-scatter|all-reduce'
+                         r'|all-to-all|collective-permute)(-start)?\(')
+_ARRAY = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\]')
+_DTYPE_BITS = {'pred': 8, 's4': 4, 'u4': 4}
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 
 
 def split(text: str) -> tuple[dict[str, list[str]], str]:
@@ -148,16 +161,82 @@ def trip_count(comps: dict, caller: str, line: str) -> int | None:
   return max(0, -(-(bound - start + (direction == 'LE')) // step))
 
 
+def _array_bytes(type_text: str) -> list[int]:
+  """Bytes of each array in an HLO type ('bf16[8,16]{1,0}' or a tuple of them)."""
+  out = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    bits = _DTYPE_BITS.get(dtype) or int(re.match(r'[a-z]+(\d+)', dtype).group(1))
+    out.append(math.prod(int(d) for d in dims.split(',') if d) * bits // 8)
+  return out
+
+
+def _group_size(line: str, partitions: int) -> int:
+  """Chips in each replica group of a collective: {{0,1},{2,3}}, [groups,size]<=[N], or
+  mesh['a'=2,'b'=4] {'b'} (the named mesh axes); no groups means every partition."""
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line)
+  if mesh:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+    axes = re.findall(r"'([^']+)'", mesh.group(2)) or list(sizes)
+    return math.prod(int(sizes[a]) for a in axes)
+  iota = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
+  if iota:
+    return int(iota.group(2))
+  listed = re.search(r'replica_groups=\{\{([^}]*)\}', line)
+  if listed:
+    return len(listed.group(1).split(','))
+  return partitions
+
+
+def collective_bytes(line: str, partitions: int) -> tuple[str, float] | None:
+  """(kind, bytes one chip sends or receives) of a collective instruction, else None."""
+  found = _COLLECTIVE.match(line)
+  if not found:
+    return None
+  type_text, kind, start = found.groups()
+  sizes = _array_bytes(type_text)
+  if start and kind == 'all-gather':  # (operands..., outputs...)
+    sizes = sizes[len(sizes) // 2:]
+  elif start and kind == 'collective-permute':  # (operand, output, contexts)
+    sizes = sizes[1:2]
+  size = float(sum(sizes))
+  if kind == 'collective-permute':
+    return kind, size
+  n = _group_size(line, partitions)
+  factor = {'all-gather': (n - 1) / n, 'reduce-scatter': n - 1, 'all-reduce': 2 * (n - 1) / n,
+            'all-to-all': (n - 1) / n}[kind]
+  return kind, factor * size
+
+
 def loop_cost(text: str) -> dict:
   """Cost of an HLO module with all loop iterations counted, and its loops' trip counts.
 
   Returns {'flops', 'bytes_accessed'} counted in full, the same as XLA counts them ('once':
-  each loop body once), and 'loops': [(body, trips), ...]; a loop whose trip count cannot be
-  read keeps its body counted once and has trips None.
+  each loop body once), 'collectives': {kind: bytes per chip} counted in full, and 'loops':
+  [(body, trips), ...]; a loop whose trip count cannot be read keeps its body counted once and
+  has trips None.
   """
   comps, entry = split(text)
+  partitions = re.search(r'num_partitions=(\d+)', text.split('\n', 1)[0])
+  partitions = int(partitions.group(1)) if partitions else 1
   loops = []
   xla_cost = functools.cache(lambda name: _xla_cost(comps, name))
+
+  @functools.cache
+  def moved(name: str) -> dict[str, float]:
+    """Collective bytes per chip of one computation, its loops' iterations counted."""
+    out = dict.fromkeys(COLLECTIVES, 0.0)
+    for caller in _closure(comps, name, loops=False):
+      for line in comps[caller][1:]:
+        found = collective_bytes(line, partitions)
+        if found:
+          out[found[0]] += found[1]
+        loop = _WHILE.match(line)
+        if loop:
+          trips = trip_count(comps, caller, line)
+          for part in loop.groups()[1:]:
+            for kind, nbytes in moved(part).items():
+              out[kind] += (1 if trips is None else trips) * nbytes
+    return out
 
   @functools.cache
   def cost(name: str) -> tuple[float, float]:
@@ -180,4 +259,5 @@ def loop_cost(text: str) -> dict:
     return flops, nbytes
 
   flops, nbytes = cost(entry)
-  return {'flops': flops, 'bytes_accessed': nbytes, 'once': xla_cost(entry), 'loops': loops}
+  return {'flops': flops, 'bytes_accessed': nbytes, 'once': xla_cost(entry), 'loops': loops,
+          'collectives': moved(entry)}

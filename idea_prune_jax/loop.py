@@ -82,6 +82,9 @@ class RunContext:
   writer: 'MetricsWriter'
   clock: Clock
   peak_flops: float  # per device, for MFU
+  # Seconds, for train.ckpt_minutes: injectable so tests run on a fake clock.
+  wall_clock: Callable[[], float] = time.monotonic
+  last_save_s: float = 0.0  # wall_clock() at the last checkpoint (or setup)
 
   @property
   def is_main(self) -> bool:
@@ -154,7 +157,7 @@ def _py(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def setup(config, workdir: str) -> RunContext:
+def setup(config, workdir: str, wall_clock: Callable[[], float] = time.monotonic) -> RunContext:
   """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet.
 
   workdir may be local or gs://; it is checked (bucket, credentials, not a file) up front.
@@ -173,7 +176,7 @@ def setup(config, workdir: str) -> RunContext:
   ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt,
                           keep_steps=config_lib.keep_steps(config))
   return RunContext(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
-             clock, chips.peak_flops_per_device(jax.devices()[0]))
+             clock, chips.peak_flops_per_device(jax.devices()[0]), wall_clock, wall_clock())
 
 
 def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
@@ -211,6 +214,30 @@ def _preempted(step: int) -> bool:
   if jax.distributed.is_initialized():
     return multihost_utils.reached_preemption_sync_point(step)
   return _SIGTERM.is_set()
+
+
+# Multi-host, process 0's clock is broadcast every this many steps (a collective, but not one
+# per step): a wall-time checkpoint comes at most this many steps late.
+WALL_CHECK_EVERY = 10
+
+
+def _save_due_by_clock(ctx: RunContext, step: int) -> bool:
+  """True at the step every host saves at once train.ckpt_minutes passed since the last save.
+
+  Hosts' clocks differ, and a host saving alone would hang the others in orbax's barriers: the
+  decision is process 0's, broadcast at steps every host reaches alike (WALL_CHECK_EVERY apart).
+  JAX's preemption sync point cannot carry it: it is armed once, by the SIGTERM notifier only.
+  """
+  minutes = ctx.config.train.ckpt_minutes
+  if not minutes:
+    return False
+  many = jax.process_count() > 1
+  if many and step % WALL_CHECK_EVERY:
+    return False
+  due = ctx.wall_clock() - ctx.last_save_s >= minutes * 60
+  if many:
+    due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+  return due
 
 
 def _non_finite(ctx: RunContext, step: int, phase: str, loss: float, position: dict):
@@ -263,9 +290,10 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
   """Runs steps state.step .. end-1 and returns the final state.
 
   Step t is dispatched before step t-1's metrics are read, so the host never stalls the device.
-  Checkpoints (with `meta` and the phase) at every train.ckpt_every, at `end`, and when a
-  SIGTERM reached any host (then raises Preempted). Each logged row has the step time, tokens/s,
-  TFLOP/s per device and MFU (flops_per_step: the analytic FLOPs of one step, all devices).
+  Checkpoints (with `meta` and the phase) at every train.ckpt_every, once train.ckpt_minutes
+  passed since the last one, at `end`, and when a SIGTERM reached any host (then raises
+  Preempted). Each logged row has the step time, tokens/s, TFLOP/s per device and MFU
+  (flops_per_step: the analytic FLOPs of one step, all devices).
   """
   cfg = ctx.config.train
   sharding = sharding_lib.batch_sharding(ctx.mesh)
@@ -281,9 +309,11 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
   before = dict(clock.seconds)
   loop_start = time.perf_counter()
   pending, t_last = None, time.perf_counter()
+  # Passes over the train split, from the data position (restored with every checkpoint).
+  epoch = math.floor(ctx.data.train.epochs())
 
   def flush():
-    nonlocal pending, t_last
+    nonlocal pending, t_last, epoch
     step, metrics, position = pending
     pending = None
     metrics = {k: _py(v) for k, v in jax.device_get(metrics).items()}
@@ -294,7 +324,12 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
     tflops = flops_per_step / step_s / n_devices / 1e12
     metrics.update(step_s=step_s, tokens_per_s=tokens_per_step / step_s,
                    tflops_per_device=tflops, mfu=tflops * 1e12 / ctx.peak_flops, phase=phase,
-                   tokens_seen=(step + 1) * tokens_per_step)
+                   tokens_seen=(step + 1) * tokens_per_step,
+                   epochs=ctx.data.train.epochs(position))  # read before this step's batch
+    if math.floor(metrics['epochs']) > epoch:
+      epoch = math.floor(metrics['epochs'])
+      logging.info('data: epoch %d of the train split began by step %d (%.4f epochs read)',
+                   epoch + 1, step, metrics['epochs'])
     t_last = now
     if step % cfg.log_every == 0 or step == end - 1:
       ctx.writer.write(step, metrics)
@@ -333,10 +368,13 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
                 flush=True)
         t_last = time.perf_counter()
       stop = _preempted(done)
-      if stop or done % cfg.ckpt_every == 0 or done == end:
+      by_clock = _save_due_by_clock(ctx, done)  # before any `or`: every host joins its broadcast
+      if stop or by_clock or done % cfg.ckpt_every == 0 or done == end:
         if pending is not None:
           flush()  # a non-finite loss must stop before it is saved
         save(ctx, state, {**meta, 'phase': phase})
+        if cfg.ckpt_minutes:
+          ctx.last_save_s = ctx.wall_clock()
         t_last = time.perf_counter()
         if stop:
           bar.close()
@@ -359,37 +397,42 @@ def restore_latest(ctx: RunContext, abstract_for: Callable[[dict], Any], model_c
   """(state, meta) of the newest readable checkpoint, or None when there is none.
 
   abstract_for(meta) gives the abstract state (shapes + shardings) of the phase a checkpoint
-  was written in. An unreadable checkpoint (truncated, corrupted) is skipped with a warning
-  naming it; if none is readable the run stops with a clear error rather than start over.
+  was written in. Storage failing on the way (timeouts, 5xx, resets) is retried and, if it
+  lasts, stops the run with every checkpoint left in place (ckpt_lib.StorageUnavailable). A
+  checkpoint that reads wrong (truncated, corrupted) is skipped, then set aside with a warning
+  naming the lost step and why; if none is readable the run stops with a clear error rather than
+  start over.
   """
-  steps = sorted(ctx.ckpt.all_steps(), reverse=True)
-  errors = []
-  for step in steps:
+  errors = []  # (step, path, why) of each checkpoint that reads wrong, newest first
+  for step in ckpt_lib.all_steps(ctx.ckpt):
     try:
       meta = ckpt_lib.read_meta(ctx.ckpt, step)
       ckpt_lib.check_same_model(meta, model_cfg, ctx.workdir)
       abstract = abstract_for(meta)
       with ctx.clock.timing('restore'):
         state, meta = ckpt_lib.restore(ctx.ckpt, step, abstract, ctx.data.train)
-    except config_lib.ConfigError:
+    except (config_lib.ConfigError, ckpt_lib.StorageUnavailable):
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
       where = os.path.join(str(ctx.ckpt.directory), str(step))
-      logging.warning('checkpoint %s is unreadable, skipping it: %s', where,
-                      str(e).splitlines()[0][:300])
-      errors.append(f'{where}: {type(e).__name__}')
+      why = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'
+      logging.warning('checkpoint %s is unreadable, skipping it: %s', where, why)
+      errors.append((step, where, why))
       continue
     if errors:
       # Keep the unreadable ones for inspection, out of the way of this step number's next save.
       if ctx.is_main:
-        for err in errors:
-          path = err.split(': ')[0]
-          storage.path(path).rename(f'{path}.unreadable-{int(time.time())}')
+        for lost, where, why in errors:
+          aside = f'{where}.unreadable-{int(time.time())}'
+          storage.path(where).rename(aside)
+          logging.warning('lost checkpoint step %d (%s): it reads wrong (%s); set aside as %s, '
+                          'resuming from step %d', lost, where, why, aside, step)
       multihost_utils.sync_global_devices('idea_prune_jax:unreadable_checkpoints_moved')
       ctx.ckpt.reload()
     logging.info('resumed %s at step %d (phase %s)', ctx.workdir, step, meta.get('phase'))
     return state, meta
   if errors:
-    raise CheckpointError(f'no readable checkpoint in {ctx.ckpt.directory} ({"; ".join(errors)}); '
+    listed = '; '.join(f'{where}: {why.split(":")[0]}' for _, where, why in errors)
+    raise CheckpointError(f'no readable checkpoint in {ctx.ckpt.directory} ({listed}); '
                           'move the directory away to start fresh')
   return None

@@ -201,7 +201,7 @@ def _export_command(command):
   else:
     ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
                             jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value,
-                            eos_id=sp.eos_id())
+                            sp=sp)
     print(_PROMPT.value + sp.decode(ids))
 
 

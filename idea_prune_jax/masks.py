@@ -117,9 +117,28 @@ def refresh(masks: Masks, scores: dict[str, jax.Array], keep_k) -> Masks:
     if score.shape != mask.shape:
       raise PruneError(f"refresh: scores of unit '{name}' have shape {score.shape}, its mask "
                        f'{mask.shape}; scores must be [n_layers, width] like the mask')
+    _check_keep_k(name, k, mask.shape)
     flat = _refresh_rows(mask.reshape(-1, mask.shape[-1]), score.reshape(-1, mask.shape[-1]), k)
     out[name] = flat.reshape(mask.shape)
   return out
+
+
+def _check_keep_k(name: str, k, mask_shape) -> None:
+  """A k that is not one count (or one per layer) >= 0 fails here; a traced k is not seen."""
+  shape = jnp.shape(k)
+  layers = mask_shape[:-1]
+  if shape not in ((), (int(np.prod(layers)),)):
+    raise PruneError(f"refresh: keep_k of unit '{name}' has shape {shape}; give one int or one "
+                     f'per layer {layers}')
+  if isinstance(k, jax.core.Tracer):
+    return
+  k = np.asarray(k)
+  if k.dtype == bool or not (np.issubdtype(k.dtype, np.integer) or np.all(k == np.round(k))):
+    raise PruneError(f"refresh: keep_k={k.tolist()} of unit '{name}' must be whole numbers of "
+                     'neurons')
+  if np.any(k < 0):
+    raise PruneError(f"refresh: keep_k={k.tolist()} of unit '{name}' must be >= 0 (0 prunes "
+                     'every neuron)')
 
 
 def widths(masks: Masks) -> dict[str, jax.Array]:

@@ -82,6 +82,24 @@ def _phases(config) -> tuple[Phase, ...]:
           Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
 
 
+def plan_fields(config) -> dict:
+  """{'prune.t_end': 0.7, ...}: the config fields config.pipeline's phases, pruning window and
+  schedules come from. A checkpoint records them; resuming under other values is refused.
+  (Not the peak LR, KD or cadences: runs may change those and still share a checkpoint.)"""
+  fields = ['train.steps', 'train.warmup_steps', 'train.min_lr_ratio']
+  prune = ['prune.target_ffn', 'prune.score', 'prune.beta1', 'prune.beta2']
+  window = ['prune.every', 'prune.schedule']
+  if config.pipeline == 'scratch':
+    fields += ['prune.target_ffn']
+  elif config.pipeline == 'idea':
+    fields += prune + ['prune.t_start', 'prune.t_end'] + window
+  elif config.pipeline == 'naive':
+    fields += prune + ['naive.split', 'naive.prune']
+    fields += (['naive.window'] + window if config.naive.prune == 'iterative'
+               else ['naive.score_batches'])
+  return {f: config[f.split('.')[0]][f.split('.')[1]] for f in fields}
+
+
 def teacher_config(config) -> ModelConfig:
   """The KD teacher's model: config.distill.teacher's export, else the enlarged model."""
   path = config.distill.teacher
@@ -286,12 +304,13 @@ def run_pipeline(config, workdir: str) -> dict:
   base_cfg = ModelConfig.from_config(config)
   digest = ctx.data.manifest['tokenizer_digest']
   meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline,
-          'tokenizer_digest': digest}
+          'plan': plan_fields(config), 'tokenizer_digest': digest}
 
   def abstract_for(saved):
     if saved.get('pipeline') != config.pipeline or saved.get('phase') not in names:
       raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
+    ckpt_lib.check_same_plan(saved, meta['plan'], workdir)
     if saved.get('tokenizer_digest', digest) != digest:
       raise ConfigError(f'config.data.prepared_dir={ctx.data.prepared_dir!r}: its tokenizer '
                         f'(digest {digest}) is not the one the checkpoint in {workdir} was '

@@ -215,6 +215,8 @@ def write_report(workdir: str, summary: dict) -> None:
   if any(r.get('ffn_width') is not None for r in train):
     plots.append(_plot_vs_step(workdir, train, bounds, ('ffn_width',), 'kept FFN neurons per layer',
                                'FFN width (mean kept neurons per layer)', 'ffn_width.png'))
+  if train and train[-1].get('epochs') is not None:  # passes over the train split, fractional
+    summary = {**summary, 'epochs': train[-1]['epochs']}
   kd = kd_means(train)
   if kd:
     plots.append(_plot_vs_step(workdir, train, bounds, KD_KEYS, 'nats per token',
@@ -327,18 +329,22 @@ def compare_table(results: dict) -> dict:
 
 
 def _verdict(table):
+  """The winner against the runner-up, seed by seed: compare runs every pipeline on each seed,
+  and a seed fixes the batches' order for all of them, so the spread common to both cancels."""
   names = list(table)
   if len(names) < 2:
     return f'Only one pipeline: {names[0]}.' if names else 'No pipelines.'
   a, b = table[names[0]], table[names[1]]
-  gap, spread = b['val_loss_mean'] - a['val_loss_mean'], max(a['val_loss_std'], b['val_loss_std'])
-  line = f'**{names[0]}** wins: mean val loss {gap:.4f} nats below **{names[1]}** (next best)'
-  if spread <= 0:
-    return line + '; one seed each, so the seed spread is unknown.'
-  seeds_apart = max(a['val_loss']) < min(b['val_loss'])
-  return line + (f', {gap / spread:.1f}× the larger seed std ({spread:.4f}); ' +
-                 ('every seed of it beats every seed of the runner-up.' if seeds_apart
-                  else 'the seeds overlap, so the win is not clear.'))
+  diffs = [lb - la for la, lb in zip(a['val_loss'], b['val_loss'])]
+  gap, spread = mean_std(diffs)
+  line = (f'**{names[0]}** wins: val loss {gap:.4f} nats below **{names[1]}** (next best), '
+          f'seed by seed')
+  if len(diffs) < 2:
+    return line + '; one seed, so the seed spread is unknown.'
+  wins = sum(d > 0 for d in diffs)
+  return line + (f' ± {spread:.4f} over {len(diffs)} seeds; ' +
+                 ('it is ahead on every seed.' if wins == len(diffs) else
+                  f'it is ahead on {wins} of {len(diffs)} seeds, so the win is not clear.'))
 
 
 def _plot_compare(workdir, results, table):

@@ -8,6 +8,7 @@ GCS object appears whole when its upload finishes, so there it is written in pla
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -120,8 +121,31 @@ def _endpoint() -> tuple[str, int, bool]:
   return 'storage.googleapis.com', 443, False
 
 
+_BUCKET_NAME = re.compile(r'[a-z0-9]([a-z0-9._-]*[a-z0-9])?')
+
+
+def bucket_problem(url: str) -> str:
+  """Why GCS would reject the bucket of a gs:// URL ('' when it would not, or not gs://).
+
+  Checked here because a bad name otherwise surfaces as a tensorstore error after its retries.
+  """
+  scheme, bucket = urllib.parse.urlsplit(str(url))[:2]
+  if scheme != 'gs':
+    return ''
+  rule = ('bucket names are 3-63 lowercase letters, digits, dashes, underscores and dots, '
+          'starting and ending with a letter or digit')
+  # Dotted names may reach 222 characters, if every dot-separated part is at most 63.
+  too_long = len(bucket) > (222 if '.' in bucket else 63) or any(
+      len(part) > 63 for part in bucket.split('.'))
+  if len(bucket) < 3 or too_long or not _BUCKET_NAME.fullmatch(bucket):
+    return f'gs://{bucket} is not a valid bucket name ({rule})'
+  return ''
+
+
 def check_workdir(workdir: str, flag: str = '--workdir') -> None:
   """A usable run directory, or one StorageError line naming it and what to do."""
+  if bucket_problem(workdir):
+    raise StorageError(f'{flag}={workdir}: {bucket_problem(workdir)}')
   p = path(workdir)
   if not is_url(workdir):
     if p.exists() and not p.is_dir():

@@ -8,6 +8,8 @@ Linen boxed params and NNX `State`s alike.
 
     FFN_STRUCTURE                                      # our scanned model (layers on axis 0)
     ffn_units([('block_0', 'mlp'), ('block_1', 'mlp')], kernel=('kernel',))  # two NNX blocks
+    ffn_unit('mlp', ('decoder', 'layers', 'mlp'), in_projs=('wi_0', 'wi_1'), out_projs=('wo',),
+             kernel=('kernel',), layer_axis=1, out_axis=0)   # MaxText, param_scan_axis=1
 """
 
 import dataclasses
@@ -45,16 +47,22 @@ Structure = tuple[Unit, ...]
 
 def ffn_unit(name: str, prefix: Sequence[str], *, in_projs=('gate', 'up'), out_projs=('down',),
              kernel: Sequence[str] = (), bias: str | None = None,
-             layer_axis: int | None = None, shared: bool = False) -> Unit:
-  """One FFN: `prefix/<in_proj>/<kernel>` [.., D, F] on axis -1, `prefix/<out_proj>/<kernel>`
-  [.., F, D] on axis -2; `bias`: the leaf name of the in-projections' biases `prefix/<in_proj>/
-  <bias>` [.., F], which belong to the neuron (Linen Dense / nnx.Linear: kernel=('kernel',),
-  bias='bias')."""
+             layer_axis: int | None = None, in_axis: int = -1, out_axis: int = -2,
+             shared: bool = False) -> Unit:
+  """One FFN: `prefix/<in_proj>/<kernel>` [.., D, F] with neurons on `in_axis`,
+  `prefix/<out_proj>/<kernel>` [.., F, D] with neurons on `out_axis`; `bias`: the leaf name of
+  the in-projections' biases `prefix/<in_proj>/<bias>` [.., F] (neurons on their last axis),
+  which belong to the neuron (Linen Dense / nnx.Linear: kernel=('kernel',), bias='bias').
+
+  The axes count in the stacked leaf, layers included: MaxText's scanned layout
+  (param_scan_axis=1), wi_0/wi_1 [D, L, F] and wo [F, L, D], is
+  `ffn_unit(..., in_projs=('wi_0', 'wi_1'), out_projs=('wo',), layer_axis=1, out_axis=0)`.
+  """
   prefix, kernel = tuple(prefix), tuple(kernel)
-  slices = [Slice(prefix + (p,) + kernel, -1) for p in in_projs]
+  slices = [Slice(prefix + (p,) + kernel, in_axis) for p in in_projs]
   if bias is not None:
     slices += [Slice(prefix + (p, bias), -1) for p in in_projs]
-  slices += [Slice(prefix + (p,) + kernel, -2) for p in out_projs]
+  slices += [Slice(prefix + (p,) + kernel, out_axis) for p in out_projs]
   return Unit(name, tuple(slices), layer_axis, shared)
 
 

@@ -16,9 +16,13 @@ die() {
   exit 2
 }
 
-# The help text is the script's own header comment, so it cannot drift from the script.
+# The help text is the script's own header comment, so it cannot drift from the script; then
+# help_footer's lines, where a script has facts to add that live elsewhere (pyproject.toml).
 usage() {
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  if declare -F help_footer >/dev/null; then
+    help_footer
+  fi
   exit 0
 }
 
@@ -111,4 +115,40 @@ remote() {
 ssh_workers() {
   gcloud_scope
   run_or_print gcloud compute tpus tpu-vm ssh "$NAME" "${SCOPE[@]}" --worker="$1" --command "$2"
+}
+
+# configs/X.py -> configs/X.py:VARIANT, the variant compile-checked for accelerator type $2
+# (v5p-64 -> :v5p64, v5litepod-64 -> :v5e64, v6e-64 -> :v6e64); a config naming its variant is
+# kept as given. The config file names its checked variants as quoted keys ('v5p64': ...).
+config_for_accel() {
+  local config=$1 accel=$2 variant
+  if [[ $config == *:* ]]; then
+    printf '%s\n' "$config"
+    return 0
+  fi
+  variant=${accel/litepod/e}
+  variant=${variant//-/}
+  if [[ -z $accel ]] || ! grep -q "[\"']${variant}[\"']" "$REPO_ROOT/$config"; then
+    die "--config '$config' has no variant for ${accel:-this slice}; pass \
+--config $config:VARIANT, one checked with: idea-prune compile-check --config $config:VARIANT \
+--topology ${accel:-TYPE}"
+  fi
+  printf '%s\n' "$config:$variant"
+}
+
+# Runs "$@" for at most $1 seconds (then SIGTERM); its stdout comes out once it ended, through a
+# file, not a pipe: a child it leaves behind (ssh to a hung VM) cannot hold the caller's $(...).
+with_timeout() {
+  local secs=$1 out pid watcher rc=0
+  shift
+  out=$(mktemp)
+  "$@" >"$out" &
+  pid=$!
+  (sleep "$secs" && kill -TERM "$pid") >/dev/null 2>&1 &
+  watcher=$!
+  wait "$pid" || rc=$?
+  kill "$watcher" 2>/dev/null || true
+  cat "$out"
+  rm -f "$out"
+  return "$rc"
 }

@@ -13,7 +13,10 @@
 #   --zone ZONE          its zone
 #   --project PROJECT    default: gcloud's configured project
 #   --workdir DIR        gs://BUCKET/DIR (or an absolute path every worker shares)
-#   --config FILE        a config in this checkout (default configs/paper_2p8b_to_1p3b.py)
+#   --config FILE[:VAR]  a config in this checkout (default configs/paper_2p8b_to_1p3b.py); without
+#                        :VARIANT, the one compile-checked for the slice's type (v5p-64 -> :v5p64,
+#                        v6e-64 -> :v6e64, v5litepod-64 -> :v5e64), or an error if it has none
+#   --accelerator-type T the slice's type, to pick that variant (default: asks tpu-vm describe)
 #   --mode MODE          the idea-prune command: run (default), compare or train
 #   --env VAR=VALUE      an environment variable for the run (repeatable; e.g. LIBTPU_INIT_ARGS=...)
 #   --config.a.b=v       config overrides, passed through as single words (spaces, commas kept)
@@ -26,6 +29,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 ACTION=start
 WORKDIR=''
+ACCEL=''
 CONFIG=configs/paper_2p8b_to_1p3b.py
 MODE=run
 ENVS=(IDEA_PRUNE_DISTRIBUTED=1)
@@ -37,6 +41,7 @@ while (($#)); do
   case $1 in
     --workdir) need_arg "$@"; WORKDIR=$2; shift 2 ;;
     --config) need_arg "$@"; CONFIG=$2; shift 2 ;;
+    --accelerator-type) need_arg "$@"; ACCEL=$2; shift 2 ;;
     --mode) need_arg "$@"; MODE=$2; shift 2 ;;
     --env) need_arg "$@"; ENVS+=("$2"); shift 2 ;;
     --config.*=*) PASS+=("$1"); shift ;;
@@ -69,6 +74,13 @@ esac
 for e in "${ENVS[@]}"; do
   [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$e': write it as VAR=VALUE"
 done
+if [[ $CONFIG != *:* && -z $ACCEL ]]; then
+  ((!DRY_RUN)) || die "--config '$CONFIG' without :VARIANT: pass --accelerator-type to pick one"
+  gcloud_scope
+  ACCEL=$(gcloud compute tpus tpu-vm describe "$NAME" "${SCOPE[@]}" \
+    --format='value(acceleratorType)') || die "cannot ask $NAME its type; pass --accelerator-type"
+fi
+CONFIG=$(config_for_accel "$CONFIG" "$ACCEL")
 
 ssh_workers all "$(remote bash "$worker_sh" start "${ENVS[@]}" "$MODE" --config "$CONFIG" \
   --workdir "$WORKDIR" ${PASS[@]+"${PASS[@]}"})"

@@ -6,12 +6,14 @@
 # Packs the working tree (uncommitted edits included; .git, .venv, runs and caches left out),
 # copies it to ~/REMOTE_DIR on all workers, and runs launch/worker.sh setup there: a venv with
 # Python >= 3.11 (installed from apt when the image lacks it) and
-# pip install -e '.[data]' 'jax[tpu]'. Rerun it after editing code or configs.
+# pip install -e '.[data,gcs]' JAX_SPEC: the gcs extra always, for gs:// workdirs and data.
+# Rerun it after editing code or configs.
 #
 #   --name NAME          TPU VM (node) name
 #   --zone ZONE          its zone
 #   --project PROJECT    default: gcloud's configured project
-#   --jax SPEC           the JAX requirement to install (default 'jax[tpu]'; e.g. 'jax[tpu]==0.7.2')
+#   --jax SPEC           the JAX requirement to install (default: the pin of pyproject.toml's
+#                        tpu extra, below)
 #   --sync-only          copy the code, skip the install (code/config edits after a full setup)
 #   --data-bucket B      also mount bucket B read-only at /mnt/B on every worker (gcsfuse,
 #                        installed if missing), for --config.data.prepared_dir=/mnt/B/...
@@ -22,7 +24,12 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-JAX_SPEC='jax[tpu]'
+# The one place that names the jax[tpu] version: pyproject.toml's `tpu = ["jax[tpu]==X"]`.
+JAX_SPEC=$(sed -n 's/^tpu = \["\([^"]*\)"\].*/\1/p' "$REPO_ROOT/pyproject.toml")
+
+help_footer() {
+  echo "--jax default here: '${JAX_SPEC:-none: pyproject.toml has no tpu extra}'"
+}
 SYNC_ONLY=0
 DATA_BUCKET=''
 
@@ -38,6 +45,7 @@ while (($#)); do
   esac
 done
 require_name_zone
+[[ -n $JAX_SPEC ]] || die 'no tpu extra in pyproject.toml to take the jax[tpu] pin from; pass --jax'
 if [[ -n $DATA_BUCKET ]]; then
   DATA_BUCKET=${DATA_BUCKET#gs://}
   DATA_BUCKET=${DATA_BUCKET%/}

@@ -2,12 +2,14 @@
 # Runs ON each TPU VM worker (setup.sh and run.sh call it over ssh); not for your workstation.
 #
 #   worker.sh setup [JAX_SPEC]        venv at REPO/.venv with Python >= 3.11, then
-#                                     pip install -e 'REPO[data]' JAX_SPEC (default 'jax[tpu]')
+#                                     pip install -e 'REPO[data,gcs]' JAX_SPEC (default 'jax[tpu]');
+#                                     gcs always: gs:// workdirs and data need gcsfs
 #   worker.sh start [VAR=VALUE ...] ARGS...
 #                                     idea-prune ARGS in the background, detached from ssh
 #                                     (setsid + nohup), appending to REPO/logs/run.log
-#   worker.sh stop                    SIGTERM to that run: it checkpoints and exits
-#   worker.sh status                  running or not, and the log's last line
+#   worker.sh stop [GRACE_S]          SIGTERM to that run: it checkpoints and exits; with GRACE_S,
+#                                     SIGKILL if it is still there GRACE_S seconds later (hung)
+#   worker.sh status                  running or not, seconds since the log last grew, its last line
 #   worker.sh mount-data BUCKET       gcsfuse-mounts BUCKET read-only at /mnt/BUCKET (installs
 #                                     gcsfuse from Google's apt repository if missing)
 #
@@ -56,7 +58,7 @@ setup() {
     "$py" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "${REPO}[data]" "$jax_spec"
+  "$VENV/bin/python" -m pip install -q -e "${REPO}[data,gcs]" "$jax_spec"
   # No backend init here: on a multi-host slice that would wait for the other workers.
   "$VENV/bin/python" -c 'import jax, idea_prune_jax; print("jax", jax.__version__)' |
     sed "s/^/$HOST: /"
@@ -96,20 +98,34 @@ start() {
 }
 
 stop() {
-  local pid
-  if pid=$(running_pid); then
-    kill -TERM "$pid"
-    echo "$HOST: sent SIGTERM to pid $pid; it saves a checkpoint and exits (see $LOG)"
-  else
+  local grace=${1:-} pid waited=0
+  if ! pid=$(running_pid); then
     echo "$HOST: no run going"
+    return 0
+  fi
+  kill -TERM "$pid"
+  echo "$HOST: sent SIGTERM to pid $pid; it saves a checkpoint and exits (see $LOG)"
+  [[ -n $grace ]] || return 0
+  [[ $grace =~ ^[0-9]+$ ]] || die "stop: GRACE_S '$grace' is not a whole number of seconds"
+  while running_pid >/dev/null && ((waited < grace * 10)); do
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  if running_pid >/dev/null; then
+    kill -KILL "$pid"
+    echo "$HOST: pid $pid still there after ${grace}s: sent SIGKILL"
   fi
 }
 
 status() {
-  local pid last=''
-  [[ -f $LOG ]] && last=$(tail -n 1 "$LOG")
+  local pid last='' idle=0
+  if [[ -f $LOG ]]; then
+    last=$(tail -n 1 "$LOG")
+    idle=$(($(date +%s) - $(stat -c %Y "$LOG")))
+  fi
   if pid=$(running_pid); then
-    echo "$HOST: running (pid $pid): $last"
+    # supervise.sh's hang watchdog reads "idle Ns": a hung step stops the log on every worker.
+    echo "$HOST: running (pid $pid) idle ${idle}s: $last"
   else
     echo "$HOST: not running: $last"
   fi

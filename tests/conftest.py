@@ -53,11 +53,26 @@ def run_on_devices(script: str, n_devices: int = 8, timeout: int = 600) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def checkpoint_state(workdir, step):
+  """The train state a run saved at `step`, as plain arrays."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def logged_losses(workdir) -> dict:
+  """{step: train loss} from a run's metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
 # The files that take a minute or more (several processes, a GCS server, 8-device meshes) start
 # first: `make test` hands whole files to its workers in this order (--no-loadscope-reorder), and
 # one of these last would run alone at the end while the other cores idle.
-SLOW_FILES = ('test_multihost.py', 'test_gcs.py', 'test_sharding.py', 'test_resume.py',
-              'test_sweep.py', 'test_tpu_compile.py', 'test_compile_check.py')
+SLOW_FILES = ('test_rehearsal.py', 'test_rehearsal_faults.py', 'test_multihost.py', 'test_gcs.py',
+              'test_sharding.py', 'test_resume.py', 'test_sweep.py', 'test_checkpoint_faults.py',
+              'test_tpu_compile.py', 'test_compile_check.py')
 
 
 def pytest_collection_modifyitems(items):

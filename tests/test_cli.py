@@ -7,6 +7,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import pytest
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
@@ -62,3 +63,34 @@ def test_eval_and_generate_on_an_export(tmp_path):
   assert out.stdout.startswith('ROMEO:') and len(out.stdout) > len('ROMEO:')
   out = _cli('eval', '--checkpoint', str(tmp_path), '--files', str(text))
   assert out.returncode == 2 and 'not an export' in out.stderr
+
+
+@pytest.mark.parametrize('field, value', [('train.log_every', 0), ('train.eval_every', 0),
+                                          ('train.ckpt_every', 0), ('naive.score_batches', 0)])
+def test_zero_cadences_and_score_batches_are_refused_naming_the_field(field, value):
+  # 0 used to pass and then divide by zero after the first step (or keep neurons 0..f_T-1).
+  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(config_lib.ConfigError, match=rf'^config\.{field}=0: must be >= 1') as e:
+    config_lib.validate(config, 1)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('bad', ['gs://ab/run', 'gs://My-Bucket/run', 'gs://-bucket/run',
+                                 'gs://bucket_/run', 'gs://b@d/run', f'gs://{"x" * 64}/run'])
+def test_bucket_names_gcs_rejects_fail_before_compute(bad):
+  from idea_prune_jax import storage
+  with pytest.raises(storage.StorageError, match=r'^--workdir=.*: gs://.* is not a valid bucket '
+                                                 'name') as e:
+    storage.check_workdir(bad)
+  assert '\n' not in str(e.value)
+  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config.data.files = f'local.txt,{bad}/*.txt'
+  with pytest.raises(config_lib.ConfigError, match=r'^config\.data\.files=.*not a valid bucket'):
+    config_lib.validate(config, 1)
+  for good in ('gs://idea-prune-test/run', 'gs://a.b_c-9/x', f'gs://{"x" * 63}.{"y" * 63}/x'):
+    assert storage.bucket_problem(good) == ''
+  config.data.files = ''
+  config.distill.teacher = 'gs://idea-prune-test/export'
+  config_lib.validate(config, 1)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import FAST_COMPILE_FLAG
-from idea_prune_jax import compile_check
+from idea_prune_jax import chips, compile_check
 from idea_prune_jax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +42,8 @@ def test_every_step_compiles_with_ordered_sizes():
     assert s['flops'] > 0 and s['bytes_accessed'] > 0 and s['model_flops'] > 0
     # XLA:CPU's program too: the layer loop (2 layers) counted as often as it runs.
     assert s['loops_counted'] and 2 in s['loop_trips'], s['cost_source']
+    # Every step shards over data, fsdp and tensor: its collectives move bytes between chips.
+    assert s['ici_bytes'] == sum(s['collective_bytes'].values()) > 0
   enlarged, prune, recovery = steps['enlarged'], steps['prune'], steps['recovery']
   assert prune['kd'] and prune['teacher'] and prune['masks']
   assert not (recovery['kd'] or recovery['teacher'] or recovery['masks'])
@@ -55,6 +57,18 @@ def test_every_step_compiles_with_ordered_sizes():
       'argument_bytes']
   # Donation: the whole state is aliased input -> output.
   assert enlarged['alias_bytes'] == enlarged['state_bytes']
+
+
+def test_roofline_range_prices_collectives_at_ici_bandwidth():
+  chip = chips.CHIPS['v6e']  # 918 TFLOP/s, 1640 GB/s HBM, 800 GB/s ICI both ways over 4 ports
+  r = compile_check.roofline(flops=918e12, bytes_accessed=820e9, model_flops=459e12, chip=chip,
+                             ici_bytes=200e9)
+  assert (r['compute_s'], r['memory_s'], r['ici_s']) == pytest.approx((1.0, 0.5, 0.5))
+  assert r['roofline_step_s'] == 1.0 and r['bound'] == 'compute' and r['mfu_ceiling'] == 0.5
+  assert r['step_s_range'] == pytest.approx([1.0, 2.0]) and r['mfu_range'] == [0.25, 0.5]
+  r = compile_check.roofline(918e12, 820e9, 459e12, chip, ici_bytes=800e9)
+  assert r['bound'] == 'ici' and r['step_s_range'] == pytest.approx([2.0, 3.5])
+  assert r['roofline_step_s'] == 1.0  # the chip alone, as before
 
 
 def test_bad_mesh_is_one_line_error():
@@ -71,3 +85,12 @@ def test_parse_mesh():
   for bad in ('', 'data', 'pipe=2', 'tensr=2', 'data=1.5', 'fsdp=0'):
     with pytest.raises(ConfigError, match='mesh'):
       compile_check.parse_mesh(bad)
+
+
+def test_calibration_config_is_llama31_8b_at_maxtexts_benchmark_shape():
+  from idea_prune_jax import config as config_lib
+  from idea_prune_jax import model as model_lib
+  config = config_lib.load(os.path.join(ROOT, 'configs/llama31_8b.py:v6e256'))
+  # Llama 3.1 8B's published parameter count; 4 sequences of 8192 on each of 256 chips.
+  assert model_lib.param_count(config_lib.ModelConfig.from_config(config)) == 8_030_261_248
+  assert (config.data.seq_len, config.train.batch_size) == (8192, 4 * 256)

@@ -3,11 +3,14 @@
 import dataclasses
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from conftest import ROOT
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import data, inputs, prepare
 from idea_prune_jax.inputs import DataError
@@ -34,7 +37,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory, tokenizer):
-  """20 sonnets, one document each (~20 batches an epoch: resume tests cross an epoch)."""
+  """20 sonnets, one document each (~36 batches of 4 x 33 an epoch: resume tests cross one)."""
   src = tmp_path_factory.mktemp('src') / 'docs.jsonl'
   sonnets = [t for t in inputs.embedded_works()['sonnets'].split('\n\n') if len(t) > 100][:20]
   src.write_text(''.join(json.dumps({'text': t}) + '\n' for t in sonnets))
@@ -95,7 +98,7 @@ def test_document_attention_batches_restart_positions_and_mask_boundaries(prepar
   assert w.sum() == w.size - len(starts)
 
 
-@pytest.mark.parametrize('consumed', [0, 5, 30])  # 30 batches cross an epoch boundary
+@pytest.mark.parametrize('consumed', [0, 5, 45])  # 45 batches cross an epoch boundary
 def test_resume_yields_bit_identical_batches(prepared, consumed):
   config = make_config(prepared, attention='document')
   first = data.build(config, '/unused').train
@@ -277,3 +280,103 @@ def test_packing_dataclass_from_config():
   config = make_config('/x', attention='document', read_threads=1, prefetch=0, workers=0)
   assert data.Packing.from_config(config) == dataclasses.replace(
       data.Packing(32), document_attention=True, read_threads=1, prefetch=0)
+
+
+def test_epochs_follow_the_iterator_position_and_survive_a_restore(prepared):
+  """epochs = documents of the train split read / documents in it, from the grain state alone."""
+  config = make_config(prepared)
+  manifest = prepare.read_manifest(str(prepared))
+  it = data.build(config, '/unused').train
+  assert it.epochs() == 0.0
+  per_batch = config.train.batch_size * (config.data.seq_len + 1)
+  seen = []
+  for k in range(1, 46):  # ~36 batches an epoch: crosses one boundary
+    next(it)
+    seen.append(it.epochs())
+    consumed = k * per_batch / manifest['splits']['train']['tokens']
+    assert seen[-1] == pytest.approx(consumed, abs=0.15)  # documents, not tokens: close
+  assert seen == sorted(seen) and seen[0] < 1 < seen[-1] < 2
+  resumed = data.build(config, '/unused').train
+  resumed.set_state(it.get_state())
+  assert resumed.epochs() == seen[-1]
+  assert it.epochs(data.build(config, '/unused').train.get_state()) == 0.0
+
+
+def test_epochs_of_one_host_of_several_count_the_whole_split(prepared):
+  config = make_config(prepared, shards=2)
+  one_process = data.build(config, '/unused').train
+  host0 = data.build(config, '/unused', 0, 2).train
+  for _ in range(24):
+    next(one_process)
+    next(host0)
+  assert host0.epochs() == pytest.approx(one_process.epochs(), abs=0.15)
+  assert 0.5 < host0.epochs() < 1.5
+
+
+class _CountingReader:
+  """ArrayRecordReader standing in for a slow file system: counts opens, the most at once."""
+  opens, active, most, real = 0, 0, 0, None
+  lock = threading.Lock()
+
+  def __init__(self, *args, **kwargs):
+    cls = type(self)
+    with cls.lock:
+      cls.opens, cls.active = cls.opens + 1, cls.active + 1
+      cls.most = max(cls.most, cls.active)
+    time.sleep(0.05)
+    with cls.lock:
+      cls.active -= 1
+    self._reader = cls.real(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._reader, name)
+
+
+def test_shards_are_opened_in_parallel_and_read_lazily(tmp_path, tokenizer, monkeypatch):
+  from array_record.python import array_record_module
+  src = tmp_path / 'docs.jsonl'
+  src.write_text(''.join(json.dumps({'text': f'document {i} ' * 20}) + '\n' for i in range(64)))
+  out = tmp_path / 'prepared'
+  prepare.prepare(str(src), str(out), tokenizer=tokenizer, val_fraction=0.1, progress=False,
+                  records_per_shard=4)
+  manifest = prepare.read_manifest(str(out))
+  n = len(manifest['splits']['train']['shards'])
+  assert n >= 8
+  for name, value in (('real', array_record_module.ArrayRecordReader), ('opens', 0), ('most', 0)):
+    monkeypatch.setattr(_CountingReader, name, value)
+  monkeypatch.setattr(array_record_module, 'ArrayRecordReader', _CountingReader)
+  source = data._source(str(out), manifest, 'train')
+  assert len(source) == manifest['splits']['train']['documents']
+  assert _CountingReader.opens == n  # counted once each; the reader of a shard opens on a read
+  assert _CountingReader.most > 1  # not one after another
+  source[0]
+  assert _CountingReader.opens == n + 1
+
+
+def test_epochs_reach_metrics_and_report_are_logged_once_and_survive_resume(prepared, tmp_path,
+                                                                            caplog):
+  """A scratch run over the sonnets (~9 steps of 16 x 33 an epoch), whole and resumed from 6."""
+  import shutil
+  from idea_prune_jax import experiment
+
+  def run(workdir):
+    config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+    config.pipeline = 'scratch'
+    config.data.update(source='prepared', prepared_dir=str(prepared))
+    config.train.update(steps=12, batch_size=16, ckpt_every=6, eval_every=12, keep_ckpts=10)
+    with caplog.at_level('INFO'):
+      caplog.clear()
+      experiment.run_experiment(config, str(workdir), do_export=False)
+      crossings = [r.getMessage() for r in caplog.records if 'epoch 2 of the train' in
+                   r.getMessage()]
+    rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+    epochs = {r['step']: r['epochs'] for r in rows if 'loss' in r}  # a resume rewrites its steps
+    return epochs, json.load(open(workdir / 'report.json'))['epochs'], crossings
+
+  whole, whole_report, crossings = run(tmp_path / 'whole')
+  assert len(crossings) == 1 and whole[0] == 0.0 and whole[6] < 1 < whole[11] < 2
+  assert whole_report == whole[11]
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '12')
+  resumed, resumed_report, crossings = run(tmp_path / 'resumed')
+  assert resumed == whole and resumed_report == whole_report and len(crossings) == 1

@@ -199,5 +199,32 @@ def test_transformers_tokenizer_matches_sentencepiece(tmp_path, spm_model, trans
   for text in ['First Citizen:\nBefore we proceed any further, hear me speak.',
                'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.',
                'ünï 日本 🙂']:
-    assert tok(text)['input_ids'] == sp.encode(text)  # no BOS added: the pipeline adds none
+    # BOS first, as training frames every document ([BOS] ids [EOS], data.document_ids).
+    assert tok(text)['input_ids'] == [prepare.BOS_ID] + sp.encode(text)
     assert tok.decode(sp.encode(text)) == text
+
+
+def test_transformers_and_ours_score_text_alike_each_with_its_own_tokenizer(tmp_path, spm_model,
+                                                                              transformers):
+  """An lm-eval style request: log p(continuation | context), the context tokenized by each side's
+  own tokenizer (HF adds what its tokenizer_config says; ours starts from the tokenizer's BOS)."""
+  import sentencepiece as spm
+  import torch
+  from idea_prune_jax import evaluate
+  cfg = dataclasses.replace(CFG, vocab_size=512)
+  params = _params(cfg)
+  out = export.save_hf(str(tmp_path / 'hf'), params, cfg, tokenizer_path=spm_model)
+  model = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+  sp = spm.SentencePieceProcessor(model_file=spm_model)
+  context, continuation = 'First Citizen:\nBefore we proceed any further,', ' hear me speak.'
+  ctx, whole = sp.encode(context), sp.encode(context + continuation)
+  assert whole[:len(ctx)] == ctx
+  ours, _ = evaluate.loglikelihood(params, cfg, ctx, whole[len(ctx):], sp=sp)
+  hf_ctx, hf_whole = tok(context)['input_ids'], tok(context + continuation)['input_ids']
+  n = len(hf_whole) - len(hf_ctx)
+  with torch.no_grad():
+    logits = model(torch.tensor([hf_whole[:-1]])).logits[0]
+  logp = torch.log_softmax(logits, -1)[-n:].gather(-1, torch.tensor(hf_whole[-n:])[:, None])
+  assert abs(ours) > 1.0  # a score large enough for the comparison to mean something
+  np.testing.assert_allclose(float(logp.sum()), ours, rtol=1e-5, atol=1e-4)

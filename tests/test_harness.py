@@ -149,7 +149,7 @@ def test_tokenizer_matches_the_hf_export(exported):
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(exported, 'hf'))
   for row in map(json.loads, open(os.path.join(TASKS_DIR, 'shakespeare_mc.jsonl'))):
     for text in [row['context']] + [row['context'] + c for c in row['choices']]:
-      assert lm.tok_encode(text) == tok(text)['input_ids']  # no BOS on either side
+      assert lm.tok_encode(text) == tok(text)['input_ids']  # BOS first on both sides
   assert lm.eot_token_id == tok.eos_token_id == prepare.EOS_ID
   assert lm.prefix_token_id == tok.bos_token_id == prepare.BOS_ID  # the hf model's prefix too
 

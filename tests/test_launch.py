@@ -3,6 +3,7 @@ background run, and shellcheck. No cloud access: gcloud is a fake that records i
 
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -113,13 +114,42 @@ def test_run_on_all_workers_with_overrides_intact(env):
   overrides = ['--config.data.files=a b,c.txt', "--config.data.tokenizer=it's.model",
                '--config.data.tfds_data_dir=gs://my-bucket/tfds', '--config.mesh.fsdp=-1']
   [ssh] = dry('run.sh', *NZ, '--workdir', WORKDIR, *overrides, '--env', 'XLA_FLAGS=--a --b',
-              '--', '--verbosity=1', env=env)
+              '--accelerator-type', 'v5p-64', '--', '--verbosity=1', env=env)
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'idea-v5p']
   assert '--zone=us-east5-a' in ssh and '--worker=all' in ssh
   assert remote(ssh) == ['bash', 'idea_prune_jax/launch/worker.sh', 'start',
                          'IDEA_PRUNE_DISTRIBUTED=1', 'XLA_FLAGS=--a --b',
-                         'run', '--config', 'configs/paper_2p8b_to_1p3b.py', '--workdir', WORKDIR,
-                         *overrides, '--verbosity=1']
+                         'run', '--config', 'configs/paper_2p8b_to_1p3b.py:v5p64', '--workdir',
+                         WORKDIR, *overrides, '--verbosity=1']
+
+
+@pytest.mark.parametrize('accel, variant', [('v5p-64', 'v5p64'), ('v6e-64', 'v6e64'),
+                                            ('v5litepod-64', 'v5e64')])
+def test_run_picks_the_compile_checked_variant_of_the_type(accel, variant, env):
+  [ssh] = dry('run.sh', *NZ, '--workdir', WORKDIR, '--accelerator-type', accel, env=env)
+  config = remote(ssh)[remote(ssh).index('--config') + 1]
+  assert config == f'configs/paper_2p8b_to_1p3b.py:{variant}'
+  [ssh] = dry('run.sh', *NZ, '--workdir', WORKDIR, '--accelerator-type', accel,
+              '--config', 'configs/tiny.py:test', env=env)  # named: used as given
+  assert remote(ssh)[remote(ssh).index('--config') + 1] == 'configs/tiny.py:test'
+
+
+def test_run_asks_the_slice_its_type(env):
+  gcloud = pathlib.Path(env['PATH'].split(os.pathsep)[0]) / 'gcloud'
+  gcloud.write_text('#!/usr/bin/env bash\n'
+                    'case "$*" in *describe*) echo v5litepod-64 ;;\n'
+                    '  *) echo "$*" >"$GCLOUD_LOG" ;; esac\n')
+  launch('run.sh', *NZ, '--workdir', WORKDIR, env=env)
+  assert 'configs/paper_2p8b_to_1p3b.py:v5e64' in pathlib.Path(env['GCLOUD_LOG']).read_text()
+
+
+def test_setup_installs_the_pinned_jax_tpu_and_gcs_support(env):
+  pin = re.search(r'^tpu = \["(jax\[tpu\]==[^"]+)"\]', (REPO / 'pyproject.toml').read_text(),
+                  re.M).group(1)
+  *_, ssh = dry('setup.sh', *NZ, env=env)
+  assert remote(ssh)[-3:] == ['idea_prune_jax/launch/worker.sh', 'setup', pin]
+  assert f"--jax default here: '{pin}'" in launch('setup.sh', '--help', env=env).stdout
+  assert '"${REPO}[data,gcs]"' in (LAUNCH / 'worker.sh').read_text()  # gs:// needs gcsfs
 
 
 def test_run_executes_what_dry_run_prints(env):
@@ -171,6 +201,12 @@ def test_delete(env):
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--mode', 'eval'], 'use run, compare or train'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--config.train.steps', '5'], 'one word'),
     ('run.sh', [*NZ, '--workdir', WORKDIR, '--env', 'NOEQUALS'], 'VAR=VALUE'),
+    ('run.sh', [*NZ, '--workdir', WORKDIR], 'pass --accelerator-type'),
+    ('run.sh', [*NZ, '--workdir', WORKDIR, '--accelerator-type', 'v5p-64', '--config',
+                'configs/tiny.py'], 'idea-prune compile-check --config configs/tiny.py:VARIANT '
+                                    '--topology v5p-64'),
+    ('supervise.sh', [*NZ, '--accelerator-type', 'v5p-8', '--workdir', 'gs://b/r', '--poll',
+                      '1s'], '--poll'),
     ('logs.sh', [*NZ, '--worker', 'x'], 'a worker index'),
     ('logs.sh', ['--zone', 'z'], 'missing --name'),
     ('delete.sh', ['--name', 'n'], 'missing --zone'),
@@ -268,7 +304,7 @@ SUPERVISE = [*NZ, '--accelerator-type', 'v5p-64', '--spot', '--queued', '--workd
 
 
 def test_run_takes_a_bucket_workdir(env):
-  [ssh] = dry('run.sh', *NZ, '--workdir', GS_WORKDIR, env=env)
+  [ssh] = dry('run.sh', *NZ, '--workdir', GS_WORKDIR, '--accelerator-type', 'v5p-64', env=env)
   assert remote(ssh)[remote(ssh).index('--workdir') + 1] == GS_WORKDIR
 
 
@@ -281,7 +317,8 @@ def test_supervise_dry_run_prints_one_recovery(env):
   assert create[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'idea-v5p']
   assert '--spot' in create and '--accelerator-type=v5p-64' in create
   assert tar[2] == 'tar' and scp[4] == 'scp'
-  assert 'jax[tpu]' in remote(setup) and remote(setup)[-2:] == ['mount-data', 'idea-data']
+  assert 'jax[tpu]==' in ' '.join(remote(setup)) and remote(setup)[-2:] == ['mount-data',
+                                                                            'idea-data']
   assert remote(run)[2:] == ['start', 'IDEA_PRUNE_DISTRIBUTED=1', 'run', '--config',
                              'configs/tiny.py:test', '--workdir', GS_WORKDIR,
                              '--config.train.steps=5']
@@ -319,7 +356,8 @@ def _kind(argv):
     return argv[3]
   if 'ssh' in argv:
     line = argv[argv.index('--command') + 1]
-    return 'ssh ' + next(w for w in ('setup', 'start', 'status') if f'worker.sh {w}' in line)
+    return 'ssh ' + next(w for w in ('setup', 'start', 'status', 'stop')
+                         if f'worker.sh {w}' in line)
   return argv[3]  # tpu-vm scp
 
 
@@ -333,7 +371,7 @@ def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_p
       'ls', 'describe', 'delete', 'create',  # PREEMPTED: recreate
       'ls', 'describe',  # PROVISIONING: wait
       'ls', 'describe', *cycle,  # ACTIVE again: set up and rerun the same command
-      'ls']  # the report is there
+      'ls', 'delete']  # the report is there: the slice goes
   runs = [c for c in calls if kind(c) == 'ssh start']
   assert runs[0] == runs[1]  # the same command both times: it resumes from the checkpoint
 
@@ -342,5 +380,6 @@ def test_supervise_restarts_a_run_that_stopped_on_a_healthy_slice(tmp_path, env)
   calls = _supervise(tmp_path, env, ['ACTIVE', 'ACTIVE'], 'not running: Traceback ...')
   assert [_kind(c) for c in calls] == [
       'ls', 'describe', 'scp', 'ssh setup', 'ssh start',
-      'ls', 'describe', 'ssh status', 'ssh start',  # no setup again: the slice is the same
-      'ls']
+      'ls', 'describe', 'ssh status',  # not running:
+      'ls', 'ssh stop', 'ssh start',  # no report: stopped everywhere, no setup (the same slice)
+      'ls', 'delete']

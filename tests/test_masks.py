@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from idea_prune_jax import masks, structure
+from idea_prune_jax import importance, masks, structure
 from idea_prune_jax.config import ModelConfig
 from idea_prune_jax.model import Transformer, init_params
 
@@ -305,6 +305,65 @@ def test_refresh_under_jit_compiles_once_as_k_changes():
 def test_docs_example_runs():
   doc = (pathlib.Path(__file__).parents[1] / 'docs' / 'pruning_api.md').read_text()
   blocks = re.findall(r'```python\n(.*?)```', doc, re.S)
-  # The dict MLP, Linen (nn.scan) and NNX (nnx.Optimizer) examples, run in order in one namespace.
-  assert len(blocks) == 3 and 'nnx.Optimizer(' in blocks[2] and 'nn.scan(' in blocks[1], blocks
+  # The dict MLP, Linen (nn.scan), NNX (nnx.Optimizer) and MaxText (layers on axis 1) examples,
+  # run in order in one namespace.
+  assert len(blocks) == 4 and 'nnx.Optimizer(' in blocks[2] and 'nn.scan(' in blocks[1], blocks
+  assert 'layer_axis=1, out_axis=0' in blocks[3]
   exec(compile('\n'.join(blocks), 'docs/pruning_api.md', 'exec'), {})
+
+
+def test_refresh_refuses_a_negative_or_misshapen_concrete_k():
+  m, s = {'ffn': jnp.ones((2, 4))}, {'ffn': jnp.ones((2, 4))}
+  for bad, match in [(-3, r"keep_k=-3 of unit 'ffn' must be >= 0"),
+                     (np.array([2, -1]), r'keep_k=\[2, -1\] .* must be >= 0'),
+                     (2.5, 'must be whole numbers'),
+                     ({'ffn': jnp.array([1, 2, 3])}, r'has shape \(3,\); give one int or one per '
+                                                     r'layer \(2,\)')]:
+    with pytest.raises(ValueError, match=match) as e:
+      masks.refresh(m, s, bad)
+    assert '\n' not in str(e.value)
+  np.testing.assert_array_equal(masks.refresh(m, s, 0)['ffn'], np.zeros((2, 4)))  # k=0 is valid
+
+
+def maxtext_ffn(params, x_BxD):
+  """Residual SwiGLU blocks in MaxText's scanned layout: wi_0/wi_1 [D, L, F], wo [F, L, D]."""
+  mlp = params['decoder']['layers']['mlp']
+  for l in range(mlp['wo']['kernel'].shape[1]):
+    h_BxF = (jax.nn.silu(x_BxD @ mlp['wi_0']['kernel'][:, l]) *
+             (x_BxD @ mlp['wi_1']['kernel'][:, l]))
+    x_BxD = x_BxD + h_BxF @ mlp['wo']['kernel'][:, l]
+  return x_BxD
+
+
+def test_maxtext_scanned_layout_masks_scores_and_shrinks():
+  k = jax.random.split(jax.random.key(8), 4)
+  n_layers, d, f = 3, 4, 6
+  mlp = {'wi_0': {'kernel': 0.5 * jax.random.normal(k[0], (d, n_layers, f))},
+         'wi_1': {'kernel': 0.5 * jax.random.normal(k[1], (d, n_layers, f))},
+         'wo': {'kernel': 0.5 * jax.random.normal(k[2], (f, n_layers, d))}}
+  params = {'decoder': {'layers': {'mlp': mlp}}}
+  unit = structure.ffn_unit('mlp', ('decoder', 'layers', 'mlp'), in_projs=('wi_0', 'wi_1'),
+                            out_projs=('wo',), kernel=('kernel',), layer_axis=1, out_axis=0)
+  x = jax.random.normal(k[3], (5, d))
+  assert masks.init(params, (unit,))['mlp'].shape == (n_layers, f)
+  # Scores equal those of the same weights in our layout (layers first, [L, D, F] / [L, F, D]).
+  loss = lambda p: jnp.sum(maxtext_ffn(p, x) ** 2)
+  grads = jax.grad(loss)(params)
+  ours = lambda t: {'gate': jnp.moveaxis(t['wi_0']['kernel'], 1, 0),
+                    'up': jnp.moveaxis(t['wi_1']['kernel'], 1, 0),
+                    'down': jnp.moveaxis(t['wo']['kernel'], 1, 0)}
+  reference = (structure.ffn_unit('mlp', (), layer_axis=0),)
+  for a, b in [(params, grads), (params, None)]:
+    got = importance.coupled_norm(a, b, (unit,))['mlp']
+    want = importance.coupled_norm(ours(a['decoder']['layers']['mlp']),
+                                   None if b is None else ours(b['decoder']['layers']['mlp']),
+                                   reference)['mlp']
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  kept = masks.refresh(masks.init(params, (unit,)), {'mlp': got}, 2)
+  masked = maxtext_ffn(masks.apply(params, kept, (unit,)), x)
+  small, widths = masks.shrink_params(params, kept, (unit,))
+  assert widths == {'mlp': 2}
+  assert small['decoder']['layers']['mlp']['wi_1']['kernel'].shape == (d, n_layers, 2)
+  assert small['decoder']['layers']['mlp']['wo']['kernel'].shape == (2, n_layers, d)
+  np.testing.assert_allclose(maxtext_ffn(small, x), masked, atol=1e-5, rtol=0)
+  assert not np.allclose(masked, maxtext_ffn(params, x), atol=1e-3)  # the masks did prune

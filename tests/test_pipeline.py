@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import ROOT
 from idea_prune_jax import data as data_lib
 from idea_prune_jax import experiment, export, importance, masks as masks_lib, pipeline
 from idea_prune_jax import model as model_lib
@@ -242,3 +243,22 @@ def test_applied_lr_at_phase_boundaries(tiny_config, name):
   if name == 'naive':
     moved = np.abs(np.asarray(after.params['final_norm']['scale']) - before['final_norm']['scale'])
     np.testing.assert_allclose(moved.max(), lr, rtol=1e-3)
+
+
+@pytest.mark.parametrize('field, value', [('prune.t_end', 0.6), ('train.steps', 16),
+                                          ('prune.schedule', 'linear')])
+def test_resume_under_another_plan_is_refused_naming_the_field(idea_run, tmp_path, field, value):
+  import shutil
+  from idea_prune_jax import config as config_lib
+  config, workdir, _ = idea_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  changed = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  changed.train.keep_ckpts = config.train.keep_ckpts
+  group, name = field.split('.')
+  old, changed[group][name] = changed[group][name], value
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"^config\.{field}={value!r}: workdir {copy} holds a checkpoint of a "
+                           rf"different plan \({field}={old!r}\)") as e:
+    pipeline.run_pipeline(changed, copy)
+  assert '\n' not in str(e.value)

@@ -168,13 +168,17 @@ def test_write_compare(tmp_path):
   md = (out / 'compare.md').read_text()
   rows = [line for line in md.splitlines() if line.startswith('| 1 ') or line.startswith('| 2 ')]
   assert rows[0].startswith('| 1 | idea | 3.5500 ± 0.0707 |') and '| 2 | naive |' in rows[1]
-  assert '**idea** wins: mean val loss 0.5500 nats below **naive**' in md
-  assert 'every seed of it beats every seed' in md
+  assert ('**idea** wins: val loss 0.5500 nats below **naive** (next best), seed by seed ± 0.0707 '
+          'over 2 seeds; it is ahead on every seed.') in md
   _assert_png(out / 'compare.png')
 
 
-def test_compare_verdict_flags_overlapping_seeds():
-  table = report.compare_table({'a': {'val_loss': [3.0, 3.4]}, 'b': {'val_loss': [3.3, 3.5]},
+def test_compare_verdict_is_seed_by_seed():
+  # The seeds overlap (3.4 > 3.1), but a is ahead of b by 0.1 on each seed: a clear win.
+  table = report.compare_table({'a': {'val_loss': [3.0, 3.4]}, 'b': {'val_loss': [3.1, 3.5]},
                                 'c': {'val_loss': []}})
   assert list(table) == ['a', 'b', 'c'] and math.isnan(table['c']['val_loss_mean'])
-  assert 'not clear' in report._verdict(table)
+  assert 'val loss 0.1000 nats below **b** (next best), seed by seed ± 0.0000 over 2 seeds; it is ' \
+         'ahead on every seed.' in report._verdict(table)
+  table = report.compare_table({'a': {'val_loss': [3.0, 3.4]}, 'b': {'val_loss': [3.3, 3.35]}})
+  assert 'ahead on 1 of 2 seeds, so the win is not clear.' in report._verdict(table)

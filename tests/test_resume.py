@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import loop, pipeline
 
@@ -26,17 +26,6 @@ def _config(name):
   config.prune.every = 2  # idea window [6, 8]: refreshes at 6 and 8
   config.naive.update(prune='iterative', window=0.25)  # naive window [6, 9]
   return config
-
-
-def _state(workdir, step):
-  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
-  return ocp.StandardCheckpointer().restore(path)
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
 @pytest.fixture(scope='module')

@@ -80,6 +80,12 @@ def test_train_step_with_splash_compiles_for_v5p():
   assert 'every loop iteration counted' in step['cost_source']
   assert step['flops'] >= step['model_flops'] and step['kernel_flops'] > 0
   assert not step['flops_below_model']
+  # The data axis all-reduces the gradients; the tensor axis gathers and reduces activations.
+  assert step['collective_bytes'].get('all-reduce', 0) > 0 and step['ici_s'] > 0
+  low, high = step['step_s_range']
+  assert low == max(step['roofline_step_s'], step['ici_s'])
+  assert high == pytest.approx(step['compute_s'] + step['memory_s'] + step['ici_s'])
+  assert step['mfu_range'][0] <= step['mfu_range'][1] <= step['mfu_ceiling']
   assert 'enlarged' in out.stderr  # the table
 
   # Against the same step with the layers unrolled (the loss chunks still a loop): another
