@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import checkpoint as ckpt_lib  # noqa: E402
+from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import pipeline, sharding  # noqa: E402
+from idea_prune_jax.train import pipeline, sharding  # noqa: E402
 
 
 class _Position:

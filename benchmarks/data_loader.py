@@ -40,8 +40,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import data, prepare  # noqa: E402
-from idea_prune_jax import model as model_lib  # noqa: E402
+from idea_prune_jax.data import data, prepare  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
 
 V5P_PEAK_BF16 = 459e12  # FLOP/s per chip
 V5P_CHIPS_PER_HOST = 4

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
 from idea_prune_jax import distill  # noqa: E402
-from idea_prune_jax import model as model_lib  # noqa: E402
-from idea_prune_jax import train as train_lib  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
+from idea_prune_jax.train import train as train_lib  # noqa: E402
 
 ALPHA, TAU = 0.5, 2.0
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import harness  # noqa: E402
+from idea_prune_jax.eval import harness  # noqa: E402
 
 TASK = 'shakespeare_mc'
 BATCH = 16

@@ -23,7 +23,9 @@ from benchmarks import common  # noqa: E402
 def measure(spec: str, steps: int) -> dict:
   """{phase: median step seconds} of the idea plan of `spec`, on one random batch."""
   import jax
-  from idea_prune_jax import config as config_lib, data as data_lib, pipeline, sharding
+  from idea_prune_jax import config as config_lib
+  from idea_prune_jax.data import data as data_lib
+  from idea_prune_jax.train import pipeline, sharding
   config = config_lib.load(os.path.join(common.REPO, spec))
   mesh = sharding.make_mesh(config)
   rng = np.random.RandomState(0)

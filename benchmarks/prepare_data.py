@@ -22,7 +22,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # machine facts only; no accelera
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import inputs  # noqa: E402
+from idea_prune_jax.data import inputs  # noqa: E402
 
 DOC_CHARS = 4_000  # c4's documents average ~2 KB, fineweb-edu's ~5 KB
 

@@ -44,11 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.train_step import load_config  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import data as data_lib  # noqa: E402
-from idea_prune_jax import importance, pipeline, sharding  # noqa: E402
+from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax import importance  # noqa: E402
+from idea_prune_jax.train import pipeline, sharding  # noqa: E402
 from idea_prune_jax import masks as masks_lib  # noqa: E402
-from idea_prune_jax import model as model_lib  # noqa: E402
-from idea_prune_jax.structure import FFN_STRUCTURE  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
+from idea_prune_jax.prune.structure import FFN_STRUCTURE  # noqa: E402
 
 NEVER = 2**30  # a window start no run reaches: the refresh predicate is always false
 

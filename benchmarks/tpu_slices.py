@@ -13,7 +13,7 @@ import sys
 
 import common
 
-from idea_prune_jax import compile_check
+from idea_prune_jax.tools import compile_check
 
 
 def section(reports) -> str:

@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import data as data_lib  # noqa: E402
-from idea_prune_jax import model as model_lib  # noqa: E402
-from idea_prune_jax import sharding  # noqa: E402
-from idea_prune_jax import train as train_lib  # noqa: E402
+from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
+from idea_prune_jax.train import sharding  # noqa: E402
+from idea_prune_jax.train import train as train_lib  # noqa: E402
 
 SQUARES = ((1024, 1024, 1024), (2048, 2048, 2048))
 

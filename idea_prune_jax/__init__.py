@@ -3,7 +3,8 @@
 The public pruning API is pure functions over params pytrees (Linen dicts or NNX States), and
 imports only jax, optax and numpy: `structure` (what a prunable neuron is), `masks`,
 `importance`, `schedules` (the width schedule), `distill` (the KD loss) and `prune_optimizer`
-(all of it as one optax GradientTransformation). Submodules load on first use.
+(all of it as one optax GradientTransformation); they live in `idea_prune_jax/prune/` and are
+re-exported here. Submodules load on first use.
 """
 
 import importlib
@@ -16,10 +17,10 @@ _ATTRS = {'prune_optimizer': 'prune_optax', 'PruneState': 'prune_optax',
 
 
 def __getattr__(name):
-  # Lazy, so `import idea_prune_jax.masks` loads the pure core only, never the trainer.
+  # Lazy, so `import idea_prune_jax.prune.masks` loads the pure core only, never the trainer.
   if name in _ATTRS:
-    return getattr(importlib.import_module(f'idea_prune_jax.{_ATTRS[name]}'), name)
+    return getattr(importlib.import_module(f'idea_prune_jax.prune.{_ATTRS[name]}'), name)
   if name in ('distill', 'importance', 'masks', 'schedules', 'structure', 'errors',
               'prune_optax'):
-    return importlib.import_module(f'idea_prune_jax.{name}')
+    return importlib.import_module(f'idea_prune_jax.prune.{name}')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -5,9 +5,9 @@ import math
 
 import ml_collections
 
-from idea_prune_jax.distill import SCHEDULES as KD_SCHEDULES
-from idea_prune_jax.importance import KINDS as SCORE_KINDS
-from idea_prune_jax.schedules import WIDTH_SCHEDULES, PruneSchedule
+from idea_prune_jax.prune.distill import SCHEDULES as KD_SCHEDULES
+from idea_prune_jax.prune.importance import KINDS as SCORE_KINDS
+from idea_prune_jax.prune.schedules import WIDTH_SCHEDULES, PruneSchedule
 
 
 # idea_kd's distill.alpha where the config has none (compare, sweep; compile-check's KD step):
@@ -259,7 +259,7 @@ PATH_FIELDS = ('data.prepared_dir', 'data.files', 'data.val_files', 'data.tokeni
 
 def validate_paths(config) -> None:
   """A gs:// path with a bucket name GCS rejects fails here, not in tensorstore after retries."""
-  from idea_prune_jax import storage  # lazy: etils is not needed to read a config
+  from idea_prune_jax.data import storage  # lazy: etils is not needed to read a config
   for field in PATH_FIELDS:
     group, name = field.split('.')
     for p in str(config[group][name]).split(','):

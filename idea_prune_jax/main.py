@@ -79,7 +79,7 @@ class UsageError(ValueError):
 
 
 def _params(config) -> dict:
-  from idea_prune_jax import model as model_lib
+  from idea_prune_jax.model import model as model_lib
   from idea_prune_jax.config import ModelConfig, validate_model
   validate_model(config)
   enlarged = ModelConfig.from_config(config)
@@ -110,7 +110,7 @@ def _main(argv):
     print(json.dumps(_params(config), indent=1))
     return
   if command == 'compile-check':
-    from idea_prune_jax import compile_check
+    from idea_prune_jax.tools import compile_check
     report = compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value,
                                    _TOPOLOGY.value, _STEPS.value)
     report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
@@ -119,7 +119,8 @@ def _main(argv):
     return
   if not _WORKDIR.value:
     raise UsageError(f'--workdir is required for {command}')
-  from idea_prune_jax import experiment, loop, pipeline
+  from idea_prune_jax.experiments import experiment
+  from idea_prune_jax.train import loop, pipeline
   _process_setup(config, _WORKDIR.value)
   loop.install_sigterm_handler()
   if command == 'train':
@@ -128,7 +129,8 @@ def _main(argv):
     summary = experiment.run_experiment(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
   elif command in ('compare', 'sweep'):
-    from idea_prune_jax import storage, sweep
+    from idea_prune_jax.data import storage
+    from idea_prune_jax.experiments import sweep
     (experiment.compare if command == 'compare' else sweep.sweep)(config, _WORKDIR.value)
     print(storage.read_text(storage.join(_WORKDIR.value, f'{command}.md')))
 
@@ -137,7 +139,7 @@ def _process_setup(config, workdir):
   """The persistent compilation cache: a resumed run loads its compiled steps instead."""
   import os
   import jax
-  from idea_prune_jax import storage
+  from idea_prune_jax.data import storage
   where = config.train.compilation_cache
   if where == 'none' or (not where and os.environ.get('JAX_COMPILATION_CACHE_DIR')):
     return
@@ -146,7 +148,7 @@ def _process_setup(config, workdir):
 
 def _eval_tasks():
   """lm-eval tasks on an export; prints {task: {metric: value}}, writes the full results."""
-  from idea_prune_jax import harness
+  from idea_prune_jax.eval import harness
   if not _CHECKPOINT.value:
     raise UsageError('eval needs --checkpoint, an export directory such as W/export')
   tasks = [t.strip() for t in _TASKS.value.split(',') if t.strip()]
@@ -165,7 +167,7 @@ def _eval_tasks():
 
 
 def _prepare_data():
-  from idea_prune_jax import prepare
+  from idea_prune_jax.data import prepare
   if not _INPUT.value or not _OUTPUT.value:
     raise UsageError('prepare-data needs --input SPEC and --output DIR, e.g. --input embedded '
                      '--output data/shakespeare --vocab_size 4096 --val_fraction 0.05')
@@ -184,7 +186,9 @@ def _export_command(command):
   import jax
   import sentencepiece as spm
   from etils import epath
-  from idea_prune_jax import evaluate, export, inputs, storage
+  from idea_prune_jax.eval import evaluate
+  from idea_prune_jax.io import export
+  from idea_prune_jax.data import inputs, storage
   if not _CHECKPOINT.value:
     raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
   params, model_cfg = export.load_dense(_CHECKPOINT.value)
@@ -206,17 +210,17 @@ def _export_command(command):
 
 
 def _guarded(argv):
-  from idea_prune_jax import loop
+  from idea_prune_jax.train import loop
   from idea_prune_jax.config import ConfigError
-  from idea_prune_jax.data import DataError
-  from idea_prune_jax.errors import PruneError
-  from idea_prune_jax.export import ExportError
-  from idea_prune_jax.storage import StorageError
+  from idea_prune_jax.data.data import DataError
+  from idea_prune_jax.prune.errors import PruneError
+  from idea_prune_jax.io.export import ExportError
+  from idea_prune_jax.data.storage import StorageError
   errors = (UsageError, ConfigError, DataError, ExportError, PruneError, StorageError,
             loop.NonFiniteLoss)
   try:
     if _wants_harness():
-      from idea_prune_jax.harness import HarnessError
+      from idea_prune_jax.eval.harness import HarnessError
       errors += (HarnessError,)
   except ImportError as e:
     print(f'idea-prune: error: lm-eval tasks need the `eval` extra ({e}); '
@@ -236,7 +240,7 @@ def _wants_harness() -> bool:
   config = _CONFIG.value
   wanted = bool(_TASKS.value) or bool(config is not None and config.get('eval', {}).get('tasks'))
   if wanted:
-    from idea_prune_jax import harness
+    from idea_prune_jax.eval import harness
     harness.set_offline()  # nothing is downloaded at run time
   return wanted
 

@@ -18,9 +18,9 @@ sys.path.insert(0, ROOT)
 
 from orbax.checkpoint._src.handlers import json_checkpoint_handler  # noqa: E402
 
-from idea_prune_jax import checkpoint as ckpt_lib  # noqa: E402
+from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import loop, pipeline  # noqa: E402
+from idea_prune_jax.train import loop, pipeline  # noqa: E402
 
 TERM_AFTER = 4  # the step whose save is followed by the SIGTERM
 

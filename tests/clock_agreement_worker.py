@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import loop, sharding  # noqa: E402
+from idea_prune_jax.train import loop, sharding  # noqa: E402
 
 STEPS = 45
 

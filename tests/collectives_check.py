@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from idea_prune_jax import hlo_cost
+from idea_prune_jax.tools import hlo_cost
 
 LAYERS = 5
 

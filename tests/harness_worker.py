@@ -17,8 +17,8 @@ import jax  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import harness  # noqa: E402
-from idea_prune_jax import sharding as sharding_lib  # noqa: E402
+from idea_prune_jax.eval import harness  # noqa: E402
+from idea_prune_jax.train import sharding as sharding_lib  # noqa: E402
 
 CONTEXTS = ['To be, or not to be', 'Good night, sweet prince', 'O, what a rogue',
             'Frailty, thy name is woman', 'The rest is', '', 'Something is rotten in the state']

@@ -26,11 +26,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from idea_prune_jax import checkpoint as ckpt_lib  # noqa: E402
+from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import data as data_lib  # noqa: E402
-from idea_prune_jax import experiment  # noqa: E402
-from idea_prune_jax import loop  # noqa: E402
+from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.experiments import experiment  # noqa: E402
+from idea_prune_jax.train import loop  # noqa: E402
 
 NOTICE_S = 2.5  # > the notifier's 1 s poll plus a round trip through the coordinator
 

@@ -9,8 +9,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from idea_prune_jax import config as config_lib  # noqa: E402
-from idea_prune_jax import data as data_lib  # noqa: E402
-from idea_prune_jax import pipeline, sharding  # noqa: E402
+from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.train import pipeline, sharding  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
 # Pretrain on every mesh; prune (masks and scores split over the FFN axis) and distill (a teacher

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import ROOT
 from idea_prune_jax import importance, masks, prune_optimizer, structure
-from idea_prune_jax.errors import PruneError
-from idea_prune_jax.prune_optax import PruneState
-from idea_prune_jax.schedules import PruneSchedule
+from idea_prune_jax.prune.errors import PruneError
+from idea_prune_jax.prune.prune_optax import PruneState
+from idea_prune_jax.prune.schedules import PruneSchedule
 
 CORE = ('errors', 'importance', 'masks', 'schedules', 'structure', 'distill', 'prune_optax')
 
@@ -24,14 +24,14 @@ def test_core_imports_only_jax_optax_numpy():
   code = ('import json, sys\n'
           'import jax, optax, numpy\n'
           'before = set(sys.modules)\n'
-          f'import {", ".join("idea_prune_jax." + m for m in CORE)}\n'
+          f'import {", ".join("idea_prune_jax.prune." + m for m in CORE)}\n'
           'print(json.dumps(sorted(set(sys.modules) - before)))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   added = json.loads(out.stdout.strip().splitlines()[-1])
   ours = {m for m in added if m.startswith('idea_prune_jax.')}
-  assert ours == {f'idea_prune_jax.{m}' for m in CORE}, ours
+  assert ours == {'idea_prune_jax.prune'} | {f'idea_prune_jax.prune.{m}' for m in CORE}, ours
   others = {m.split('.')[0] for m in added} - {'idea_prune_jax'} - set(sys.stdlib_module_names)
   assert not others, others
 

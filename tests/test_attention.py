@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import attention
+from idea_prune_jax.model import attention
 
 
 def _qkv(B=2, L=256, H=2, KV=2, K=32, seed=0):

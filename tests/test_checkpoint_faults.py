@@ -14,9 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses
-from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import loop, pipeline
+from idea_prune_jax.train import loop, pipeline
 
 KILL_WORKER = os.path.join(ROOT, 'tests', 'ckpt_kill_worker.py')
 

@@ -11,7 +11,9 @@ import pytest
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import export, model as model_lib, prepare
+from idea_prune_jax.io import export
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.data import prepare
 
 
 def _cli(*args):
@@ -80,7 +82,7 @@ def test_zero_cadences_and_score_batches_are_refused_naming_the_field(field, val
 @pytest.mark.parametrize('bad', ['gs://ab/run', 'gs://My-Bucket/run', 'gs://-bucket/run',
                                  'gs://bucket_/run', 'gs://b@d/run', f'gs://{"x" * 64}/run'])
 def test_bucket_names_gcs_rejects_fail_before_compute(bad):
-  from idea_prune_jax import storage
+  from idea_prune_jax.data import storage
   with pytest.raises(storage.StorageError, match=r'^--workdir=.*: gs://.* is not a valid bucket '
                                                  'name') as e:
     storage.check_workdir(bad)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import FAST_COMPILE_FLAG
-from idea_prune_jax import chips, compile_check
+from idea_prune_jax.train import chips
+from idea_prune_jax.tools import compile_check
 from idea_prune_jax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_parse_mesh():
 
 def test_calibration_config_is_llama31_8b_at_maxtexts_benchmark_shape():
   from idea_prune_jax import config as config_lib
-  from idea_prune_jax import model as model_lib
+  from idea_prune_jax.model import model as model_lib
   config = config_lib.load(os.path.join(ROOT, 'configs/llama31_8b.py:v6e256'))
   # Llama 3.1 8B's published parameter count; 4 sequences of 8192 on each of 256 chips.
   assert model_lib.param_count(config_lib.ModelConfig.from_config(config)) == 8_030_261_248

@@ -12,8 +12,8 @@ import sentencepiece as spm
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import data, inputs, prepare
-from idea_prune_jax.inputs import DataError
+from idea_prune_jax.data import data, inputs, prepare
+from idea_prune_jax.data.inputs import DataError
 
 SMALL_VOCAB = 512
 
@@ -357,7 +357,7 @@ def test_epochs_reach_metrics_and_report_are_logged_once_and_survive_resume(prep
                                                                             caplog):
   """A scratch run over the sonnets (~9 steps of 16 x 33 an epoch), whole and resumed from 6."""
   import shutil
-  from idea_prune_jax import experiment
+  from idea_prune_jax.experiments import experiment
 
   def run(workdir):
     config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))

@@ -11,10 +11,10 @@ import pytest
 
 from idea_prune_jax import config as config_lib
 from idea_prune_jax import distill
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import train as train_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import train as train_lib
 from idea_prune_jax.config import ModelConfig
-from idea_prune_jax.errors import PruneError
+from idea_prune_jax.prune.errors import PruneError
 
 B, L, V = 2, 8, 64
 STUDENT = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import inputs, prepare
-from idea_prune_jax import export
-from idea_prune_jax import model as model_lib
+from idea_prune_jax.data import inputs, prepare
+from idea_prune_jax.io import export
+from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.config import ModelConfig
 
 # GQA (4 query heads on 2 KV heads), a pruned FFN width no default has, non-default theta and eps.
@@ -210,7 +210,7 @@ def test_transformers_and_ours_score_text_alike_each_with_its_own_tokenizer(tmp_
   own tokenizer (HF adds what its tokenizer_config says; ours starts from the tokenizer's BOS)."""
   import sentencepiece as spm
   import torch
-  from idea_prune_jax import evaluate
+  from idea_prune_jax.eval import evaluate
   cfg = dataclasses.replace(CFG, vocab_size=512)
   params = _params(cfg)
   out = export.save_hf(str(tmp_path / 'hf'), params, cfg, tokenizer_path=spm_model)

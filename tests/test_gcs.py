@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import export, storage
+from idea_prune_jax.io import export
+from idea_prune_jax.data import storage
 from idea_prune_jax.config import ModelConfig
 
 BUCKET = 'idea-prune-test'
@@ -68,7 +69,7 @@ def _cli(*args, **kwargs):
 
 
 def test_api_trains_checkpoints_and_exports_to_a_bucket(gcs, tiny_config):
-  from idea_prune_jax import experiment
+  from idea_prune_jax.experiments import experiment
   config = tiny_config
   config.pipeline = 'scratch'
   config.train.update(steps=4, eval_every=2, ckpt_every=2)
@@ -105,7 +106,7 @@ def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, t
                                                                           tiny_config):
   """idea-prune run on gs://, SIGKILLed mid-window, rerun: the report of an uninterrupted local
   run; eval and generate read the bucket's export; the HF export is in the bucket."""
-  from idea_prune_jax import experiment
+  from idea_prune_jax.experiments import experiment
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   # One compilation cache in the bucket for both CLI runs: it is tested, and they compile once.
   cache = f'gs://{BUCKET}/jax_cache'
@@ -153,7 +154,7 @@ def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, t
   ours = _cli('eval', '--checkpoint', f'{workdir}/export', '--files', str(text), env=env)
   assert ours.returncode == 0, ours.stderr[-3000:]
   import sentencepiece as spm
-  from idea_prune_jax import evaluate
+  from idea_prune_jax.eval import evaluate
   params, cfg = export.load_dense(os.path.join(local, 'export'))
   sp = spm.SentencePieceProcessor(model_file=os.path.join(local, 'export', 'tokenizer.model'))
   theirs = evaluate.perplexity(params, cfg, sp, [text.read_text()], seq_len=128)
@@ -164,7 +165,7 @@ def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, t
 
 
 def test_resume_refuses_a_bucket_checkpoint_of_another_model_shape(gcs, tiny_config):
-  from idea_prune_jax import loop
+  from idea_prune_jax.train import loop
   workdir = f'gs://{BUCKET}/shape'
   mngr = ckpt_lib.manager(workdir)
   position = types.SimpleNamespace(get_state=lambda: b'[]')  # what grain's handler stores

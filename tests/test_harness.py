@@ -24,8 +24,10 @@ pytest.importorskip('lm_eval')
 pytest.importorskip('torch')
 pytest.importorskip('transformers')
 
-from idea_prune_jax import export, harness, inputs, prepare, scoring  # noqa: E402
-from idea_prune_jax import model as model_lib  # noqa: E402
+from idea_prune_jax.io import export  # noqa: E402
+from idea_prune_jax.eval import harness, scoring  # noqa: E402
+from idea_prune_jax.data import inputs, prepare  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.config import ModelConfig  # noqa: E402
 
 TASKS_DIR = os.path.join('tests', 'data', 'harness')
@@ -189,7 +191,7 @@ def _done(proc, timeout=300):
 
 
 def test_lm_eval_cli_with_the_model_registered(exported, monkeypatch, capsys):
-  """`python -m idea_prune_jax.harness ARGS` is lm-eval's CLI; run in-process here, with lm-eval's
+  """`python -m idea_prune_jax.eval.harness ARGS` is lm-eval's CLI; run in-process here, with lm-eval's
   own TaskManager limited to the include_path (indexing its built-in tasks takes a minute)."""
   import lm_eval.tasks
   full = lm_eval.tasks.TaskManager
@@ -290,7 +292,8 @@ def test_run_reports_downstream_tasks_and_compare_adds_a_column(exported, tmp_pa
                                                                 tiny_config):
   """What `run` does after training, on the params as they lie on a mesh (the whole pipeline is
   covered elsewhere; here only the three lines that call this are skipped)."""
-  from idea_prune_jax import experiment, report
+  from idea_prune_jax.experiments import experiment
+  from idea_prune_jax.tools import report
   config = tiny_config
   config.eval.update(tasks='shakespeare_mc,shakespeare_gen', include_path=TASKS_DIR, limit=4,
                      batch_size=8)
@@ -326,7 +329,7 @@ def test_run_reports_downstream_tasks_and_compare_adds_a_column(exported, tmp_pa
 
 
 def test_bad_task_in_config_fails_before_training(tmp_path, tiny_config):
-  from idea_prune_jax import experiment
+  from idea_prune_jax.experiments import experiment
   (tmp_path / 'tasks').mkdir()
   (tmp_path / 'tasks' / 't.yaml').write_text('task: hub_only\ndataset_path: someorg/somedata\n')
   tiny_config.eval.update(tasks='hub_only', include_path=str(tmp_path / 'tasks'))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import run_on_devices
-from idea_prune_jax import hlo_cost
+from idea_prune_jax.tools import hlo_cost
 
 DOT_FLOPS = 2 * 8 * 16 * 16  # one [8, 16] x [16, 16] dot
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from idea_prune_jax import importance, masks, structure
 from idea_prune_jax.config import ModelConfig
-from idea_prune_jax.model import Transformer, init_params
+from idea_prune_jax.model.model import Transformer, init_params
 
 TINY = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=12)
 TOKENS = jnp.array([[1, 5, 9, 3, 7, 2], [4, 4, 8, 31, 0, 6]], jnp.int32)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import train as train_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import train as train_lib
 from idea_prune_jax.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
@@ -65,7 +65,7 @@ def test_remat_policies_give_the_same_grads(policy):
 
 
 def test_a_checkpoint_resumes_under_other_memory_settings():
-  from idea_prune_jax import checkpoint
+  from idea_prune_jax.io import checkpoint
   from idea_prune_jax.config import ConfigError
   meta = {'model': checkpoint.model_meta(TINY)}
   checkpoint.check_same_model(meta, dataclasses.replace(

@@ -25,8 +25,8 @@ import time
 import jax
 import numpy as np
 
-from idea_prune_jax import checkpoint as ckpt_lib
-from idea_prune_jax import export
+from idea_prune_jax.io import checkpoint as ckpt_lib
+from idea_prune_jax.io import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from conftest import ROOT
-from idea_prune_jax import chips, pipeline
+from idea_prune_jax.train import chips, pipeline
 
 
 @pytest.mark.parametrize('kind, tflops', [
@@ -35,7 +35,7 @@ def test_unknown_accelerator_has_no_peak_rather_than_failing():
 
 
 def test_rows_carry_mfu_report_has_goodput_and_the_profile_is_written(tmp_path, tiny_config):
-  from idea_prune_jax import experiment
+  from idea_prune_jax.experiments import experiment
   config = tiny_config
   config.pipeline = 'scratch'
   config.train.update(steps=6, eval_every=3, ckpt_every=3)

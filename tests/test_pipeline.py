@@ -10,12 +10,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import experiment, export, importance, masks as masks_lib, pipeline
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import sharding as sharding_lib
-from idea_prune_jax import train as train_lib
-from idea_prune_jax.structure import FFN_STRUCTURE
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.experiments import experiment
+from idea_prune_jax.io import export
+from idea_prune_jax import importance, masks as masks_lib
+from idea_prune_jax.train import pipeline
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import sharding as sharding_lib
+from idea_prune_jax.train import train as train_lib
+from idea_prune_jax.prune.structure import FFN_STRUCTURE
 
 
 def _rows(workdir, key):
@@ -162,7 +165,7 @@ def test_teacher_from_any_export(idea_run, tiny_config, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, teacher, jax.device_get(exported))
   assert set(_rows(workdir, 'kl')) == {9, 10, 11}  # recovery only
   tiny_config.distill.teacher = str(tmp_path)
-  from idea_prune_jax.export import ExportError
+  from idea_prune_jax.io.export import ExportError
   with pytest.raises(ExportError, match='not an export'):
     pipeline.run_pipeline(tiny_config, str(tmp_path / 'bad'))
 

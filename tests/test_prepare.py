@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from idea_prune_jax import inputs, prepare
-from idea_prune_jax.prepare import DataError
+from idea_prune_jax.data import inputs, prepare
+from idea_prune_jax.data.prepare import DataError
 
 SMALL_VOCAB = 512
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import pipeline, sharding
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.train import pipeline, sharding
 
 
 def test_prune_step_compiles_once_while_k_moves(tiny_config):

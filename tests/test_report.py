@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from idea_prune_jax import report
+from idea_prune_jax.tools import report
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 TOKENS_PER_STEP = 100

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import loop, pipeline
+from idea_prune_jax.train import loop, pipeline
 
 
 def _config(name):
@@ -186,7 +186,7 @@ def test_sigterm_under_jax_distributed_stops_at_the_preemption_sync_point(tmp_pa
 
 
 def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):
-  from idea_prune_jax import prepare
+  from idea_prune_jax.data import prepare
   workdir = str(tmp_path / 'copy')
   shutil.copytree(full_runs['scratch'], workdir)
   other = str(tmp_path / 'other')

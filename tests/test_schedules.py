@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import pipeline
+from idea_prune_jax.train import pipeline
 from idea_prune_jax.config import ConfigError, prune_schedule, validate_prune
-from idea_prune_jax.errors import PruneError
-from idea_prune_jax.schedules import PruneSchedule
+from idea_prune_jax.prune.errors import PruneError
+from idea_prune_jax.prune.schedules import PruneSchedule
 
 
 def test_keep_k_cubic_at_edges_and_midpoint():

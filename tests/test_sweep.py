@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import experiment
-from idea_prune_jax import sweep
+from idea_prune_jax.experiments import experiment
+from idea_prune_jax.experiments import sweep
 from idea_prune_jax.config import ConfigError
 
 

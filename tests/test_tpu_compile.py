@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from idea_prune_jax import chips
+from idea_prune_jax.train import chips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
@@ -44,7 +44,7 @@ def test_slice_names_count_chips():
 
 
 def test_needed_bytes_from_resource_exhausted():
-  from idea_prune_jax import compile_check
+  from idea_prune_jax.tools import compile_check
   msg = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space '
          'hbm. Used 22.55G of 15.75G hbm. Exceeded hbm capacity by 6.80G.')
   assert compile_check.needed_bytes(msg) == int(22.55 * 2 ** 30)

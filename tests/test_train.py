@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import pipeline
+from idea_prune_jax.train import pipeline
 
 
 def _metrics(workdir):

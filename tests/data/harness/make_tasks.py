@@ -12,7 +12,7 @@ import json
 import os
 import random
 
-from idea_prune_jax import inputs
+from idea_prune_jax.data import inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -22,8 +22,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from idea_prune_jax import inputs
-from idea_prune_jax.inputs import DataError
+from idea_prune_jax.data import inputs
+from idea_prune_jax.data.inputs import DataError
 
 __all__ = ['DataError', 'prepare', 'read_manifest', 'check_vocab', 'parse_shard', 'train_spm',
            'document_frame']

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import train as train_lib
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import train as train_lib
 
 
 def start_id(sp) -> int:

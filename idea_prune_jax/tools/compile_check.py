@@ -25,19 +25,19 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idea_prune_jax import attention as attention_lib
-from idea_prune_jax import checkpoint as ckpt_lib
-from idea_prune_jax import chips as chips_lib
+from idea_prune_jax.model import attention as attention_lib
+from idea_prune_jax.io import checkpoint as ckpt_lib
+from idea_prune_jax.train import chips as chips_lib
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import hlo_cost
-from idea_prune_jax import importance
-from idea_prune_jax import masks as masks_lib
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import pipeline
-from idea_prune_jax import schedules
-from idea_prune_jax import sharding as sharding_lib
-from idea_prune_jax import structure
-from idea_prune_jax import train as train_lib
+from idea_prune_jax.tools import hlo_cost
+from idea_prune_jax.prune import importance
+from idea_prune_jax.prune import masks as masks_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import pipeline
+from idea_prune_jax.prune import schedules
+from idea_prune_jax.train import sharding as sharding_lib
+from idea_prune_jax.prune import structure
+from idea_prune_jax.train import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
 
 GIB = 2 ** 30

@@ -18,12 +18,12 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from idea_prune_jax import checkpoint as ckpt_lib
-from idea_prune_jax import chips
+from idea_prune_jax.io import checkpoint as ckpt_lib
+from idea_prune_jax.train import chips
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import sharding as sharding_lib
-from idea_prune_jax import storage
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.train import sharding as sharding_lib
+from idea_prune_jax.data import storage
 
 # Set by the SIGTERM handler the entry point installs (`install_sigterm_handler`).
 _SIGTERM = threading.Event()

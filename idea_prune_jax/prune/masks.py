@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idea_prune_jax.errors import PruneError
-from idea_prune_jax.structure import Structure, locate
+from idea_prune_jax.prune.errors import PruneError
+from idea_prune_jax.prune.structure import Structure, locate
 
 Masks = dict[str, jax.Array]
 
@@ -173,7 +173,7 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
   """Slices the kept neurons out of every unit leaf; params, grads, optax states, and the
   masks and scores inside a `prune_optimizer` state (so it keeps training at the new width).
   Outside jit: the masks must be concrete, and every layer must keep the same number of neurons."""
-  from idea_prune_jax.prune_optax import PruneState  # pylint: disable=g-import-not-at-top
+  from idea_prune_jax.prune.prune_optax import PruneState  # pylint: disable=g-import-not-at-top
   indices = kept_indices(masks)
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)

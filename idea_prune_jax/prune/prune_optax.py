@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idea_prune_jax import importance
-from idea_prune_jax import masks as masks_lib
-from idea_prune_jax.errors import PruneError
-from idea_prune_jax.schedules import PruneSchedule
-from idea_prune_jax.structure import Structure, locate
+from idea_prune_jax.prune import importance
+from idea_prune_jax.prune import masks as masks_lib
+from idea_prune_jax.prune.errors import PruneError
+from idea_prune_jax.prune.schedules import PruneSchedule
+from idea_prune_jax.prune.structure import Structure, locate
 
 
 class PruneState(NamedTuple):

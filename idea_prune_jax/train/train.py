@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idea_prune_jax import distill
-from idea_prune_jax import masks as masks_lib
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import sharding as sharding_lib
-from idea_prune_jax import structure as structure_lib
+from idea_prune_jax.prune import distill
+from idea_prune_jax.prune import masks as masks_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import sharding as sharding_lib
+from idea_prune_jax.prune import structure as structure_lib
 from idea_prune_jax.config import ModelConfig
-from idea_prune_jax.prune_optax import PruneState, find as find_prune_state, prune_optimizer
-from idea_prune_jax.schedules import PruneSchedule
+from idea_prune_jax.prune.prune_optax import PruneState, find as find_prune_state, prune_optimizer
+from idea_prune_jax.prune.schedules import PruneSchedule
 
 
 @flax.struct.dataclass

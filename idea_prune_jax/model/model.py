@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from idea_prune_jax import attention as attention_lib
+from idea_prune_jax.model import attention as attention_lib
 from idea_prune_jax.config import ModelConfig
 
 Array = jax.Array

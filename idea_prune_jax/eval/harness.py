@@ -1,12 +1,12 @@
 """lm-evaluation-harness on our models: the `idea-prune` LM, offline task checks, and task runs.
 
-  python -m idea_prune_jax.harness --model idea-prune \\
+  python -m idea_prune_jax.eval.harness --model idea-prune \\
       --model_args checkpoint=W/export,batch_size=16 --tasks T1,T2 [--include_path DIR]
   idea-prune eval --checkpoint W/export --tasks T1,T2 --output results.json     # the same, wrapped
 
 lm-eval 0.4.13 knows a third-party model only once the module defining it is imported (it reads no
 entry points for models), so the bare `lm_eval` command cannot find `idea-prune`. This module's
-CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.harness` registers
+CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.eval.harness` registers
 it for `lm_eval.simple_evaluate(model='idea-prune', ...)`.
 
 Tokens are what lm-eval's `hf` model gets from our HF export (`export/hf`, LlamaTokenizer with
@@ -169,7 +169,8 @@ def load(checkpoint: str, batch_size: int, max_length: int | None = None,
          tokenizer: str | None = None, fsdp: int = 1, tensor: int = 1):
   """(Scorer, SentencePiece) for a dense export, its params sharded over all devices."""
   import sentencepiece as spm
-  from idea_prune_jax import export, scoring
+  from idea_prune_jax.io import export
+  from idea_prune_jax.eval import scoring
   from idea_prune_jax.config import ModelConfig
   if not checkpoint:
     raise HarnessError(f'{MODEL_NAME}: pass checkpoint=DIR, a dense export such as W/export')
@@ -192,7 +193,7 @@ def load(checkpoint: str, batch_size: int, max_length: int | None = None,
   if batch_size % rows:
     raise HarnessError(f'batch_size={batch_size}: not divisible by the {rows} data-parallel '
                        'devices; pass a multiple')
-  from idea_prune_jax import sharding as sharding_lib
+  from idea_prune_jax.train import sharding as sharding_lib
   shardings = sharding_lib.param_shardings(scoring.abstract_params(model_cfg), mesh)
   params, _ = export.load_dense(checkpoint, shardings)
   max_length = int(max_length or info.get('extra', {}).get('seq_len') or DEFAULT_MAX_LENGTH)
@@ -351,7 +352,7 @@ def _flag(argv, name):
 
 # A placeholder (module path) rather than the class: `python -m` runs this file as __main__ too,
 # and both copies must name the same class.
-model_registry.register(MODEL_NAME, target='idea_prune_jax.harness:IdeaPruneLM')
+model_registry.register(MODEL_NAME, target='idea_prune_jax.eval.harness:IdeaPruneLM')
 
 if __name__ == '__main__':
   cli()

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from idea_prune_jax import storage
+from idea_prune_jax.data import storage
 
 SUMMARY_KEYS = ('pipeline', 'params_enlarged', 'params_final', 'ffn_enlarged', 'ffn_final',
                 'tokens', 'steps', 'val_loss', 'val_ppl', 'wall_s', 'export_dir')

@@ -15,22 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import distill
-from idea_prune_jax import export
-from idea_prune_jax import importance
-from idea_prune_jax import loop
-from idea_prune_jax import masks as masks_lib
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import sharding as sharding_lib
-from idea_prune_jax import storage
-from idea_prune_jax import train as train_lib
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.prune import distill
+from idea_prune_jax.io import export
+from idea_prune_jax.prune import importance
+from idea_prune_jax.train import loop
+from idea_prune_jax.prune import masks as masks_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import sharding as sharding_lib
+from idea_prune_jax.data import storage
+from idea_prune_jax.train import train as train_lib
 from idea_prune_jax.config import ConfigError, ModelConfig
-from idea_prune_jax.prune_optax import PruneState
-from idea_prune_jax.schedules import PruneSchedule
-from idea_prune_jax.structure import FFN_STRUCTURE
+from idea_prune_jax.prune.prune_optax import PruneState
+from idea_prune_jax.prune.schedules import PruneSchedule
+from idea_prune_jax.prune.structure import FFN_STRUCTURE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from idea_prune_jax.errors import PruneError
-from idea_prune_jax.structure import Structure, locate
+from idea_prune_jax.prune.errors import PruneError
+from idea_prune_jax.prune.structure import Structure, locate
 
 KINDS = ('platon', 'sensitivity_ema', 'magnitude', 'activation')
 _STATE_FIELDS = {'platon': ('ibar', 'u'), 'sensitivity_ema': ('ibar',), 'magnitude': (),

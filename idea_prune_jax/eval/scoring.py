@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import sharding as sharding_lib
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.config import ModelConfig
 
 MIN_BUCKET = 16

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import jax
 
-from idea_prune_jax.errors import PruneError
+from idea_prune_jax.prune.errors import PruneError
 
 
 @dataclasses.dataclass(frozen=True)

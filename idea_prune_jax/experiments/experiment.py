@@ -7,12 +7,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idea_prune_jax import data as data_lib
-from idea_prune_jax import export
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import pipeline
-from idea_prune_jax import report
-from idea_prune_jax import storage
+from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.io import export
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import pipeline
+from idea_prune_jax.tools import report
+from idea_prune_jax.data import storage
 from idea_prune_jax.config import IDEA_KD_ALPHA, ConfigError, ModelConfig
 
 COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
@@ -36,7 +36,7 @@ def check_downstream(config):
   tasks = _eval_tasks(config)
   if not tasks:
     return None
-  from idea_prune_jax import harness  # the `eval` extra
+  from idea_prune_jax.eval import harness  # the `eval` extra
   tm = harness.task_manager(config.eval.include_path or None, tasks)
   harness.check_tasks(tm, tasks)
   return tm
@@ -45,7 +45,7 @@ def check_downstream(config):
 def downstream(config, params, model_cfg, mesh, sp, tm=None) -> dict:
   """{task: {metric: value}} of config.eval.tasks on params as they lie on the training mesh."""
   import flax.linen as nn
-  from idea_prune_jax import harness, scoring
+  from idea_prune_jax.eval import harness, scoring
   tm = tm or check_downstream(config)
   scorer = scoring.Scorer(nn.unbox(params), model_cfg, mesh, config.eval.batch_size,
                           config.data.seq_len)

@@ -9,7 +9,7 @@ import numbers
 
 import jax.numpy as jnp
 
-from idea_prune_jax.errors import PruneError
+from idea_prune_jax.prune.errors import PruneError
 
 WIDTH_SCHEDULES = ('cubic', 'linear')
 

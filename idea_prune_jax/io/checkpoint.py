@@ -8,7 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from idea_prune_jax import storage
+from idea_prune_jax.data import storage
 from idea_prune_jax.config import ConfigError
 
 _COMMIT_MARKER = 'commit_success.txt'  # orbax's mark of a finished save

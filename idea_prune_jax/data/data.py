@@ -26,8 +26,8 @@ import sentencepiece as spm
 from absl import logging
 from etils import epath
 
-from idea_prune_jax import inputs, prepare, storage
-from idea_prune_jax.inputs import DataError
+from idea_prune_jax.data import inputs, prepare, storage
+from idea_prune_jax.data.inputs import DataError
 
 __all__ = ['DataError', 'Data', 'build', 'split_batch', 'global_batch']
 

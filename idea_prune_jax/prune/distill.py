@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idea_prune_jax.errors import PruneError
+from idea_prune_jax.prune.errors import PruneError
 
 _SUM_KEYS = ('ce', 'kl', 'teacher_ce')
 SCHEDULES = ('constant', 'linear', 'cosine')

@@ -17,14 +17,14 @@ import jax
 from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
-from idea_prune_jax import checkpoint as ckpt_lib
+from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
-from idea_prune_jax import distill
-from idea_prune_jax import experiment
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import pipeline
-from idea_prune_jax import report
-from idea_prune_jax import storage
+from idea_prune_jax.prune import distill
+from idea_prune_jax.experiments import experiment
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import pipeline
+from idea_prune_jax.tools import report
+from idea_prune_jax.data import storage
 from idea_prune_jax.config import ConfigError, ModelConfig
 
 GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'), ('idea', 'naive'))

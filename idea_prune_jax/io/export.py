@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from idea_prune_jax import model as model_lib
-from idea_prune_jax import storage
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.data import storage
 from idea_prune_jax.config import ModelConfig
 
 DENSE_FORMAT = 'idea_prune_jax/dense'

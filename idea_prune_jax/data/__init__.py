@@ -1,0 +1,1 @@
+"""Input sources, prepare-data, the grain stream, storage (local or gs://); the embedded corpus."""

@@ -1,0 +1,1 @@
+"""Perplexity and generation, the sharded scorer, the lm-eval model."""

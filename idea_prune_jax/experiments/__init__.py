@@ -1,0 +1,1 @@
+"""compare and sweep: several pipelines run and reported together."""

@@ -1,0 +1,1 @@
+"""Orbax checkpoints; dense and Hugging Face exports."""

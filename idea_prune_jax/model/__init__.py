@@ -1,0 +1,1 @@
+"""The LLaMA-style decoder and its attention kernels."""

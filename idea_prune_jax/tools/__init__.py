@@ -1,0 +1,1 @@
+"""compile-check (TPU compiler via libtpu), HLO cost, report."""

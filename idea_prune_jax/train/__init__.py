@@ -1,0 +1,1 @@
+"""Train state and steps, the phase pipeline, the host loop, sharding rules, the chip table."""
