@@ -23,9 +23,12 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 # XLA:CPU's YNNPACK dot fusion: the tiny step ~1.35x faster on this 2-core CPU (BENCHMARKS.md).
 CPU_XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=dot
 
+# Layers unrolled (the same stacked params): at tiny shapes the layer scan's bookkeeping, zeroed
+# buffers for the per-layer residuals and their dynamic-update-slices, is 15% of the step
+# (BENCHMARKS.md "Where the tiny step's time goes").
 demo: $(VENV)/.demo-installed
 	XLA_FLAGS="$(CPU_XLA_FLAGS) $$XLA_FLAGS" $(VENV)/bin/idea-prune run --config configs/tiny.py \
-	  --workdir runs/tiny
+	  --config.model.unroll_layers=true --workdir runs/tiny
 
 # One worker per core (at most 4: each holds its own JAX and spawns multi-device processes); a
 # file stays on one worker, so module fixtures (the 8-device mesh runs, the GCS server) run once.
