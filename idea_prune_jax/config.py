@@ -263,8 +263,8 @@ def validate_paths(config) -> None:
   for field in PATH_FIELDS:
     group, name = field.split('.')
     for p in str(config[group][name]).split(','):
-      if storage.bucket_problem(p.strip()):
-        _fail(field, config[group][name], storage.bucket_problem(p.strip()))
+      if problem := storage.bucket_problem(p.strip()):
+        _fail(field, config[group][name], problem)
 
 
 def validate(config, n_devices: int) -> tuple[int, int, int]:

@@ -144,8 +144,8 @@ def bucket_problem(url: str) -> str:
 
 def check_workdir(workdir: str, flag: str = '--workdir') -> None:
   """A usable run directory, or one StorageError line naming it and what to do."""
-  if bucket_problem(workdir):
-    raise StorageError(f'{flag}={workdir}: {bucket_problem(workdir)}')
+  if problem := bucket_problem(workdir):
+    raise StorageError(f'{flag}={workdir}: {problem}')
   p = path(workdir)
   if not is_url(workdir):
     if p.exists() and not p.is_dir():
