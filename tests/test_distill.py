@@ -13,7 +13,7 @@ from idea_prune_jax import config as config_lib
 from idea_prune_jax import distill
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import train as train_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.errors import PruneError
 
 B, L, V = 2, 8, 64

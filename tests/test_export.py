@@ -17,7 +17,7 @@ import pytest
 from idea_prune_jax.data import inputs, prepare
 from idea_prune_jax.io import export
 from idea_prune_jax.model import model as model_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 # GQA (4 query heads on 2 KV heads), a pruned FFN width no default has, non-default theta and eps.
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=20,

@@ -24,7 +24,7 @@ from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax import config as config_lib
 from idea_prune_jax.io import export
 from idea_prune_jax.data import storage
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 BUCKET = 'idea-prune-test'
 _ENV = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')

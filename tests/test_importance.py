@@ -83,7 +83,7 @@ def test_activation_ema_matches_reference():
 
 
 def test_activation_from_our_models_sown_intermediates():
-  from idea_prune_jax.config import ModelConfig
+  from idea_prune_jax.model.config import ModelConfig
   from idea_prune_jax.model.model import Transformer, init_params
   import flax.linen as nn
   cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=6)

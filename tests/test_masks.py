@@ -14,7 +14,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from idea_prune_jax import importance, masks, structure
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.model.model import Transformer, init_params
 
 TINY = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=12)

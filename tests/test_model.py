@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from idea_prune_jax.model import model as model_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 

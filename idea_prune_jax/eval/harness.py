@@ -171,7 +171,7 @@ def load(checkpoint: str, batch_size: int, max_length: int | None = None,
   import sentencepiece as spm
   from idea_prune_jax.io import export
   from idea_prune_jax.eval import scoring
-  from idea_prune_jax.config import ModelConfig
+  from idea_prune_jax.model.config import ModelConfig
   if not checkpoint:
     raise HarnessError(f'{MODEL_NAME}: pass checkpoint=DIR, a dense export such as W/export')
   if (not os.path.isfile(os.path.join(checkpoint, 'config.json'))

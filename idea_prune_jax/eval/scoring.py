@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 MIN_BUCKET = 16
 

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.data import storage
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 DENSE_FORMAT = 'idea_prune_jax/dense'
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from idea_prune_jax.model import attention as attention_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 
 Array = jax.Array
 

@@ -16,7 +16,7 @@ from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.prune import structure as structure_lib
-from idea_prune_jax.config import ModelConfig
+from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.prune_optax import PruneState, find as find_prune_state, prune_optimizer
 from idea_prune_jax.prune.schedules import PruneSchedule
 
