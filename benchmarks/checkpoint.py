@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
 
 
@@ -43,13 +43,13 @@ class _Position:
     pass
 
 
-def _small_step(config, phase, mesh):
-  """(jitted step, state, batch) of `phase` of `config` on `mesh`, compiled and warmed."""
-  parts = pipeline.parts(config, phase, mesh)
+def _small_step(run, phase, mesh):
+  """(jitted step, state, batch) of `phase` of `run` on `mesh`, compiled and warmed."""
+  parts = pipeline.parts(run, phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
-  step = pipeline.step_fn(config, phase, parts, mesh)
-  B, L = config.train.batch_size, config.data.seq_len
-  x = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, L + 1), dtype=np.int32)
+  step = pipeline.step_fn(run, phase, parts, mesh)
+  B, L = run.train.batch_size, run.data.seq_len
+  x = np.random.default_rng(0).integers(0, run.model.vocab_size, (B, L + 1), dtype=np.int32)
   batch = jax.device_put({'inputs': x[:, :-1], 'targets': x[:, 1:],
                           'weights': np.ones((B, L), np.float32)},
                          sharding.batch_sharding(mesh))
@@ -59,11 +59,11 @@ def _small_step(config, phase, mesh):
   return step, state, batch
 
 
-def measure_async(config, phase, rounds: int) -> dict:
+def measure_async(run, phase, rounds: int) -> dict:
   """Step times with no save in flight vs while an async save is written, the time the save
   call blocks the step, and SIGTERM -> committed (one step, the save, its commit)."""
-  mesh = sharding.make_mesh(config)
-  step, state, batch = _small_step(config, phase, mesh)
+  mesh = sharding.make_mesh(run.mesh)
+  step, state, batch = _small_step(run, phase, mesh)
 
   def one_step(state):
     t = time.perf_counter()
@@ -103,9 +103,9 @@ def _size(path: str) -> int:
              for f in files)
 
 
-def measure(config, phase, repeats: int) -> list:
-  mesh = sharding.make_mesh(config)
-  parts = pipeline.parts(config, phase, mesh)
+def measure(run, phase, repeats: int) -> list:
+  mesh = sharding.make_mesh(run.mesh)
+  parts = pipeline.parts(run, phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
   abstract = ckpt_lib.abstract_like(jax.eval_shape(parts.init_fn, jax.random.key(0)),
                                     parts.shardings)
@@ -138,12 +138,12 @@ def main():
                       'step at the config\'s 16 takes minutes)')
   parser.add_argument('--no-append', action='store_true')
   args = parser.parse_args()
-  config = config_lib.load(os.path.join(common.REPO, 'configs/small.py'))
+  config = settings.load(os.path.join(common.REPO, 'configs/small.py'))
   config.pipeline = 'idea'
-  async_config = config_lib.load(os.path.join(common.REPO, 'configs/small.py'))
-  async_config.pipeline = 'idea'
-  async_config.train.batch_size = args.batch_size
-  a = measure_async(async_config, pipeline.plan(async_config)[0], args.rounds)
+  run = settings.read(config).run
+  run.train.batch_size = args.batch_size
+  async_run = settings.read(config).run
+  a = measure_async(async_run, pipeline.plan(async_run)[0], args.rounds)
   med = {k: common.median(v) if v else float('nan') for k, v in a.items()}
   async_body = common.table(
       ['step s, no save (median)', 'step s, save in flight (median)', 'ratio',
@@ -153,7 +153,7 @@ def main():
         f'{len(a["during"]) / args.rounds:.1f}', f'{med["blocked"]:.3f}',
         f'{med["blocked"] / med["plain"]:.2f}', f'{med["sigterm"]:.2f}']])
   print(async_body)
-  rows = [measure(config, phase, args.repeats) for phase in pipeline.plan(config)]
+  rows = [measure(run, phase, args.repeats) for phase in pipeline.plan(run)]
   headers = ['phase', 'state MiB', 'on disk MiB', 'save s (median)', 'restore s (median)',
              'save MiB/s', 'restore MiB/s']
   body = common.table(headers, rows)

@@ -39,7 +39,9 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
+from idea_prune_jax.data.config import DataConfig  # noqa: E402
+from idea_prune_jax.model.config import ModelConfig  # noqa: E402
 from idea_prune_jax.data import data, prepare  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 
@@ -83,10 +85,10 @@ def synthetic_corpus(out: str, n_bytes: int, tokenizer_dir: str, seed: int = 0,
 
 
 def loader_tokens_per_s(prepared_dir: str, workers: int, seconds: float) -> float:
-  config = config_lib.base()
-  config.data.update(source='prepared', prepared_dir=prepared_dir, seq_len=2048, workers=workers)
-  config.train.batch_size = 16
-  it = data.build(config, '/unused').train
+  data_cfg = DataConfig(source='prepared', prepared_dir=prepared_dir, seq_len=2048,
+                        workers=workers)
+  it = data.build(data_cfg, '/unused', vocab_size=ModelConfig().vocab_size, batch_size=16,
+                  eval_batches=1, seed=0).train
   next(it)  # workers started, first batch out
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
@@ -160,17 +162,18 @@ def slow_file_layer(latency_s: float):
 
 def host_config(prepared_dir: str, variant: str, **data_settings):
   """The paper config (variant '' = data defaults) on prepared_dir, data settings overridden."""
-  config = config_lib.load(f'{PAPER}:{variant}' if variant else PAPER)
+  config = settings.load(f'{PAPER}:{variant}' if variant else PAPER)
   config.data.update(prepared_dir=prepared_dir, **data_settings)
-  return config
+  return settings.read(config).run
 
 
-def bucket_tokens_per_s(config, latency_s: float, seconds: float, min_batches: int) -> tuple:
+def bucket_tokens_per_s(run, latency_s: float, seconds: float, min_batches: int) -> tuple:
   """(s to the first batch, tokens/s after it) of host 0 of HOSTS behind latency_s per read."""
-  manifest = prepare.read_manifest(config.data.prepared_dir)
+  manifest = prepare.read_manifest(run.data.prepared_dir)
   with slow_file_layer(latency_s):
     t0 = time.perf_counter()
-    it = data.train_batches(config, config.data.prepared_dir, manifest, 0, HOSTS)
+    it = data.train_batches(run.data, run.train.batch_size, run.seed, run.data.prepared_dir,
+                            manifest, 0, HOSTS)
     next(it)
     first = time.perf_counter() - t0
     n = batches = 0
@@ -261,8 +264,9 @@ def bucket_section(tmp: str, tok_dir: str, quick: bool) -> str:
 
 
 def v5p_host_tokens_per_s(mfu: float = 0.5) -> dict:
-  paper = config_lib.load(os.path.join(common.REPO, 'configs/paper_2p8b_to_1p3b.py'))
-  cfg = config_lib.ModelConfig.from_config(paper)
+  paper = settings.read(settings.load(os.path.join(common.REPO,
+                                                   'configs/paper_2p8b_to_1p3b.py'))).run
+  cfg = paper.model
   flops = model_lib.flops_per_token(cfg, paper.data.seq_len)
   per_host = V5P_CHIPS_PER_HOST * V5P_PEAK_BF16 * mfu / flops
   return {'flops_per_token': flops, 'tokens_per_s_per_host': per_host}

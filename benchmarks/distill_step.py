@@ -3,10 +3,11 @@
   .venv/bin/python benchmarks/distill_step.py             # both parts; appends to BENCHMARKS.md
   .venv/bin/python benchmarks/distill_step.py --quick     # fewer repeats; prints only
 
-(1) Time. `train.distill_step` (teacher forward and student forward+backward+AdamW in one
-program) against the two-program alternative: a jitted teacher forward that returns [B, L, V]
-logits, then a jitted student step that takes them as an input. Both unchunked, both donate the
-state; a third row times the fused step with chunked KD logits (the price of the recompute).
+(1) Time. `train.train_step` with `kd=KDOptions(...)` (teacher forward from the state's teacher and
+student forward+backward+AdamW in one program) against the two-program alternative: a jitted
+teacher forward that returns [B, L, V] logits, then a jitted student step that takes them as an
+input. Both unchunked, both donate the state; a third row times the fused step with chunked KD
+logits (the price of the recompute).
 Rounds interleave the variants so load changes on this shared machine hit all; the figure is the
 median of per-round ratios to separate (<= 1.0 means fusing does not cost), in wall and in
 process CPU seconds.
@@ -27,9 +28,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax.train.config import TrainConfig  # noqa: E402
 from idea_prune_jax import distill  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
+from idea_prune_jax.model.config import ModelConfig  # noqa: E402
 from idea_prune_jax.train import train as train_lib  # noqa: E402
 
 ALPHA, TAU = 0.5, 2.0
@@ -37,18 +39,18 @@ ALPHA, TAU = 0.5, 2.0
 
 def _cfgs(vocab, student_ffn=768, ratio=3):
   base = dict(vocab_size=vocab, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2)
-  return (config_lib.ModelConfig(**base, ffn_dim=student_ffn),
-          config_lib.ModelConfig(**base, ffn_dim=ratio * student_ffn))
+  return (ModelConfig(**base, ffn_dim=student_ffn),
+          ModelConfig(**base, ffn_dim=ratio * student_ffn))
 
 
 def _optimizer():
   """(AdamW as in train.py, its schedule); a constant LR: only speed and memory are measured."""
   schedule = optax.constant_schedule(1e-3)
-  return train_lib.make_optimizer(config_lib.base().train, schedule), schedule
+  return train_lib.make_optimizer(TrainConfig(), schedule), schedule
 
 
 def _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer):
-  """(state, teacher params, batch) with random params and tokens."""
+  """(student state without a teacher, teacher params, batch) with random params and tokens."""
   init = lambda cfg, seed: nn.unbox(model_lib.init_params(cfg, jax.random.key(seed)))
   params = jax.jit(functools.partial(init, student_cfg), static_argnums=0)(0)
   teacher = jax.jit(functools.partial(init, teacher_cfg), static_argnums=0)(1)
@@ -59,6 +61,13 @@ def _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer):
            'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
            'weights': jnp.ones((batch_size, seq_len), jnp.float32)}
   return state, teacher, batch
+
+
+def _kd_step(model, teacher_model, optimizer, schedule, chunk):
+  """The fused KD step (the trainer's), jitted with a donated state that holds the teacher."""
+  kd = train_lib.KDOptions(teacher_model, ALPHA, TAU, chunk)
+  return jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer,
+                                   schedule=schedule, kd=kd), donate_argnums=(0,))
 
 
 def _student_step(state, batch, teacher_logits, *, model, optimizer, schedule):
@@ -78,17 +87,17 @@ def time_fused_vs_separate(rounds, steps_per_round, batch_size=8, seq_len=256, c
   model, teacher_model = model_lib.Transformer(student_cfg), model_lib.Transformer(teacher_cfg)
   optimizer, schedule = _optimizer()
   state, teacher, batch = _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer)
-  statics = dict(model=model, optimizer=optimizer, schedule=schedule)
-  fused = {c: jax.jit(functools.partial(train_lib.distill_step, teacher_model=teacher_model,
-                                        alpha=ALPHA, tau=TAU, chunk=c, **statics),
-                      donate_argnums=(0,)) for c in (0, chunk)}
+  fused = {c: _kd_step(model, teacher_model, optimizer, schedule, c) for c in (0, chunk)}
   teacher_fwd = jax.jit(lambda p, inputs: teacher_model.apply({'params': p}, inputs))
-  student = jax.jit(functools.partial(_student_step, **statics), donate_argnums=(0,))
+  student = jax.jit(functools.partial(_student_step, model=model, optimizer=optimizer,
+                                      schedule=schedule), donate_argnums=(0,))
   copy = lambda s: jax.tree.map(jnp.copy, s)
-  runs = {'fused': lambda s: fused[0](s, batch, teacher)[0],
+  runs = {'fused': lambda s: fused[0](s, batch)[0],
           'separate': lambda s: student(s, batch, teacher_fwd(teacher, batch['inputs']))[0],
-          'chunked': lambda s: fused[chunk](s, batch, teacher)[0]}
-  states = {name: copy(state) for name in runs}
+          'chunked': lambda s: fused[chunk](s, batch)[0]}
+  # The fused steps donate their state, teacher included: each gets its own copy of the teacher.
+  states = {name: copy(state if name == 'separate' else state.replace(teacher=teacher))
+            for name in runs}
   for name, fn in runs.items():  # compile and warm up
     states[name] = jax.block_until_ready(fn(states[name]))
   wall, cpu = ({name: [] for name in runs} for _ in range(2))
@@ -123,11 +132,9 @@ def compiled_temp_bytes(chunks, batch_size=2, seq_len=1024, vocab=32000):
                                  schedule=schedule), donate_argnums=(0,))
   out['lm'] = lm.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   for chunk in chunks:
-    step = jax.jit(functools.partial(train_lib.distill_step, model=model,
-                                     teacher_model=teacher_model, optimizer=optimizer,
-                                     schedule=schedule, alpha=ALPHA, tau=TAU, chunk=chunk),
-                   donate_argnums=(0,))
-    out[chunk] = step.lower(state, batch, teacher).compile().memory_analysis().temp_size_in_bytes
+    step = _kd_step(model, teacher_model, optimizer, schedule, chunk)
+    out[chunk] = step.lower(state.replace(teacher=teacher),
+                            batch).compile().memory_analysis().temp_size_in_bytes
   return {'student': student_cfg, 'batch': batch_size, 'seq': seq_len, 'vocab': vocab,
           'temp': out}
 

@@ -19,11 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 for _var in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'):
   os.environ.setdefault(_var, '1')
 
+import dataclasses  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.eval import harness  # noqa: E402
 
 TASK = 'shakespeare_mc'
@@ -33,8 +35,8 @@ BATCH = 16
 def _export(directory):
   sys.path.insert(0, os.path.join(common.REPO, 'tests'))
   from test_harness import make_export
-  cfg = config_lib.ModelConfig.from_config(config_lib.load(
-      os.path.join(common.REPO, 'configs/tiny.py')), ffn_dim=384)
+  tiny = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run.model
+  cfg = dataclasses.replace(tiny, ffn_dim=384)
   return make_export(directory, cfg, spm_chars=400_000), cfg
 
 

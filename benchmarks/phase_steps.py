@@ -23,20 +23,20 @@ from benchmarks import common  # noqa: E402
 def measure(spec: str, steps: int) -> dict:
   """{phase: median step seconds} of the idea plan of `spec`, on one random batch."""
   import jax
-  from idea_prune_jax import config as config_lib
+  from idea_prune_jax import settings
   from idea_prune_jax.data import data as data_lib
   from idea_prune_jax.train import pipeline, sharding
-  config = config_lib.load(os.path.join(common.REPO, spec))
-  mesh = sharding.make_mesh(config)
+  run = settings.read(settings.load(os.path.join(common.REPO, spec))).run
+  mesh = sharding.make_mesh(run.mesh)
   rng = np.random.RandomState(0)
-  rows = rng.randint(4, config.model.vocab_size,
-                     (config.train.batch_size, config.data.seq_len + 1)).astype(np.int32)
+  rows = rng.randint(4, run.model.vocab_size,
+                     (run.train.batch_size, run.data.seq_len + 1)).astype(np.int32)
   batch = jax.device_put(data_lib.split_batch(rows), sharding.batch_sharding(mesh))
   out = {}
-  for phase in pipeline.plan(config):
-    parts = pipeline.parts(config, phase, mesh)
+  for phase in pipeline.plan(run):
+    parts = pipeline.parts(run, phase, mesh)
     state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
-    step = pipeline.step_fn(config, phase, parts, mesh)
+    step = pipeline.step_fn(run, phase, parts, mesh)
     for _ in range(3):  # compile and warm up
       state, _ = jax.block_until_ready(step(state, batch))
     times = []

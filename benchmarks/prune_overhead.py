@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.train_step import load_config  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
+from idea_prune_jax.train.config import check_devices, override  # noqa: E402
 from idea_prune_jax.data import data as data_lib  # noqa: E402
 from idea_prune_jax import importance  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
@@ -77,16 +78,15 @@ class Runner:
     return metrics
 
 
-def build(config, mesh):
-  phases = {ph.name: ph for ph in pipeline.plan(config)}
+def build(run, mesh):
+  phases = {ph.name: ph for ph in pipeline.plan(run)}
   prune_ph = phases['prune']
-  masked_cfg = config.copy_and_resolve_references()
-  masked_cfg.prune.score = 'magnitude'
   never = dataclasses.replace(prune_ph.prune, t_start=NEVER, t_end=NEVER + 1)
-  variants = [('dense', config, phases['enlarged']),
-              ('masked', masked_cfg, dataclasses.replace(prune_ph, prune=never)),
-              ('prune', config, prune_ph),
-              ('shrunk', config, phases['recovery'])]
+  variants = [('dense', run, phases['enlarged']),
+              ('masked', override(run, {'prune.score': 'magnitude'}),
+               dataclasses.replace(prune_ph, prune=never)),
+              ('prune', run, prune_ph),
+              ('shrunk', run, phases['recovery'])]
   out = {}
   for i, (name, cfg, phase) in enumerate(variants):
     parts = pipeline.parts(cfg, phase, mesh)
@@ -120,7 +120,7 @@ def micro(prune_state, ps, kind, repeats):
   """Standalone (unfused) costs of the pieces the prune step adds, seconds (median)."""
   # Only the FFN weights: the other leaves are untouched by pruning (and would be copied out).
   params = {'layers': {'mlp': prune_state.params['layers']['mlp']}}
-  masks, scores = prune_state.masks, prune_state.scores
+  masks, scores = prune_state.masks, prune_state.importance
   grads = jax.tree.map(lambda x: x * 1e-3, params)  # any tree shaped like params will do
   k = ps.keep_k(ps.t_start + ps.every)
   pieces = {
@@ -173,9 +173,10 @@ def main(argv=None):
 
   config = load_config(args.config, overrides)
   config.pipeline = 'idea'
-  mesh = sharding.make_mesh(config)
-  config_lib.validate(config, mesh.devices.size)
-  built = build(config, mesh)
+  run = settings.read(config).run
+  mesh = sharding.make_mesh(run.mesh)
+  check_devices(run, mesh.devices.size)
+  built = build(run, mesh)
   ps = built['prune'][3].prune
   B, L = config.train.batch_size, config.data.seq_len
   x = np.random.RandomState(0).randint(1, config.model.vocab_size, (B, L + 1)).astype(np.int32)

@@ -26,7 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
+from idea_prune_jax.model.config import ModelConfig  # noqa: E402
+from idea_prune_jax.train.config import check_devices  # noqa: E402
 from idea_prune_jax.data import data as data_lib  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.train import sharding  # noqa: E402
@@ -38,7 +40,7 @@ SQUARES = ((1024, 1024, 1024), (2048, 2048, 2048))
 @dataclasses.dataclass
 class Bench:
   name: str
-  model_cfg: config_lib.ModelConfig
+  model_cfg: ModelConfig
   batch_size: int
   seq_len: int
   step: Any  # compiled (state, batch) -> (state, metrics), state donated
@@ -67,7 +69,7 @@ class Bench:
 
 
 def load_config(spec: str, overrides):
-  config = config_lib.load(spec)
+  config = settings.load(spec)
   for item in overrides:
     key, _, value = item.partition('=')
     try:
@@ -84,10 +86,10 @@ def load_config(spec: str, overrides):
 
 def build(spec: str, overrides) -> Bench:
   """The step exactly as the trainer builds it (tests/sharded_train_check.py), compiled ahead."""
-  config = load_config(spec, overrides)
-  mesh = sharding.make_mesh(config)
-  config_lib.validate(config, mesh.devices.size)
-  model_cfg = config_lib.ModelConfig.from_config(config)
+  config = settings.read(load_config(spec, overrides)).run
+  mesh = sharding.make_mesh(config.mesh)
+  check_devices(config, mesh.devices.size)
+  model_cfg = config.model
   schedule = train_lib.lr_schedule(config.train)
   optimizer = train_lib.make_optimizer(config.train, schedule)
   state, shardings = train_lib.init_state(model_cfg, optimizer, mesh, jax.random.key(0))

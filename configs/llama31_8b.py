@@ -12,7 +12,7 @@ the same shape with our remat policies instead. Not a training recipe: the prune
 make the config valid (compile-check --steps enlarged compiles the dense step).
 """
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 
 # variant -> (model.remat_policy, model.loss_chunk)
 SLICES = {
@@ -22,7 +22,7 @@ SLICES = {
 
 
 def get_config(arg: str = ''):
-  c = config_lib.base()
+  c = settings.base()
   c.model.update(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                  ffn_dim=14336, tie_embeddings=False, rope_theta=500000.0, dtype='bfloat16')
   c.prune.update(target_ffn=7168, round_to=128)

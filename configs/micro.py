@@ -9,11 +9,11 @@ multiplies it (16x: 20 tokens per parameter).
   idea-prune sweep --config configs/micro.py:test --workdir S   # seconds, for tests
 """
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 
 
 def get_config(arg: str = ''):
-  c = config_lib.base()
+  c = settings.base()
   c.model.update(vocab_size=1024, d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=576)
   c.prune.update(target_ffn=192, round_to=1)
   c.data.seq_len = 128

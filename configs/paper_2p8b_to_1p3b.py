@@ -9,7 +9,7 @@ BENCHMARKS.md): v5p64 (32 chips x 95 GiB), v6e64 (64 x 32 GiB), v5e64 (64 x 16 G
 batch stays 1024 x 2048 on every slice, so the training recipe is the same.
 """
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 
 FFN_ENLARGED = 15872  # 2.81B
 FFN_TARGET = 5632  # 1.30B
@@ -30,7 +30,7 @@ SLICES = {
 
 
 def get_config(arg: str = ''):
-  c = config_lib.base()
+  c = settings.base()
   c.model.update(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
                  ffn_dim=FFN_ENLARGED, tie_embeddings=True, dtype='bfloat16', remat_policy='full')
   c.prune.update(target_ffn=FFN_TARGET, round_to=128, t_start=0.5, t_end=0.7)

@@ -3,12 +3,12 @@
   idea-prune train --config configs/small.py --workdir /tmp/small
 """
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 
 
 def get_config(arg: str = ''):
   del arg
-  c = config_lib.base()
+  c = settings.base()
   c.model.update(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=4096)
   c.prune.update(target_ffn=1408, round_to=128)
   c.data.seq_len = 256

@@ -4,11 +4,11 @@
   idea-prune train --config configs/tiny.py:test --workdir /tmp/t   # seconds, for tests
 """
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 
 
 def get_config(arg: str = ''):
-  c = config_lib.base()
+  c = settings.base()
   c.model.update(vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=1152)
   c.prune.update(target_ffn=384, round_to=1)
   c.data.seq_len = 128

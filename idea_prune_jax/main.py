@@ -22,11 +22,12 @@
 
 import json
 import re
-import shlex
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from idea_prune_jax import commands, settings
 
 COMMANDS = ('run', 'compare', 'sweep', 'train', 'params', 'eval', 'generate',
             'compile-check', 'prepare-data')
@@ -74,158 +75,64 @@ _TOKENIZER_ONLY = flags.DEFINE_bool('tokenizer_only', False, 'prepare-data: trai
                                     'DIR/tokenizer.model, then stop.')
 
 
-class UsageError(ValueError):
-  pass
-
-
-def _params(config) -> dict:
-  from idea_prune_jax.model import model as model_lib
-  from idea_prune_jax.config import ModelConfig, validate_model
-  validate_model(config)
-  enlarged = ModelConfig.from_config(config)
-  target = ModelConfig.from_config(config, ffn_dim=config.prune.target_ffn)
-  return {'ffn_enlarged': enlarged.ffn_dim, 'params_enlarged': model_lib.param_count(enlarged),
-          'ffn_target': target.ffn_dim, 'params_target': model_lib.param_count(target)}
-
-
 def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise UsageError(f'usage: idea-prune {{{"|".join(COMMANDS)}}} --config FILE [--workdir DIR]; '
-                     f'got {argv[1:]}')
+    raise commands.UsageError(f'usage: idea-prune {{{"|".join(COMMANDS)}}} --config FILE '
+                              f'[--workdir DIR]; got {argv[1:]}')
   command, config = argv[1], _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if command == 'eval' and _TASKS.value:
-    _eval_tasks()
-    return
-  if command in ('eval', 'generate'):
-    _export_command(command)
-    return
-  if command == 'prepare-data':
-    _prepare_data()
-    return
-  if config is None:
-    raise UsageError('--config is required, e.g. --config configs/tiny.py')
-  if command == 'params':
-    print(json.dumps(_params(config), indent=1))
-    return
-  if command == 'compile-check':
-    from idea_prune_jax.tools import compile_check
-    report = compile_check.command(config, _DEVICES.value, _MESH.value, _HBM_GIB.value,
-                                   _TOPOLOGY.value, _STEPS.value)
-    report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
-    print(compile_check.table(report), file=sys.stderr)
-    print(json.dumps(report, indent=1))
-    return
-  if not _WORKDIR.value:
-    raise UsageError(f'--workdir is required for {command}')
-  from idea_prune_jax.experiments import experiment
-  from idea_prune_jax.train import loop, pipeline
-  _process_setup(config, _WORKDIR.value)
-  loop.install_sigterm_handler()
-  if command == 'train':
-    print(json.dumps(pipeline.train_dense(config, _WORKDIR.value)))
-  elif command == 'run':
-    summary = experiment.run_experiment(config, _WORKDIR.value)
-    print(json.dumps({k: v for k, v in summary.items() if k != 'phases'}))
-  elif command in ('compare', 'sweep'):
-    from idea_prune_jax.data import storage
-    from idea_prune_jax.experiments import sweep
-    (experiment.compare if command == 'compare' else sweep.sweep)(config, _WORKDIR.value)
-    print(storage.read_text(storage.join(_WORKDIR.value, f'{command}.md')))
-
-
-def _process_setup(config, workdir):
-  """The persistent compilation cache: a resumed run loads its compiled steps instead."""
-  import os
-  import jax
-  from idea_prune_jax.data import storage
-  where = config.train.compilation_cache
-  if where == 'none' or (not where and os.environ.get('JAX_COMPILATION_CACHE_DIR')):
-    return
-  jax.config.update('jax_compilation_cache_dir', where or storage.join(workdir, 'jax_cache'))
-
-
-def _eval_tasks():
-  """lm-eval tasks on an export; prints {task: {metric: value}}, writes the full results."""
-  from idea_prune_jax.eval import harness
-  if not _CHECKPOINT.value:
-    raise UsageError('eval needs --checkpoint, an export directory such as W/export')
-  tasks = [t.strip() for t in _TASKS.value.split(',') if t.strip()]
-  tm = harness.task_manager(_INCLUDE_PATH.value, tasks)
-  harness.check_tasks(tm, tasks)  # before the model is loaded
-  lm = harness.IdeaPruneLM(checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
-                           max_length=_MAX_LENGTH.value)
-  results = harness.evaluate(lm, tasks, _NUM_FEWSHOT.value, _LIMIT.value, tm=tm)
-  if _OUTPUT.value:
-    import jax
-    if jax.process_index() == 0:
-      from lm_eval.utils import handle_non_serializable
-      with open(_OUTPUT.value, 'w') as f:
-        json.dump(results, f, indent=2, default=handle_non_serializable)
-  print(json.dumps(harness.summary(results)))
-
-
-def _prepare_data():
-  from idea_prune_jax.data import prepare
-  if not _INPUT.value or not _OUTPUT.value:
-    raise UsageError('prepare-data needs --input SPEC and --output DIR, e.g. --input embedded '
-                     '--output data/shakespeare --vocab_size 4096 --val_fraction 0.05')
-  manifest = prepare.prepare(
-      _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, vocab_size=_VOCAB_SIZE.value,
-      val_fraction=_VAL_FRACTION.value, val_input=_VAL_INPUT.value, text_key=_TEXT_KEY.value,
-      tfds_data_dir=_TFDS_DATA_DIR.value, shard=prepare.parse_shard(_SHARD.value),
-      max_docs=_MAX_DOCS.value, tokenizer_only=_TOKENIZER_ONLY.value)
-  summary = {'output': _OUTPUT.value, **manifest}
-  for split in summary.get('splits', {}).values():  # thousands of shard names: a count will do
-    split['shards'] = len(split['shards'])
-  print(json.dumps(summary, indent=1))
-
-
-def _export_command(command):
-  import jax
-  import sentencepiece as spm
-  from etils import epath
-  from idea_prune_jax.eval import evaluate
-  from idea_prune_jax.io import export
-  from idea_prune_jax.data import inputs, storage
-  if not _CHECKPOINT.value:
-    raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
-  params, model_cfg = export.load_dense(_CHECKPOINT.value)
-  tokenizer = export.export_info(_CHECKPOINT.value).get('tokenizer')
-  if not tokenizer:
-    raise UsageError(f'--checkpoint={_CHECKPOINT.value}: the export holds no tokenizer.model')
-  sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer))
-  if command == 'eval':
-    if not _FILES.value:
-      raise UsageError('eval needs --files, e.g. --files my.txt')
-    texts = [epath.Path(f).read_text(encoding='utf-8')
-             for f in inputs.expand_files(_FILES.value, '--files')]
-    print(json.dumps(evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)))
+    print(json.dumps(commands.eval_tasks(
+        _CHECKPOINT.value, _TASKS.value, _INCLUDE_PATH.value, _NUM_FEWSHOT.value, _LIMIT.value,
+        _BATCH_SIZE.value, _MAX_LENGTH.value, _OUTPUT.value)))
+  elif command == 'eval':
+    print(json.dumps(commands.perplexity(_CHECKPOINT.value, _FILES.value)))
+  elif command == 'generate':
+    print(commands.generate(_CHECKPOINT.value, _PROMPT.value, _MAX_NEW.value, _SEED.value,
+                            _TEMPERATURE.value, _TOP_P.value))
+  elif command == 'prepare-data':
+    print(json.dumps(commands.prepare_data(
+        _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, vocab_size=_VOCAB_SIZE.value,
+        val_fraction=_VAL_FRACTION.value, val_input=_VAL_INPUT.value, text_key=_TEXT_KEY.value,
+        tfds_data_dir=_TFDS_DATA_DIR.value, shard=_SHARD.value, max_docs=_MAX_DOCS.value,
+        tokenizer_only=_TOKENIZER_ONLY.value), indent=1))
+  elif config is None:
+    raise commands.UsageError('--config is required, e.g. --config configs/tiny.py')
   else:
-    ids = evaluate.generate(params, model_cfg, sp.encode(_PROMPT.value), _MAX_NEW.value,
-                            jax.random.key(_SEED.value), _TEMPERATURE.value, _TOP_P.value,
-                            sp=sp)
-    print(_PROMPT.value + sp.decode(ids))
+    if command == 'compile-check' and _MESH.value:
+      from idea_prune_jax.tools import compile_check
+      config.mesh.update(compile_check.parse_mesh(_MESH.value))
+    s = settings.read(config)
+    if command == 'params':
+      print(json.dumps(commands.params(s.run), indent=1))
+    elif command == 'compile-check':
+      print(json.dumps(commands.compile_check(s.run, _DEVICES.value, _TOPOLOGY.value,
+                                              _HBM_GIB.value, _STEPS.value), indent=1))
+    elif not _WORKDIR.value:
+      raise commands.UsageError(f'--workdir is required for {command}')
+    else:
+      print(commands.train(command, s, _WORKDIR.value))
 
 
 def _guarded(argv):
-  from idea_prune_jax.train import loop
-  from idea_prune_jax.config import ConfigError
   from idea_prune_jax.data.data import DataError
-  from idea_prune_jax.prune.errors import PruneError
-  from idea_prune_jax.io.export import ExportError
   from idea_prune_jax.data.storage import StorageError
-  errors = (UsageError, ConfigError, DataError, ExportError, PruneError, StorageError,
-            loop.NonFiniteLoss)
-  try:
-    if _wants_harness():
+  from idea_prune_jax.io.export import ExportError
+  from idea_prune_jax.prune.errors import PruneError
+  from idea_prune_jax.train import loop
+  errors = (commands.UsageError, settings.ConfigError, DataError, ExportError, PruneError,
+            StorageError, loop.NonFiniteLoss)
+  config = _CONFIG.value
+  if _TASKS.value or (config is not None and config.get('eval', {}).get('tasks')):
+    try:  # lm-eval is an optional extra
       from idea_prune_jax.eval.harness import HarnessError
-      errors += (HarnessError,)
-  except ImportError as e:
-    print(f'idea-prune: error: lm-eval tasks need the `eval` extra ({e}); '
-          "pip install 'idea-prune-jax[eval]'", file=sys.stderr)
-    sys.exit(2)
+    except ImportError as e:
+      print(f'idea-prune: error: lm-eval tasks need the `eval` extra ({e}); '
+            "pip install 'idea-prune-jax[eval]'", file=sys.stderr)
+      sys.exit(2)
+    commands.offline_for_lm_eval()
+    errors += (HarnessError,)
   try:
     _main(argv)
   except loop.Preempted as e:
@@ -233,16 +140,6 @@ def _guarded(argv):
   except errors as e:
     print(f'idea-prune: error: {e}', file=sys.stderr)
     sys.exit(2)
-
-
-def _wants_harness() -> bool:
-  """eval --tasks, or run/compare with config.eval.tasks: lm-eval is needed (an optional extra)."""
-  config = _CONFIG.value
-  wanted = bool(_TASKS.value) or bool(config is not None and config.get('eval', {}).get('tasks'))
-  if wanted:
-    from idea_prune_jax.eval import harness
-    harness.set_offline()  # nothing is downloaded at run time
-  return wanted
 
 
 def _parse(argv):
@@ -260,7 +157,7 @@ def _parse(argv):
       hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
       msg = (f'unknown config field {bad[0] if bad else key!r}'
              f'{f" (did you mean {hint.group(1)!r}?)" if hint else ""}; '
-             'the fields are listed in idea_prune_jax/config.py')
+             'settings.py says where the fields are defined')
     print(f'idea-prune: error: {msg}', file=sys.stderr)
     sys.exit(2)
 

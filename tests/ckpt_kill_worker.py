@@ -19,15 +19,16 @@ sys.path.insert(0, ROOT)
 from orbax.checkpoint._src.handlers import json_checkpoint_handler  # noqa: E402
 
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.train import loop, pipeline  # noqa: E402
+from idea_prune_jax import process  # noqa: E402
 
 TERM_AFTER = 4  # the step whose save is followed by the SIGTERM
 
 
 def main():
   workdir, started, async_ckpt = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.pipeline = 'scratch'
   config.train.update(ckpt_every=TERM_AFTER, keep_ckpts=100, async_ckpt=async_ckpt)
 
@@ -49,9 +50,9 @@ def main():
 
   json_checkpoint_handler.JsonCheckpointHandler._save_fn = stalling_write
   ckpt_lib.save = save_then_term
-  loop.install_sigterm_handler()
+  process.install_sigterm_handler()
   try:
-    pipeline.run_pipeline(config, workdir)
+    pipeline.run_pipeline(settings.read(config).run, workdir)
   except loop.Preempted:
     pass
   sys.exit('the stalled save finished: it was meant to be killed')

@@ -28,14 +28,15 @@ if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
 
 import pytest  # noqa: E402
 
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
+from idea_prune_jax.train.config import check_devices  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def tiny_config():
-  return config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  return settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
 
 
 def run_on_devices(script: str, n_devices: int = 8, timeout: int = 600) -> dict:
@@ -78,3 +79,13 @@ SLOW_FILES = ('test_rehearsal.py', 'test_rehearsal_faults.py', 'test_multihost.p
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOW_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: files keep order
+
+
+def run_config(config):
+  """The RunConfig a ConfigDict reads as (settings.read: checked)."""
+  return settings.read(config).run
+
+
+def validate(config, n_devices: int):
+  """Every check a run makes before compute; the mesh shape."""
+  return check_devices(run_config(config), n_devices)

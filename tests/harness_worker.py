@@ -16,9 +16,9 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.eval import harness  # noqa: E402
-from idea_prune_jax.train import sharding as sharding_lib  # noqa: E402
+from idea_prune_jax.process import initialize_distributed  # noqa: E402
 
 CONTEXTS = ['To be, or not to be', 'Good night, sweet prince', 'O, what a rogue',
             'Frailty, thy name is woman', 'The rest is', '', 'Something is rotten in the state']
@@ -26,7 +26,7 @@ CONTEXTS = ['To be, or not to be', 'Good night, sweet prince', 'O, what a rogue'
 
 def main():
   export_dir, out_dir = sys.argv[1], sys.argv[2]
-  sharding_lib.maybe_initialize_distributed(config_lib.base())
+  initialize_distributed(settings.read(settings.base()).run.mesh)
   lm = harness.IdeaPruneLM(checkpoint=export_dir, batch_size=4, max_length=32)
 
   def inst(kind, args):

@@ -27,16 +27,17 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.data import data as data_lib  # noqa: E402
 from idea_prune_jax.experiments import experiment  # noqa: E402
 from idea_prune_jax.train import loop  # noqa: E402
+from idea_prune_jax.process import initialize_distributed  # noqa: E402
 
 NOTICE_S = 2.5  # > the notifier's 1 s poll plus a round trip through the coordinator
 
 
 def make_config():
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.mesh.update(data=1, fsdp=2, tensor=2)
   # Steps 0-5 enlarged, 6-8 pruning, shrink, 9-11 recovery; a checkpoint at 10, after the shrink.
   config.train.ckpt_every = 5
@@ -56,7 +57,7 @@ def main():
 
   def recording_global_batch(local, sharding):
     nonlocal feed
-    if feed is None:  # process_index is known only once loop.setup initialized jax.distributed
+    if feed is None:  # one file per process
       feed = open(os.path.join(record_dir, f'feed_{jax.process_index()}.jsonl'), 'a')
     rows = np.concatenate([local['inputs'], local['targets'][:, -1:]], axis=1)
     feed.write(json.dumps(rows.tolist()) + '\n')
@@ -83,7 +84,9 @@ def main():
   data_lib.global_batch = recording_global_batch
   ckpt_lib.save = save_then_act
   try:
-    summary = experiment.run_experiment(config, workdir)
+    run = settings.read(config).run
+    initialize_distributed(run.mesh)  # IDEA_PRUNE_DISTRIBUTED=1, as the launch scripts set it
+    summary = experiment.run_experiment(run, workdir)
   except loop.Preempted as e:  # as the CLI: a clean exit, rerun to resume
     _mark(record_dir, 'preempted', str(e))
     return

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from idea_prune_jax import config as config_lib  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.data import data as data_lib  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
 
@@ -19,15 +19,15 @@ KIND_MESHES = {'pretrain': MESHES, 'prune': MESHES[1:], 'distill': MESHES[2:]}
 N_STEPS = 6
 
 
-def run_phase(config, index, devices, batches, init_state):
+def run_phase(run, index, devices, batches, init_state):
   """N_STEPS of phase `index` of the plan from its init state: losses, masks, specs, compiles."""
-  mesh = sharding.make_mesh(config, devices)
-  phase = pipeline.plan(config)[index]
-  parts = pipeline.parts(config, phase, mesh)
+  mesh = sharding.make_mesh(run.mesh, devices)
+  phase = pipeline.plan(run)[index]
+  parts = pipeline.parts(run, phase, mesh)
   # One init per kind, placed on each mesh: the steps are what this compares, and a sharded
   # init compile per mesh would double the compiles.
   state = jax.device_put(init_state, parts.shardings)
-  step = pipeline.step_fn(config, phase, parts, mesh)
+  step = pipeline.step_fn(run, phase, parts, mesh)
   losses = []
   for b in batches[:N_STEPS]:
     state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
@@ -39,7 +39,7 @@ def run_phase(config, index, devices, batches, init_state):
   if state.masks is not None:
     out.update(masks=np.asarray(state.masks['ffn']).tolist(),
                mask_spec=list(state.masks['ffn'].sharding.spec),
-               score_spec=list(state.scores['u']['ffn'].sharding.spec))
+               score_spec=list(state.importance['u']['ffn'].sharding.spec))
   if state.teacher is not None:
     out['teacher_gate'] = list(state.teacher['layers']['mlp']['gate'].sharding.spec)
   return out
@@ -47,7 +47,7 @@ def run_phase(config, index, devices, batches, init_state):
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  config = config_lib.load('configs/tiny.py:test')
+  config = settings.load('configs/tiny.py:test')
   config.train.steps = 40
   config.prune.update(t_start=0.25, t_end=0.75, every=2)  # k moves at steps 10, 12, 14
   rng = np.random.RandomState(0)
@@ -64,11 +64,12 @@ def main():
       if mesh != (1, 1, 1) and mesh not in KIND_MESHES[kind]:
         continue
       config.distill.update(alpha=alpha, phases='recovery')
+      run = settings.read(config).run
       if kind not in inits:  # on one device; numpy, so no mesh's buffers are donated
-        parts = pipeline.parts(config, pipeline.plan(config)[index], sharding.make_mesh(
-            config, devices))
+        parts = pipeline.parts(run, pipeline.plan(run)[index],
+                               sharding.make_mesh(run.mesh, devices))
         inits[kind] = jax.device_get(jax.jit(parts.init_fn)(jax.random.key(0)))
-      results[f'{kind}@{"x".join(map(str, mesh))}'] = run_phase(config, index, devices, batches,
+      results[f'{kind}@{"x".join(map(str, mesh))}'] = run_phase(run, index, devices, batches,
                                                                  inits[kind])
   print(json.dumps(results))
 

@@ -16,7 +16,8 @@ from idea_prune_jax.prune.errors import PruneError
 from idea_prune_jax.prune.prune_optax import PruneState
 from idea_prune_jax.prune.schedules import PruneSchedule
 
-CORE = ('errors', 'importance', 'masks', 'schedules', 'structure', 'distill', 'prune_optax')
+CORE = ('errors', 'importance', 'masks', 'schedules', 'structure', 'distill', 'chunked',
+        'prune_optax')
 
 
 def test_core_imports_only_jax_optax_numpy():
@@ -84,7 +85,7 @@ def test_prune_optimizer_prunes_on_schedule_with_exact_zeros_and_one_compile():
   assert widths[:2] == [12, 12] and widths[-1] == 4 and widths == sorted(widths, reverse=True)
   assert widths[SCHED.t_end] == 4 and int(state.count) == 12
   assert step._cache_size() == 1  # k moved at run time, traced
-  assert float(jnp.abs(state.scores['ibar']['mlp']).max()) > 0
+  assert float(jnp.abs(state.importance['ibar']['mlp']).max()) > 0
 
 
 def test_prune_optimizer_matches_the_hand_written_step():
@@ -95,15 +96,15 @@ def test_prune_optimizer_matches_the_hand_written_step():
   state = tx.init(params)
   ref_params, ref_opt = params, inner.init(params)
   ref_masks = masks.init(params, S)
-  ref_scores = importance.init(ref_masks, 'sensitivity_ema')
+  ref_importance = importance.init(ref_masks, 'sensitivity_ema')
   step = _make_step(tx)
   for t in range(10):
     params, state = step(params, state, *_data(t))
     grads = jax.grad(_loss)(ref_params, *_data(t))
-    ref_scores = importance.update(ref_scores, 'sensitivity_ema', params=ref_params, grads=grads,
-                                   structure=S, beta1=0.7)
+    ref_importance = importance.update(ref_importance, 'sensitivity_ema', params=ref_params,
+                                       grads=grads, structure=S, beta1=0.7)
     if SCHED.is_refresh(t):
-      ref_masks = masks.refresh(ref_masks, importance.scores(ref_scores, 'sensitivity_ema'),
+      ref_masks = masks.refresh(ref_masks, importance.scores(ref_importance, 'sensitivity_ema'),
                                 SCHED.keep_k(t))
     updates, ref_opt = inner.update(grads, ref_opt, ref_params)
     ref_params = masks.apply(optax.apply_updates(ref_params, updates), ref_masks, S)
@@ -120,7 +121,7 @@ def test_shrink_of_the_wrapped_state_keeps_training_at_the_new_width():
   for t in range(SCHED.t_end + 1):
     params, state = step(params, state, *_data(t))
   small_params = masks.shrink(params, state.masks, S)
-  small_state = masks.shrink(state, state.masks, S)  # masks, scores and AdamW moments
+  small_state = masks.shrink(state, state.masks, S)  # masks, importance and AdamW moments
   assert isinstance(small_state, PruneState) and small_state.masks['mlp'].shape == (2, 4)
   assert small_state.inner[0].mu['fc1'].shape == (2, 6, 4)
   # The reference: a model made at the target width, trained by the plain optimizer from the
@@ -143,7 +144,7 @@ def test_activation_score_takes_activations_as_an_extra_argument():
   grads = jax.tree.map(jnp.zeros_like, params)
   acts = {'mlp': jnp.arange(24.0).reshape(2, 12)}
   _, state = tx.update(grads, state, params, activations=acts)
-  np.testing.assert_allclose(state.scores['act']['mlp'], 0.15 * acts['mlp'], rtol=1e-6)
+  np.testing.assert_allclose(state.importance['act']['mlp'], 0.15 * acts['mlp'], rtol=1e-6)
   with pytest.raises(PruneError, match=r"activations of unit 'mlp' have shape \(12,\)"):
     tx.update(grads, state, params, activations={'mlp': jnp.ones(12)})
   with pytest.raises(PruneError, match='needs activations='):

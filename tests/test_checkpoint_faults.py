@@ -13,16 +13,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses
+from conftest import (ROOT, checkpoint_state as _state, logged_losses as _losses, run_config,
+                      validate)
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 from idea_prune_jax.train import loop, pipeline
 
 KILL_WORKER = os.path.join(ROOT, 'tests', 'ckpt_kill_worker.py')
 
 
 def _config(**train):
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.pipeline = 'scratch'
   config.train.update({'ckpt_every': 2, 'keep_ckpts': 100, **train})
   return config
@@ -36,7 +37,7 @@ def _steps(workdir):
 def full_run(tmp_path_factory):
   """The uninterrupted scratch run of 12 steps, a checkpoint every 2."""
   workdir = str(tmp_path_factory.mktemp('full'))
-  pipeline.run_pipeline(_config(), workdir)
+  pipeline.run_pipeline(run_config(_config()), workdir)
   return workdir
 
 
@@ -77,7 +78,7 @@ def test_transient_storage_errors_on_restore_are_retried_not_set_aside(full_run,
       ValueError('UNAVAILABLE: Error reading "gs://b/w/checkpoints/8/state/d/1": HTTP response '
                  'code: 503 with body: Service Unavailable')])
   with caplog.at_level('WARNING'):
-    pipeline.run_pipeline(_config(), workdir)
+    pipeline.run_pipeline(run_config(_config()), workdir)
   assert calls[:4] == [8, 8, 8, 8]  # the same checkpoint, read again until it came through
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'unreadable' in n]
   assert sum('retrying' in r.getMessage() for r in caplog.records) == 3
@@ -91,7 +92,7 @@ def test_storage_down_through_every_retry_stops_without_setting_anything_aside(
   _failing_restore(monkeypatch, [ConnectionResetError(104, 'Connection reset by peer')] * 1000)
   with pytest.raises(ckpt_lib.StorageUnavailable,
                      match=r'^cannot read checkpoint step 8 .*ConnectionResetError.*; rerun'):
-    pipeline.run_pipeline(_config(), workdir)
+    pipeline.run_pipeline(run_config(_config()), workdir)
   assert _steps(workdir) == [2, 4, 6, 8]
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'unreadable' in n]
 
@@ -104,7 +105,7 @@ def test_corrupt_checkpoint_is_set_aside_once_and_the_log_names_the_lost_step(fu
       with open(os.path.join(root, f), 'wb') as fh:
         fh.write(b'garbage')
   with caplog.at_level('WARNING'):
-    pipeline.run_pipeline(_config(), workdir)
+    pipeline.run_pipeline(run_config(_config()), workdir)
   messages = [r.getMessage() for r in caplog.records]
   assert not [m for m in messages if 'retrying' in m]  # corruption is not worth a retry
   lost = [m for m in messages if m.startswith('lost checkpoint step 8 ')]
@@ -117,9 +118,9 @@ def test_corrupt_checkpoint_is_set_aside_once_and_the_log_names_the_lost_step(fu
 
 def test_negative_ckpt_minutes_is_a_one_line_error():
   config = _config(ckpt_minutes=-1)
-  with pytest.raises(config_lib.ConfigError, match=r'^config\.train\.ckpt_minutes=-1\.0: must be '
+  with pytest.raises(settings.ConfigError, match=r'^config\.train\.ckpt_minutes=-1\.0: must be '
                      r'>= 0[^\n]*$'):
-    config_lib.validate(config, jax.device_count())
+    validate(config, jax.device_count())
 
 
 class _FakeState:
@@ -130,7 +131,7 @@ class _FakeState:
 def test_a_clock_of_one_minute_per_step_saves_every_ckpt_minutes_steps(tmp_path, monkeypatch):
   minutes = [0.0]
   config = _config(ckpt_every=1000, eval_every=1000, ckpt_minutes=3)
-  ctx = loop.setup(config, str(tmp_path), wall_clock=lambda: minutes[0] * 60)
+  ctx = loop.setup(run_config(config), str(tmp_path), wall_clock=lambda: minutes[0] * 60)
 
   def step_fn(state, batch):
     del batch
@@ -157,7 +158,8 @@ def test_saves_by_wall_time_leave_the_losses_unchanged(full_run, tmp_path, monke
   monkeypatch.setattr(loop, 'setup', lambda config, workdir: setup(config, workdir,
                                                                    wall_clock=clock))
   workdir = str(tmp_path / 'w')
-  pipeline.run_pipeline(_config(ckpt_every=1000, ckpt_minutes=2.5), workdir)
+  run = run_config(_config(ckpt_every=1000, ckpt_minutes=2.5))
+  pipeline.run_pipeline(run, workdir)
   assert len(_steps(workdir)) >= 3 and set(_steps(workdir)) != {12}, _steps(workdir)
   assert _losses(workdir) == _losses(full_run)
   jax.tree.map(np.testing.assert_array_equal, _state(full_run, 12), _state(workdir, 12))
@@ -212,7 +214,7 @@ def test_sigterm_save_killed_mid_write_resumes_from_the_previous_checkpoint(full
   assert ckpt_lib.manager(workdir).all_steps() == [4]  # and not taken for a checkpoint
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w'):
     pass
-  pipeline.run_pipeline(_config(ckpt_every=4), workdir)
+  pipeline.run_pipeline(run_config(_config(ckpt_every=4)), workdir)
   assert not [n for n in os.listdir(ckpts) if 'unreadable' in n]  # nothing needed setting aside
   assert min(_losses(workdir)) == 4
   assert _losses(workdir) == {s: v for s, v in _losses(full_run).items() if s >= 4}

@@ -1,5 +1,6 @@
 """The idea-prune CLI: parameter counts, one-line errors, eval and generate on an export."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ import flax.linen as nn
 import jax
 import pytest
 
-from conftest import ROOT
-from idea_prune_jax import config as config_lib
+from conftest import ROOT, run_config, validate
+from idea_prune_jax import settings
 from idea_prune_jax.io import export
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.data import prepare
@@ -35,7 +36,7 @@ def test_unknown_config_key_is_one_line_naming_it():
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
       "idea-prune: error: unknown config field '--config.prune.target_fnn' (did you mean "
-      "'target_ffn'?); the fields are listed in idea_prune_jax/config.py"]
+      "'target_ffn'?); settings.py says where the fields are defined"]
 
 
 def test_bad_value_is_refused_before_compute(tmp_path):
@@ -47,11 +48,11 @@ def test_bad_value_is_refused_before_compute(tmp_path):
 
 
 def test_eval_and_generate_on_an_export(tmp_path):
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   prepare.prepare('embedded:hamlet,macbeth', str(tmp_path / 'data'), progress=False,
                   vocab_size=config.model.vocab_size, val_input='embedded:macbeth')
   tok_path = str(tmp_path / 'data' / 'tokenizer.model')
-  cfg = config_lib.ModelConfig.from_config(config, ffn_dim=40)
+  cfg = dataclasses.replace(run_config(config).model, ffn_dim=40)
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
   export_dir = export.save_dense(str(tmp_path / 'export'), params, cfg, tok_path)
   text = tmp_path / 'text.txt'
@@ -71,11 +72,11 @@ def test_eval_and_generate_on_an_export(tmp_path):
                                           ('train.ckpt_every', 0), ('naive.score_batches', 0)])
 def test_zero_cadences_and_score_batches_are_refused_naming_the_field(field, value):
   # 0 used to pass and then divide by zero after the first step (or keep neurons 0..f_T-1).
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   group, name = field.split('.')
   config[group][name] = value
-  with pytest.raises(config_lib.ConfigError, match=rf'^config\.{field}=0: must be >= 1') as e:
-    config_lib.validate(config, 1)
+  with pytest.raises(settings.ConfigError, match=rf'^config\.{field}=0: must be >= 1') as e:
+    validate(config, 1)
   assert '\n' not in str(e.value)
 
 
@@ -87,12 +88,12 @@ def test_bucket_names_gcs_rejects_fail_before_compute(bad):
                                                  'name') as e:
     storage.check_workdir(bad)
   assert '\n' not in str(e.value)
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.data.files = f'local.txt,{bad}/*.txt'
-  with pytest.raises(config_lib.ConfigError, match=r'^config\.data\.files=.*not a valid bucket'):
-    config_lib.validate(config, 1)
+  with pytest.raises(settings.ConfigError, match=r'^config\.data\.files=.*not a valid bucket'):
+    validate(config, 1)
   for good in ('gs://idea-prune-test/run', 'gs://a.b_c-9/x', f'gs://{"x" * 63}.{"y" * 63}/x'):
     assert storage.bucket_problem(good) == ''
   config.data.files = ''
   config.distill.teacher = 'gs://idea-prune-test/export'
-  config_lib.validate(config, 1)
+  validate(config, 1)

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from conftest import FAST_COMPILE_FLAG
+from conftest import FAST_COMPILE_FLAG, run_config
 from idea_prune_jax.train import chips
 from idea_prune_jax.tools import compile_check
-from idea_prune_jax.config import ConfigError
+from idea_prune_jax.settings import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,9 +89,9 @@ def test_parse_mesh():
 
 
 def test_calibration_config_is_llama31_8b_at_maxtexts_benchmark_shape():
-  from idea_prune_jax import config as config_lib
+  from idea_prune_jax import settings
   from idea_prune_jax.model import model as model_lib
-  config = config_lib.load(os.path.join(ROOT, 'configs/llama31_8b.py:v6e256'))
+  config = settings.load(os.path.join(ROOT, 'configs/llama31_8b.py:v6e256'))
   # Llama 3.1 8B's published parameter count; 4 sequences of 8192 on each of 256 chips.
-  assert model_lib.param_count(config_lib.ModelConfig.from_config(config)) == 8_030_261_248
+  assert model_lib.param_count(run_config(config).model) == 8_030_261_248
   assert (config.data.seq_len, config.train.batch_size) == (8192, 4 * 256)

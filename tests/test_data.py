@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import ROOT
-from idea_prune_jax import config as config_lib
+from conftest import ROOT, run_config, validate
+from idea_prune_jax import settings
 from idea_prune_jax.data import data, inputs, prepare
 from idea_prune_jax.data.inputs import DataError
 
@@ -19,12 +19,20 @@ SMALL_VOCAB = 512
 
 
 def make_config(prepared_dir='', **data_overrides):
-  config = config_lib.base()
+  config = settings.base()
   config.model.vocab_size = SMALL_VOCAB
   config.data.update(source='prepared', prepared_dir=str(prepared_dir), seq_len=32,
                      **data_overrides)
   config.train.update(batch_size=4, eval_batches=3)
   return config
+
+
+def build(config, workdir: str, process_index: int = 0, process_count: int = 1) -> data.Data:
+  """data.build as a run calls it, from a ConfigDict."""
+  run = settings.read(config).run
+  return data.build(run.data, workdir, vocab_size=run.model.vocab_size,
+                    batch_size=run.train.batch_size, eval_batches=run.train.eval_batches,
+                    seed=run.seed, process_index=process_index, process_count=process_count)
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +56,7 @@ def prepared(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope='module')
 def built(prepared):
-  return data.build(make_config(prepared), '/unused')
+  return build(make_config(prepared), '/unused')
 
 
 def _take(it, n):
@@ -64,7 +72,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_batches_are_packed_next_token_pairs(built):
-  batch = next(data.build(make_config(built.prepared_dir), '/unused').train)
+  batch = next(build(make_config(built.prepared_dir), '/unused').train)
   assert set(batch) == {'inputs', 'targets', 'weights'}
   assert batch['inputs'].shape == batch['targets'].shape == batch['weights'].shape == (4, 32)
   assert batch['inputs'].dtype == np.int32 and batch['weights'].dtype == np.float32
@@ -87,7 +95,7 @@ def test_packing_is_lossless_and_documents_carry_bos_and_eos(prepared):
 
 
 def test_document_attention_batches_restart_positions_and_mask_boundaries(prepared):
-  batches = _take(data.build(make_config(prepared, attention='document'), '/unused').train, 10)
+  batches = _take(build(make_config(prepared, attention='document'), '/unused').train, 10)
   seg, pos, w = (np.concatenate([b[k] for b in batches])
                  for k in ('segment_ids', 'positions', 'weights'))
   starts = np.argwhere(np.diff(seg, axis=1) != 0)
@@ -101,11 +109,11 @@ def test_document_attention_batches_restart_positions_and_mask_boundaries(prepar
 @pytest.mark.parametrize('consumed', [0, 5, 45])  # 45 batches cross an epoch boundary
 def test_resume_yields_bit_identical_batches(prepared, consumed):
   config = make_config(prepared, attention='document')
-  first = data.build(config, '/unused').train
+  first = build(config, '/unused').train
   _take(first, consumed)
   state = first.get_state()
   expected = _take(first, 4)
-  resumed = data.build(config, '/unused').train
+  resumed = build(config, '/unused').train
   resumed.set_state(state)
   _assert_same(_take(resumed, 4), expected)
 
@@ -114,14 +122,14 @@ def test_the_order_is_seeded(prepared):
   def tokens(seed):
     config = make_config(prepared)
     config.seed = seed
-    return np.concatenate([b['inputs'] for b in _take(data.build(config, '/unused').train, 8)])
+    return np.concatenate([b['inputs'] for b in _take(build(config, '/unused').train, 8)])
   np.testing.assert_array_equal(tokens(1), tokens(1))
   assert not np.array_equal(tokens(1), tokens(2))
 
 
 def test_fork_does_not_move_the_original(built):
   config = make_config(built.prepared_dir)
-  a, b = data.build(config, '/unused').train, data.build(config, '/unused').train
+  a, b = build(config, '/unused').train, build(config, '/unused').train
   _take(a, 2)
   _take(b, 2)
   _take(a.fork(), 5)
@@ -133,8 +141,8 @@ def test_hosts_get_disjoint_rows_covering_the_global_batch(prepared, process_cou
   """One process reading every shard feeds exactly what the hosts feed, row block by block."""
   config = make_config(prepared, shards=process_count)
   config.train.batch_size = 8
-  whole = _take(data.build(config, '/unused').train, 3)
-  hosts = [_take(data.build(config, '/unused', i, process_count).train, 3)
+  whole = _take(build(config, '/unused').train, 3)
+  hosts = [_take(build(config, '/unused', i, process_count).train, 3)
            for i in range(process_count)]
   for step, batch in enumerate(whole):
     stacked = np.concatenate([h[step]['inputs'] for h in hosts])
@@ -146,10 +154,10 @@ def test_hosts_get_disjoint_rows_covering_the_global_batch(prepared, process_cou
 
 def test_validation_is_a_fixed_in_order_set_read_once(prepared):
   config = make_config(prepared)
-  one, two = data.build(config, '/unused').val, data.build(config, '/unused').val
+  one, two = build(config, '/unused').val, build(config, '/unused').val
   assert len(one) == 3 and all(b['inputs'].shape == (4, 32) for b in one)
   _assert_same(one, two)
-  host1 = data.build(config, '/unused', 1, 2).val
+  host1 = build(config, '/unused', 1, 2).val
   np.testing.assert_array_equal(host1[0]['inputs'], one[0]['inputs'][2:])
 
 
@@ -160,7 +168,7 @@ def test_documents_shorter_than_seq_len_still_pack(tmp_path):
   prepare.prepare(str(docs), str(out), vocab_size=300, val_fraction=0.2, progress=False)
   config = make_config(out, attention='document')
   config.model.vocab_size = 300
-  batch = next(data.build(config, '/unused').train)
+  batch = next(build(config, '/unused').train)
   assert batch['segment_ids'].max() > 2  # several documents per row
 
 
@@ -180,7 +188,7 @@ def test_llama_layout_special_ids_weight_token_zero(tmp_path):
                                                             'eos': 2}
   config = make_config(out)
   config.model.vocab_size = 64
-  built = data.build(config, '/unused')
+  built = build(config, '/unused')
   assert (built.sp.pad_id(), built.sp.bos_id(), built.sp.eos_id()) == (-1, 1, 2)
   batch = next(built.train)
   is_unk = batch['targets'] == 0
@@ -188,33 +196,34 @@ def test_llama_layout_special_ids_weight_token_zero(tmp_path):
 
 
 def test_workdir_preparation_is_reused_and_a_changed_source_refused(tmp_path):
-  config = config_lib.base()
+  config = settings.base()
   config.model.vocab_size = SMALL_VOCAB
   config.data.update(val_works='tempest', seq_len=32, max_docs=3)
   config.train.batch_size = 4
   workdir = str(tmp_path)
-  first = data.build(config, workdir)
+  first = build(config, workdir)
   manifest = tmp_path / 'data' / 'manifest.json'
   mtime = manifest.stat().st_mtime_ns
-  data.build(config, workdir)
+  build(config, workdir)
   assert manifest.stat().st_mtime_ns == mtime  # prepared once
   assert first.prepared_dir == os.path.join(workdir, 'data')
   config.data.val_works = 'macbeth'
   with pytest.raises(DataError, match=r"was prepared with val_input='embedded:tempest'"):
-    data.build(config, workdir)
+    build(config, workdir)
   config.data.val_works = 'tempest'
   config.model.vocab_size = 1024
   with pytest.raises(DataError, match=r'^config.model.vocab_size=1024: .* 512 pieces'):
-    data.build(config, workdir)
+    build(config, workdir)
 
 
 def test_the_data_cache_prepares_the_embedded_corpus_once_for_every_workdir(tmp_path, monkeypatch):
-  config = config_lib.base()
+  config = settings.base()
   config.model.vocab_size = SMALL_VOCAB
   config.data.update(val_works='tempest', max_docs=3)
   calls, real = [], prepare.prepare
   monkeypatch.setattr(prepare, 'prepare', lambda **kw: calls.append(kw) or real(**kw))
-  here = lambda name: data.prepared_dir(config, str(tmp_path / name), True, lambda: None)
+  here = lambda name: data.prepared_dir(run_config(config).data, config.model.vocab_size,
+                                        str(tmp_path / name), True, lambda: None)
   files = lambda d: {n: open(os.path.join(d, n), 'rb').read() for n in os.listdir(d)}
   monkeypatch.delenv(data.DATA_CACHE_ENV, raising=False)  # conftest sets one for the session
   uncached = files(here('plain'))
@@ -226,14 +235,14 @@ def test_the_data_cache_prepares_the_embedded_corpus_once_for_every_workdir(tmp_
 
 def test_missing_prepared_dir_is_one_line(tmp_path):
   with pytest.raises(DataError, match=r'no manifest.json; prepare it with idea-prune prepare-data'):
-    data.build(make_config(tmp_path / 'nowhere'), '/unused')
+    build(make_config(tmp_path / 'nowhere'), '/unused')
 
 
 def test_vocab_smaller_than_the_tokenizer_names_the_field(prepared):
   config = make_config(prepared)
   config.model.vocab_size = 100
   with pytest.raises(DataError, match=r'^config.model.vocab_size=100: the prepared tokenizer has'):
-    data.build(config, '/unused')
+    build(config, '/unused')
 
 
 def test_truncated_shard_is_named(prepared, tmp_path):
@@ -243,7 +252,7 @@ def test_truncated_shard_is_named(prepared, tmp_path):
   shard = copy / prepare.read_manifest(str(copy))['splits']['train']['shards'][0]
   shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
   with pytest.raises(DataError, match=rf'{shard}: not a readable ArrayRecord shard'):
-    data.build(make_config(copy), '/unused')
+    build(make_config(copy), '/unused')
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -251,18 +260,18 @@ def test_truncated_shard_is_named(prepared, tmp_path):
 ])
 def test_impossible_shard_split_names_the_field(prepared, field, value, message):
   with pytest.raises(DataError, match=message):
-    data.build(make_config(prepared, **{field: value}), '/unused')
+    build(make_config(prepared, **{field: value}), '/unused')
 
 
 def test_config_validation_names_data_fields():
-  config = config_lib.base()
+  config = settings.base()
   config.data.attention = 'full'
-  with pytest.raises(config_lib.ConfigError, match=r"^config.data.attention='full'"):
-    config_lib.validate(config, 1)
-  config = config_lib.base()
+  with pytest.raises(settings.ConfigError, match=r"^config.data.attention='full'"):
+    validate(config, 1)
+  config = settings.base()
   config.data.source = 'prepared'
-  with pytest.raises(config_lib.ConfigError, match=r"^config.data.prepared_dir=''"):
-    config_lib.validate(config, 1)
+  with pytest.raises(settings.ConfigError, match=r"^config.data.prepared_dir=''"):
+    validate(config, 1)
 
 
 def test_split_batch_and_global_batch():
@@ -278,7 +287,7 @@ def test_split_batch_and_global_batch():
 
 def test_packing_dataclass_from_config():
   config = make_config('/x', attention='document', read_threads=1, prefetch=0, workers=0)
-  assert data.Packing.from_config(config) == dataclasses.replace(
+  assert data.Packing.from_config(run_config(config).data) == dataclasses.replace(
       data.Packing(32), document_attention=True, read_threads=1, prefetch=0)
 
 
@@ -286,7 +295,7 @@ def test_epochs_follow_the_iterator_position_and_survive_a_restore(prepared):
   """epochs = documents of the train split read / documents in it, from the grain state alone."""
   config = make_config(prepared)
   manifest = prepare.read_manifest(str(prepared))
-  it = data.build(config, '/unused').train
+  it = build(config, '/unused').train
   assert it.epochs() == 0.0
   per_batch = config.train.batch_size * (config.data.seq_len + 1)
   seen = []
@@ -296,16 +305,16 @@ def test_epochs_follow_the_iterator_position_and_survive_a_restore(prepared):
     consumed = k * per_batch / manifest['splits']['train']['tokens']
     assert seen[-1] == pytest.approx(consumed, abs=0.15)  # documents, not tokens: close
   assert seen == sorted(seen) and seen[0] < 1 < seen[-1] < 2
-  resumed = data.build(config, '/unused').train
+  resumed = build(config, '/unused').train
   resumed.set_state(it.get_state())
   assert resumed.epochs() == seen[-1]
-  assert it.epochs(data.build(config, '/unused').train.get_state()) == 0.0
+  assert it.epochs(build(config, '/unused').train.get_state()) == 0.0
 
 
 def test_epochs_of_one_host_of_several_count_the_whole_split(prepared):
   config = make_config(prepared, shards=2)
-  one_process = data.build(config, '/unused').train
-  host0 = data.build(config, '/unused', 0, 2).train
+  one_process = build(config, '/unused').train
+  host0 = build(config, '/unused', 0, 2).train
   for _ in range(24):
     next(one_process)
     next(host0)
@@ -360,13 +369,13 @@ def test_epochs_reach_metrics_and_report_are_logged_once_and_survive_resume(prep
   from idea_prune_jax.experiments import experiment
 
   def run(workdir):
-    config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+    config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
     config.pipeline = 'scratch'
     config.data.update(source='prepared', prepared_dir=str(prepared))
     config.train.update(steps=12, batch_size=16, ckpt_every=6, eval_every=12, keep_ckpts=10)
     with caplog.at_level('INFO'):
       caplog.clear()
-      experiment.run_experiment(config, str(workdir), do_export=False)
+      experiment.run_experiment(run_config(config), str(workdir), do_export=False)
       crossings = [r.getMessage() for r in caplog.records if 'epoch 2 of the train' in
                    r.getMessage()]
     rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from idea_prune_jax import config as config_lib
+from conftest import validate
+from idea_prune_jax.train.config import TrainConfig
+from idea_prune_jax import settings
 from idea_prune_jax import distill
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import train as train_lib
@@ -82,7 +84,7 @@ def test_numpy_reference_with_temperature_and_padding(tau):
   ls, lt = log_softmax(s / tau)[0, :2], log_softmax(t / tau)[0, :2]
   kl = (np.exp(lt) * (lt - ls)).sum(-1)
   expected = (1 - alpha) * ce.mean() + alpha * tau**2 * kl.mean()
-  # A Python τ, bound statically, as distill_step binds it.
+  # A Python τ, bound statically, as a constant KDOptions.tau is.
   fn = jax.jit(functools.partial(distill.kd_loss, alpha=alpha, tau=tau))
   weights = jnp.asarray([[1.0, 1.0, 0.0]])
   loss, aux = fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y), weights)
@@ -201,40 +203,91 @@ def test_kd_schedule_holds_its_start_moves_over_its_steps_and_holds_its_end(kind
 @pytest.mark.parametrize('field,value', [('alpha_schedule', 'exp'), ('tau_schedule', 'step'),
                                          ('alpha_end', 1.5), ('tau_end', 0.0)])
 def test_bad_kd_schedule_fields_are_refused_naming_them(field, value):
-  c = config_lib.load('configs/tiny.py:test')
+  c = settings.load('configs/tiny.py:test')
   c.distill.update(alpha=0.5, alpha_schedule='linear', tau_schedule='cosine')
   c.distill[field] = value
-  with pytest.raises(config_lib.ConfigError, match=f'^config.distill.{field}='):
-    config_lib.validate(c, 1)
+  with pytest.raises(settings.ConfigError, match=f'^config.distill.{field}='):
+    validate(c, 1)
 
 
-def test_distill_step_jits_with_a_wider_teacher_and_lowers_the_loss():
-  params, teacher_params, batch = _params(STUDENT, 0), _params(TEACHER, 1), _batch()
-  schedule = optax.constant_schedule(3e-3)
-  train_cfg = config_lib.base().train
-  optimizer = train_lib.make_optimizer(train_cfg, schedule)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=optimizer.init(params))
-  step = jax.jit(functools.partial(
-      train_lib.distill_step, model=model_lib.Transformer(STUDENT),
-      teacher_model=model_lib.Transformer(TEACHER), optimizer=optimizer, schedule=schedule,
-      alpha=0.5, tau=2.0, chunk=4), donate_argnums=(0,))
-  teacher_before = jax.tree.map(np.asarray, teacher_params)
-  run = train_lib.bind_teacher(step, teacher_params)
+def _kd_train_step(chunk, lr=3e-3, donate=True):
+  """train_step with KD from a wider teacher held in the state, jitted; (step, optimizer)."""
+  schedule = optax.constant_schedule(lr)
+  optimizer = train_lib.make_optimizer(TrainConfig(), schedule)
+  kd = train_lib.KDOptions(model_lib.Transformer(TEACHER), alpha=0.5, tau=2.0, chunk=chunk)
+  step = jax.jit(functools.partial(train_lib.train_step, model=model_lib.Transformer(STUDENT),
+                                   optimizer=optimizer, schedule=schedule, kd=kd),
+                 donate_argnums=(0,) if donate else ())
+  return step, optimizer
+
+
+def _kd_state(optimizer, teacher_params):
+  params = _params(STUDENT, 0)
+  return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), teacher=teacher_params)
+
+
+def test_kd_train_step_jits_with_a_wider_teacher_and_lowers_the_loss():
+  batch = _batch()
+  step, optimizer = _kd_train_step(chunk=4)
+  state = _kd_state(optimizer, _params(TEACHER, 1))
+  teacher_before = jax.tree.map(np.asarray, state.teacher)
   losses = []
   for _ in range(8):
-    state, metrics = run(state, batch)
+    state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   assert set(metrics) == {'loss', 'ce', 'kl', 'teacher_ce', 'grad_norm', 'lr', 'tokens', 'kd_alpha',
                           'kd_tau'}
   assert losses[-1] < losses[0] - 0.05, losses
   assert int(state.step) == 8 and float(metrics['lr']) == pytest.approx(3e-3)
-  jax.tree.map(np.testing.assert_array_equal, teacher_params, teacher_before)
-  # the teacher is an argument of the executable, not a constant folded into it
-  hlo = step.lower(state, batch, teacher_params).as_text()
+  jax.tree.map(np.testing.assert_array_equal, state.teacher, teacher_before)  # never trained
+  # One program: the teacher is an argument of the executable, not a constant folded into it.
+  hlo = step.lower(state, batch).as_text()
   main = next(line for line in hlo.splitlines() if 'func.func public @main(' in line)
-  n_args = len(jax.tree.leaves((state, batch, teacher_params)))
-  assert main.count('%arg') == n_args
+  assert main.count('%arg') == len(jax.tree.leaves((state, batch)))
+
+
+def _dots_touching(jaxpr, size):
+  """dot_generals in a jaxpr and all its sub-jaxprs with an operand dimension of `size`."""
+  n = sum(eqn.primitive.name == 'dot_general' and any(size in v.aval.shape for v in eqn.invars)
+          for eqn in jaxpr.eqns)
+  return n + sum(_dots_touching(sub, size) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+
+def test_kd_train_step_runs_only_the_teachers_forward():
+  # The teacher's FFN width (72) appears in no student shape: its matmuls are the teacher's
+  # gate, up and down projections, once each (one scanned layer body). A teacher backward
+  # would add their transposes.
+  step, optimizer = _kd_train_step(chunk=0, donate=False)
+  state = _kd_state(optimizer, _params(TEACHER, 1))
+  jaxpr = jax.make_jaxpr(step)(state, _batch())
+  assert _dots_touching(jaxpr.jaxpr, TEACHER.ffn_dim) == 3
+
+
+def _student_step(state, batch, teacher_logits, *, optimizer):
+  """The two-program alternative's second program: the KD step given the teacher's logits."""
+  def loss_fn(params):
+    logits = model_lib.Transformer(STUDENT).apply({'params': params}, batch['inputs'])
+    return distill.kd_loss(logits, teacher_logits, batch['targets'], batch['weights'], alpha=0.5,
+                           tau=2.0)
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state), loss
+
+
+def test_fused_kd_step_equals_teacher_forward_then_student_step():
+  batch, teacher = _batch(), _params(TEACHER, 1)
+  fused, optimizer = _kd_train_step(chunk=0, donate=False)
+  teacher_logits = jax.jit(model_lib.Transformer(TEACHER).apply)({'params': teacher},
+                                                                 batch['inputs'])
+  separate = jax.jit(functools.partial(_student_step, optimizer=optimizer))
+  state = _kd_state(optimizer, teacher)
+  new, metrics = fused(state, batch)
+  ref, ref_loss = separate(state.replace(teacher=None), batch, teacher_logits)
+  np.testing.assert_allclose(metrics['loss'], ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), new.params,
+               ref.params)
 
 
 def test_snapshot_survives_donation():

@@ -4,6 +4,7 @@ gcsfs (and so etils.epath) reaches it through STORAGE_EMULATOR_HOST, tensorstore
 through TENSORSTORE_GCS_HTTP_URL; both are set for this process and the CLI runs it starts.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,12 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_config
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 from idea_prune_jax.io import export
 from idea_prune_jax.data import storage
-from idea_prune_jax.model.config import ModelConfig
 
 BUCKET = 'idea-prune-test'
 _ENV = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')
@@ -74,7 +74,7 @@ def test_api_trains_checkpoints_and_exports_to_a_bucket(gcs, tiny_config):
   config.pipeline = 'scratch'
   config.train.update(steps=4, eval_every=2, ckpt_every=2)
   workdir = f'gs://{BUCKET}/api'
-  summary = experiment.run_experiment(config, workdir)
+  summary = experiment.run_experiment(run_config(config), workdir)
   names = _objects(gcs, 'api/')
   for want in ('metrics.jsonl', 'report.json', 'report.md', 'loss.png',
                'tokenizer/tokenizer.model', 'export/config.json', 'export/tokenizer.model',
@@ -111,7 +111,8 @@ def test_cli_run_killed_in_the_window_resumes_to_the_uninterrupted_report(gcs, t
   # One compilation cache in the bucket for both CLI runs: it is tested, and they compile once.
   cache = f'gs://{BUCKET}/jax_cache'
   local = str(tmp_path / 'local')
-  experiment.run_experiment(tiny_config, local)  # the reference, in this process: what `run` does
+  # The reference, in this process: what `run` does.
+  experiment.run_experiment(run_config(tiny_config), local)
 
   workdir = f'gs://{BUCKET}/cli'
   proc = subprocess.Popen([sys.executable, '-m', 'idea_prune_jax.main',
@@ -170,13 +171,13 @@ def test_resume_refuses_a_bucket_checkpoint_of_another_model_shape(gcs, tiny_con
   mngr = ckpt_lib.manager(workdir)
   position = types.SimpleNamespace(get_state=lambda: b'[]')  # what grain's handler stores
   ckpt_lib.save(mngr, 1, {'x': np.zeros(2)}, position, {
-      'model': ckpt_lib.model_meta(ModelConfig.from_config(tiny_config, d_model=64)),
+      'model': loop.model_meta(dataclasses.replace(run_config(tiny_config).model, d_model=64)),
       'pipeline': 'scratch', 'phase': 'scratch'})
   mngr.wait_until_finished()
   tiny_config.pipeline = 'scratch'
-  run = loop.setup(tiny_config, workdir)
-  with pytest.raises(config_lib.ConfigError, match=f'config.model.d_model=32: workdir {workdir}'):
-    loop.restore_latest(run, lambda meta: None, ModelConfig.from_config(tiny_config))
+  run = loop.setup(run_config(tiny_config), workdir)
+  with pytest.raises(settings.ConfigError, match=f'config.model.d_model=32: workdir {workdir}'):
+    loop.restore_latest(run, lambda meta: None, run_config(tiny_config).model)
 
 
 @pytest.mark.parametrize('case', ['no_bucket', 'unreachable', 'no_credentials', 'object',

@@ -8,7 +8,6 @@ test here runs from there.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ from idea_prune_jax.io import export  # noqa: E402
 from idea_prune_jax.eval import harness, scoring  # noqa: E402
 from idea_prune_jax.data import inputs, prepare  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
-from idea_prune_jax.config import ModelConfig  # noqa: E402
+from idea_prune_jax.model.config import ModelConfig  # noqa: E402
 
 TASKS_DIR = os.path.join('tests', 'data', 'harness')
 TASKS = ['shakespeare_mc', 'shakespeare_gen', 'shakespeare_ppl']
@@ -69,8 +68,8 @@ def exported(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _offline_from_root(monkeypatch):
   monkeypatch.chdir(ROOT)
-  for var in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'):
-    monkeypatch.setenv(var, '1')
+  for var, value in harness.OFFLINE_ENV.items():
+    monkeypatch.setenv(var, value)
 
 
 def _resps(results, task):
@@ -179,6 +178,20 @@ def test_unknown_task_and_network_tasks_are_one_line(tmp_path):
   harness.check_tasks(harness.task_manager(TASKS_DIR, TASKS), TASKS)  # ours are all local
 
 
+def test_importing_the_harness_leaves_the_environment_alone():
+  """OFFLINE_ENV is for entry points to set; they set it after this import, which is in time only
+  while the import loads neither of the libraries that read it once."""
+  env = {k: v for k, v in os.environ.items() if k not in harness.OFFLINE_ENV}
+  code = ('import os, sys; before = dict(os.environ); import idea_prune_jax.eval.harness as h; '
+          'print(dict(os.environ) == before, sorted({"datasets", "huggingface_hub"} & '
+          'set(sys.modules)), sorted(h.OFFLINE_ENV))')
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split('\n')[-2] == (
+      "True [] ['HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE']")
+
+
 def _cli(*args, module='idea_prune_jax.main'):
   env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
   return subprocess.Popen([sys.executable, '-m', module, *args], stdout=subprocess.PIPE,
@@ -191,8 +204,9 @@ def _done(proc, timeout=300):
 
 
 def test_lm_eval_cli_with_the_model_registered(exported, monkeypatch, capsys):
-  """`python -m idea_prune_jax.eval.harness ARGS` is lm-eval's CLI; run in-process here, with lm-eval's
-  own TaskManager limited to the include_path (indexing its built-in tasks takes a minute)."""
+  """`python -m idea_prune_jax.eval.harness ARGS` is lm-eval's CLI; run in-process here, with
+  lm-eval's own TaskManager limited to the include_path (indexing its built-in tasks takes a
+  minute)."""
   import lm_eval.tasks
   full = lm_eval.tasks.TaskManager
   monkeypatch.setattr(lm_eval.tasks, 'TaskManager',

@@ -3,6 +3,7 @@
 import functools
 import pathlib
 import re
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -156,6 +157,25 @@ def test_kept_indices_ascending_and_uniform_width_required():
   np.testing.assert_array_equal(masks.widths(m)['ffn'], [2, 2])
   with pytest.raises(ValueError, match="unit 'ffn': layers keep different widths"):
     masks.kept_indices({'ffn': jnp.array([[0., 1, 1, 0], [1, 0, 0, 0]])})
+
+
+class _PerUnitHolder(NamedTuple):
+  """Any pytree node holding per-unit trees; masks.shrink knows it only by `shrink_units`."""
+  per_unit: dict
+  params: dict
+
+  def shrink_units(self, take):
+    return self._replace(per_unit=take(self.per_unit))
+
+
+def test_shrink_slices_per_unit_trees_through_the_nodes_shrink_units():
+  m = {'ffn': jnp.array([[0., 1, 1, 0], [1, 0, 0, 1]])}
+  holder = _PerUnitHolder({'ffn': jnp.array([[10., 11, 12, 13], [20, 21, 22, 23]])},
+                          {'mlp': {'up': jnp.arange(16.0).reshape(2, 2, 4)}})
+  s = (structure.Unit('ffn', (structure.Slice(('mlp', 'up'), -1),)),)
+  small = masks.shrink([holder], m, s)[0]
+  np.testing.assert_array_equal(small.per_unit['ffn'], [[11., 12], [20, 23]])
+  np.testing.assert_array_equal(small.params['mlp']['up'][1], [[8., 11], [12, 15]])
 
 
 def test_apply_preserves_dtype():

@@ -65,8 +65,8 @@ def test_remat_policies_give_the_same_grads(policy):
 
 
 def test_a_checkpoint_resumes_under_other_memory_settings():
-  from idea_prune_jax.io import checkpoint
-  from idea_prune_jax.config import ConfigError
+  from idea_prune_jax.train import loop as checkpoint
+  from idea_prune_jax.settings import ConfigError
   meta = {'model': checkpoint.model_meta(TINY)}
   checkpoint.check_same_model(meta, dataclasses.replace(
       TINY, remat_policy='full', attention='splash', loss_chunk=4), 'W')

@@ -11,7 +11,7 @@ import types
 import jax
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_config
 from idea_prune_jax.train import chips, pipeline
 
 
@@ -41,11 +41,11 @@ def test_rows_carry_mfu_report_has_goodput_and_the_profile_is_written(tmp_path, 
   config.train.update(steps=6, eval_every=3, ckpt_every=3)
   config.profile.update(start_step=2, steps=2)
   workdir = str(tmp_path)
-  summary = experiment.run_experiment(config, workdir, do_export=False)
+  summary = experiment.run_experiment(run_config(config), workdir, do_export=False)
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train] == list(range(6))
-  flops = pipeline.step_flops(config, pipeline.plan(config)[0])
+  flops = pipeline.step_flops(run_config(config), pipeline.plan(run_config(config))[0])
   peak = chips.peak_flops_per_device(jax.devices()[0])
   for r in train:
     assert r['tflops_per_device'] == pytest.approx(flops / r['step_s'] / jax.device_count() / 1e12)

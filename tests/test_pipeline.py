@@ -1,5 +1,6 @@
 """Pipelines end to end on the tiny test config: LR continuity, shrink, export, resume."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_config
 from idea_prune_jax.data import data as data_lib
 from idea_prune_jax.experiments import experiment
 from idea_prune_jax.io import export
@@ -36,11 +37,11 @@ def _ckpt_state(workdir, step):
 def idea_run(tmp_path_factory):
   """One idea run of the tiny test config, every checkpoint kept, exported."""
   from conftest import ROOT
-  from idea_prune_jax import config as config_lib
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  from idea_prune_jax import settings
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.train.keep_ckpts = 20
   workdir = str(tmp_path_factory.mktemp('idea'))
-  return config, workdir, experiment.run_experiment(config, workdir)
+  return config, workdir, experiment.run_experiment(run_config(config), workdir)
 
 
 def test_idea_plan_is_one_cosine_and_never_rewarms(idea_run):
@@ -88,7 +89,7 @@ def test_naive_rewarms_and_scratch_does_not(tiny_config, tmp_path):
   for name in ('naive', 'scratch'):
     tiny_config.pipeline = name
     workdir = str(tmp_path / name)
-    pipeline.run_pipeline(tiny_config, workdir)
+    pipeline.run_pipeline(run_config(tiny_config), workdir)
     lr = _rows(workdir, 'lr')
     if name == 'naive':
       split = int(round(tiny_config.naive.split * tiny_config.train.steps))
@@ -101,11 +102,11 @@ def test_naive_rewarms_and_scratch_does_not(tiny_config, tmp_path):
 
 
 def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
-  phases = pipeline.plan(tiny_config)
+  phases = pipeline.plan(run_config(tiny_config))
   prune, recovery = phases[1], phases[2]
-  mesh = sharding_lib.make_mesh(tiny_config)
-  p_prune = pipeline.parts(tiny_config, prune, mesh)
-  p_rec = pipeline.parts(tiny_config, recovery, mesh)
+  mesh = sharding_lib.make_mesh(run_config(tiny_config).mesh)
+  p_prune = pipeline.parts(run_config(tiny_config), prune, mesh)
+  p_rec = pipeline.parts(run_config(tiny_config), recovery, mesh)
   state = p_prune.init_fn(jax.random.key(0))
   scores = {'ffn': jax.random.uniform(jax.random.key(1), state.masks['ffn'].shape)}
   masks = masks_lib.refresh(state.masks, scores, tiny_config.prune.target_ffn)
@@ -124,7 +125,7 @@ def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
                                 np.take_along_axis(np.asarray(mu_old['gate']), keep[:, None], -1))
   np.testing.assert_array_equal(mu_new['down'],
                                 np.take_along_axis(np.asarray(mu_old['down']), keep[:, :, None], 1))
-  assert new.masks is None and new.scores is None
+  assert new.masks is None and new.importance is None
   assert int(new.opt_state[1][0].count) == int(state.opt_state.inner[1][0].count)  # never reset
 
 
@@ -133,7 +134,7 @@ def test_idea_with_kd_logs_both_terms_and_the_teacher(tiny_config, tmp_path):
   tiny_config.distill.update(alpha=0.9, alpha_end=0.5, alpha_schedule='cosine', tau=1.0,
                              tau_end=2.0, tau_schedule='linear', phases='both', chunk=16)
   workdir = str(tmp_path / 'kd')
-  pipeline.run_pipeline(tiny_config, workdir)
+  pipeline.run_pipeline(run_config(tiny_config), workdir)
   kl, teacher_ce, ce = _rows(workdir, 'kl'), _rows(workdir, 'teacher_ce'), _rows(workdir, 'ce')
   phases = _rows(workdir, 'phase')
   assert {phases[s] for s in kl} == {'prune', 'recovery'}  # KD in the window and recovery only
@@ -159,7 +160,7 @@ def test_teacher_from_any_export(idea_run, tiny_config, tmp_path):
   _, _, summary = idea_run
   tiny_config.distill.update(alpha=0.5, phases='recovery', teacher=summary['export_dir'])
   workdir = str(tmp_path / 'kd_export')
-  pipeline.run_pipeline(tiny_config, workdir)
+  pipeline.run_pipeline(run_config(tiny_config), workdir)
   teacher = _ckpt_state(workdir, tiny_config.train.steps)['teacher']
   exported, _ = export.load_dense(summary['export_dir'])
   jax.tree.map(np.testing.assert_array_equal, teacher, jax.device_get(exported))
@@ -167,7 +168,7 @@ def test_teacher_from_any_export(idea_run, tiny_config, tmp_path):
   tiny_config.distill.teacher = str(tmp_path)
   from idea_prune_jax.io.export import ExportError
   with pytest.raises(ExportError, match='not an export'):
-    pipeline.run_pipeline(tiny_config, str(tmp_path / 'bad'))
+    pipeline.run_pipeline(run_config(tiny_config), str(tmp_path / 'bad'))
 
 
 def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny_config,
@@ -175,44 +176,44 @@ def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny
   # split 0.5 + window 0.49 of 12 steps: the window must end at the last step, not step 12.
   tiny_config.pipeline = 'naive'
   tiny_config.naive.update(prune='iterative', split=0.5, window=0.49)
-  summary = experiment.run_experiment(tiny_config, str(tmp_path), do_export=False)
+  summary = experiment.run_experiment(run_config(tiny_config), str(tmp_path), do_export=False)
   assert summary['steps'] == tiny_config.train.steps == summary['phases'][-1]['end']
   tokens_per_step = tiny_config.train.batch_size * tiny_config.data.seq_len
   report = json.load(open(os.path.join(str(tmp_path), 'report.json')))
   assert report['tokens'] == max(_rows(str(tmp_path), 'tokens_seen').values())
   assert report['tokens'] == tiny_config.train.steps * tokens_per_step
-  assert report['train_flops'] == pipeline.train_flops(tiny_config, pipeline.plan(tiny_config))
+  run = run_config(tiny_config)
+  assert report['train_flops'] == pipeline.train_flops(run, pipeline.plan(run))
   assert summary['ffn_final'] == tiny_config.prune.target_ffn  # shrunk after the last step
 
 
 def test_oneshot_scoring_batches_count_in_train_flops(tiny_config):
   tiny_config.pipeline = 'naive'
-  phases = pipeline.plan(tiny_config)
+  phases = pipeline.plan(run_config(tiny_config))
   enlarged, recovery = phases
   tokens = tiny_config.train.batch_size * tiny_config.data.seq_len
   per_token = lambda ffn: model_lib.flops_per_token(
-      pipeline.ModelConfig.from_config(tiny_config, ffn_dim=ffn), tiny_config.data.seq_len)
+      dataclasses.replace(run_config(tiny_config).model, ffn_dim=ffn), tiny_config.data.seq_len)
   steps = lambda ph: ph.end - ph.start
   want = tokens * (steps(enlarged) * per_token(96) + steps(recovery) * per_token(32)
                    + tiny_config.naive.score_batches * per_token(96))
-  assert pipeline.train_flops(tiny_config, phases) == pytest.approx(want, rel=1e-12)
+  assert pipeline.train_flops(run_config(tiny_config), phases) == pytest.approx(want, rel=1e-12)
 
 
 def test_oneshot_scoring_runs_under_the_steps_mesh(tiny_config):
   """Its program carries the model's activation batch sharding, as the train step's does."""
-  mesh = sharding_lib.make_mesh(tiny_config)
-  cfg = pipeline.ModelConfig.from_config(tiny_config)
-  fn = pipeline.oneshot_score_fn(tiny_config, cfg, mesh)
-  params = jax.eval_shape(lambda: pipeline.parts(tiny_config, pipeline.plan(tiny_config)[0],
-                                                 mesh).init_fn(jax.random.key(0)).params)
-  scores = importance.init({'ffn': jnp.zeros((2, 96))}, tiny_config.prune.score)
+  run = run_config(tiny_config)
+  mesh = sharding_lib.make_mesh(run.mesh)
+  fn = pipeline.oneshot_score_fn(run, run.model, mesh)
+  enlarged = pipeline.plan(run)[0]
+  parts = pipeline.parts(run, enlarged, mesh)
+  params = jax.eval_shape(lambda: parts.init_fn(jax.random.key(0)).params)
+  scores = importance.init({'ffn': jnp.zeros((2, 96))}, run.prune.score)
   batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in ('inputs', 'targets')}
   batch['weights'] = jax.ShapeDtypeStruct((8, 32), jnp.float32)
   text = fn.lower(scores, params, batch).as_text()
-  step_text = pipeline.step_fn(tiny_config, pipeline.plan(tiny_config)[0], pipeline.parts(
-      tiny_config, pipeline.plan(tiny_config)[0], mesh), mesh).lower(
-          jax.eval_shape(pipeline.parts(tiny_config, pipeline.plan(tiny_config)[0],
-                                        mesh).init_fn, jax.random.key(0)), batch).as_text()
+  step_text = pipeline.step_fn(run, enlarged, parts, mesh).lower(
+      jax.eval_shape(parts.init_fn, jax.random.key(0)), batch).as_text()
   marker = 'sharding_constraint'
   assert marker in step_text  # what the check looks for is in the train step
   assert marker in text
@@ -224,20 +225,20 @@ def test_applied_lr_at_phase_boundaries(tiny_config, name):
   idea carries the count into the window, naive's window restarts it (re-warm)."""
   tiny_config.pipeline = name
   tiny_config.naive.update(prune='iterative', window=0.25)
-  mesh = sharding_lib.make_mesh(tiny_config)
-  enlarged, prune = pipeline.plan(tiny_config)[:2]
-  p_enl, p_prune = pipeline.parts(tiny_config, enlarged, mesh), pipeline.parts(
-      tiny_config, prune, mesh)
+  run = run_config(tiny_config)
+  mesh = sharding_lib.make_mesh(run.mesh)
+  enlarged, prune = pipeline.plan(run)[:2]
+  p_enl, p_prune = pipeline.parts(run, enlarged, mesh), pipeline.parts(run, prune, mesh)
   state = p_enl.init_fn(jax.random.key(0))
   state = state.replace(step=jnp.asarray(prune.start), opt_state=jax.tree.map(
       lambda x: jnp.full_like(x, prune.start) if x.dtype == jnp.int32 else x, state.opt_state))
-  new = pipeline.transition(None, tiny_config, enlarged, prune, state, p_prune)
+  new = pipeline.transition(None, run, enlarged, prune, state, p_prune)
   count = int(train_lib.lr_count(new.opt_state))
   assert count == (prune.start if name == 'idea' else 0)
   x = np.random.RandomState(0).randint(4, 512, (8, 33)).astype(np.int32)
   batch = data_lib.split_batch(x)
   before = jax.tree.map(np.asarray, new.params)
-  step = pipeline.step_fn(tiny_config, prune, p_prune, mesh)
+  step = pipeline.step_fn(run_config(tiny_config), prune, p_prune, mesh)
   after, metrics = step(new, batch)
   lr = float(p_prune.schedule(count))
   assert float(metrics['lr']) == pytest.approx(lr)
@@ -252,16 +253,16 @@ def test_applied_lr_at_phase_boundaries(tiny_config, name):
                                           ('prune.schedule', 'linear')])
 def test_resume_under_another_plan_is_refused_naming_the_field(idea_run, tmp_path, field, value):
   import shutil
-  from idea_prune_jax import config as config_lib
+  from idea_prune_jax import settings
   config, workdir, _ = idea_run
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  changed = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  changed = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   changed.train.keep_ckpts = config.train.keep_ckpts
   group, name = field.split('.')
   old, changed[group][name] = changed[group][name], value
-  with pytest.raises(config_lib.ConfigError,
+  with pytest.raises(settings.ConfigError,
                      match=rf"^config\.{field}={value!r}: workdir {copy} holds a checkpoint of a "
                            rf"different plan \({field}={old!r}\)") as e:
-    pipeline.run_pipeline(changed, copy)
+    pipeline.run_pipeline(run_config(changed), copy)
   assert '\n' not in str(e.value)

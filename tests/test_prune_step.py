@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_config
 from idea_prune_jax.data import data as data_lib
 from idea_prune_jax.train import pipeline, sharding
 
@@ -12,11 +13,11 @@ from idea_prune_jax.train import pipeline, sharding
 def test_prune_step_compiles_once_while_k_moves(tiny_config):
   tiny_config.train.steps = 40
   tiny_config.prune.update(t_start=0.25, t_end=0.75, every=2)
-  mesh = sharding.make_mesh(tiny_config)
-  phase = pipeline.plan(tiny_config)[1]
-  parts = pipeline.parts(tiny_config, phase, mesh)
+  mesh = sharding.make_mesh(run_config(tiny_config).mesh)
+  phase = pipeline.plan(run_config(tiny_config))[1]
+  parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
-  step = pipeline.step_fn(tiny_config, phase, parts, mesh)
+  step = pipeline.step_fn(run_config(tiny_config), phase, parts, mesh)
   rng = np.random.RandomState(0)
   widths, ks = [], []
   for t in range(phase.start, phase.end):
@@ -50,26 +51,26 @@ def test_every_score_kind_runs_in_the_trainers_prune_step(tiny_config, kind):
   tiny_config.prune.update(score={'sensitivity': 'sensitivity_ema'}.get(score, score), every=1)
   if kd:
     tiny_config.distill.update(alpha=0.5, phases='prune')
-  mesh = sharding.make_mesh(tiny_config)
-  phase = pipeline.plan(tiny_config)[1]
+  mesh = sharding.make_mesh(run_config(tiny_config).mesh)
+  phase = pipeline.plan(run_config(tiny_config))[1]
   assert phase.kd == kd
-  parts = pipeline.parts(tiny_config, phase, mesh)
+  parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
-  step = pipeline.step_fn(tiny_config, phase, parts, mesh)
+  step = pipeline.step_fn(run_config(tiny_config), phase, parts, mesh)
   for batch in _batches(tiny_config, phase.end - phase.start):
     state, metrics = step(state, batch)
   assert step._cache_size() == 1
   assert np.all(np.asarray(state.masks['ffn']).sum(-1) == tiny_config.prune.target_ffn)
   assert ('kl' in metrics) == kd
-  for field in jax.tree.leaves(state.scores):  # the state moved (magnitude has none)
+  for field in jax.tree.leaves(state.importance):  # the state moved (magnitude has none)
     assert np.all(np.isfinite(field)) and np.any(np.asarray(field) > 0)
-  assert (len(jax.tree.leaves(state.scores)) == 0) == (score == 'magnitude')
+  assert (len(jax.tree.leaves(state.importance)) == 0) == (score == 'magnitude')
 
 
 def test_the_trainer_drops_the_lowest_scoring_neurons(tiny_config):
-  mesh = sharding.make_mesh(tiny_config)
-  phase = pipeline.plan(tiny_config)[1]
-  parts = pipeline.parts(tiny_config, phase, mesh)
+  mesh = sharding.make_mesh(run_config(tiny_config).mesh)
+  phase = pipeline.plan(run_config(tiny_config))[1]
+  parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = parts.init_fn(jax.random.key(0))
   n_layers, width = state.masks['ffn'].shape
   # Scores far apart (1e3 per rank) so one step's sensitivity cannot reorder them.
@@ -77,11 +78,11 @@ def test_the_trainer_drops_the_lowest_scoring_neurons(tiny_config):
   ibar = jnp.asarray(1e3 * (ranks + 1), jnp.float32)
   t_end = phase.prune.t_end  # a refresh with k = f_T
   opt_state = state.opt_state._replace(count=jnp.asarray(t_end, jnp.int32),
-                                       scores={'ibar': {'ffn': ibar},
-                                               'u': {'ffn': jnp.full_like(ibar, 1e6)}})
+                                       importance={'ibar': {'ffn': ibar},
+                                                   'u': {'ffn': jnp.full_like(ibar, 1e6)}})
   state = jax.device_put(state.replace(step=jnp.asarray(t_end, jnp.int32), opt_state=opt_state),
                          parts.shardings)
-  step = pipeline.step_fn(tiny_config, phase, parts, mesh)
+  step = pipeline.step_fn(run_config(tiny_config), phase, parts, mesh)
   state, _ = step(state, next(_batches(tiny_config, 1)))
   kept = np.asarray(state.masks['ffn']) > 0
   k = tiny_config.prune.target_ffn

@@ -14,13 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses
-from idea_prune_jax import config as config_lib
+from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses, run_config
+from idea_prune_jax import settings
 from idea_prune_jax.train import loop, pipeline
 
 
 def _config(name):
-  config = config_lib.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
   config.pipeline = name
   config.train.update(ckpt_every=1, keep_ckpts=100)
   config.prune.every = 2  # idea window [6, 8]: refreshes at 6 and 8
@@ -34,7 +34,7 @@ def full_runs(tmp_path_factory):
   runs = {}
   for name in ('idea', 'naive', 'scratch'):
     workdir = str(tmp_path_factory.mktemp(name))
-    pipeline.run_pipeline(_config(name), workdir)
+    pipeline.run_pipeline(run_config(_config(name)), workdir)
     runs[name] = workdir
   return runs
 
@@ -59,7 +59,7 @@ def test_resume_anywhere_equals_uninterrupted(full_runs, tmp_path, name, at):
   _drop_after(resumed, at)
   with open(os.path.join(resumed, 'metrics.jsonl'), 'w'):
     pass  # only the resumed steps' metrics remain to compare
-  pipeline.run_pipeline(_config(name), resumed)
+  pipeline.run_pipeline(run_config(_config(name)), resumed)
   final = _config(name).train.steps
   jax.tree.map(np.testing.assert_array_equal, _state(full_runs[name], final),
                _state(resumed, final))
@@ -78,7 +78,7 @@ def test_unreadable_latest_checkpoint_is_skipped(full_runs, tmp_path, caplog):
     for f in files:  # truncate the newest complete one
       open(os.path.join(root, f), 'wb').close()
   with caplog.at_level('WARNING'):
-    pipeline.run_pipeline(_config('scratch'), workdir)
+    pipeline.run_pipeline(run_config(_config('scratch')), workdir)
   assert any('checkpoints/9' in r.getMessage() and 'unreadable' in r.getMessage()
              for r in caplog.records)
   jax.tree.map(np.testing.assert_array_equal, _state(full_runs['scratch'], 12),
@@ -96,13 +96,13 @@ def test_only_checkpoint_unreadable_is_a_clear_error(full_runs, tmp_path):
       with open(os.path.join(root, f), 'wb') as fh:
         fh.write(b'garbage')
   with pytest.raises(loop.CheckpointError, match=r'no readable checkpoint .*checkpoints/4'):
-    pipeline.run_pipeline(_config('scratch'), workdir)
+    pipeline.run_pipeline(run_config(_config('scratch')), workdir)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   config = _config('scratch')
   config.train.ckpt_every = 2
-  ctx = loop.setup(config, str(tmp_path))
+  ctx = loop.setup(run_config(config), str(tmp_path))
 
   class State:
     def __init__(self, step):
@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert saved == [2]  # step 4's checkpoint would hold the broken state: never written
   info = json.load(open(tmp_path / 'nonfinite.json'))
   # The position is that of step 3's batch: a fresh iterator after three batches is there.
-  fresh = loop.setup(config, str(tmp_path)).data.train
+  fresh = loop.setup(run_config(config), str(tmp_path)).data.train
   for _ in range(3):
     next(fresh)
   assert info['step'] == 3 and info['data_position'] == json.loads(fresh.get_state())
@@ -194,6 +194,6 @@ def test_resume_with_data_of_another_tokenizer_is_refused(full_runs, tmp_path):
                   progress=False)
   config = _config('scratch')
   config.data.update(source='prepared', prepared_dir=other)
-  with pytest.raises(config_lib.ConfigError,
+  with pytest.raises(settings.ConfigError,
                      match=r"^config.data.prepared_dir='.*other': its tokenizer \(digest"):
-    pipeline.run_pipeline(config, workdir)
+    pipeline.run_pipeline(run_config(config), workdir)

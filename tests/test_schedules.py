@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax import config as config_lib
+from conftest import run_config, validate
+from idea_prune_jax import settings
 from idea_prune_jax.train import pipeline
-from idea_prune_jax.config import ConfigError, prune_schedule, validate_prune
+from idea_prune_jax.settings import ConfigError
+from idea_prune_jax.train.config import prune_schedule
 from idea_prune_jax.prune.errors import PruneError
 from idea_prune_jax.prune.schedules import PruneSchedule
 
@@ -47,12 +49,11 @@ def test_is_refresh_cadence_includes_t_end():
 
 
 def test_from_config_reads_fractions_of_the_run():
-  c = config_lib.base()
+  c = settings.base()
   c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
-  sched = prune_schedule(c)
+  sched = prune_schedule(run_config(c))  # run_config checks it: validate_prune accepts it
   assert sched == PruneSchedule(t_start=300, t_end=420, every=10, ffn_enlarged=1152,
                                 ffn_target=384, kind='cubic')
-  validate_prune(c)
 
 
 @pytest.mark.parametrize('field,value,tp,fragment', [
@@ -72,23 +73,24 @@ def test_from_config_reads_fractions_of_the_run():
     ('prune.beta2', -0.5, 1, 'config.prune.beta2'),
 ])
 def test_validate_prune_names_the_field(field, value, tp, fragment):
-  c = config_lib.base()
+  c = settings.base()
   c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
   if field == 'model.ffn_dim':
     c.prune.target_ffn = 380  # a multiple of 5, so only ffn_dim fails
   section, name = field.split('.')
   c[section][name] = value
+  c.mesh.tensor = tp
   with pytest.raises(ConfigError, match=fragment.replace('[', r'\[').replace(']', r'\]')):
-    validate_prune(c, tensor_parallel=tp)
+    validate(c, n_devices=tp)
 
 
 def test_validate_prune_reads_tensor_parallel_from_mesh():
-  c = config_lib.base()
+  c = settings.base()
   c.model.ffn_dim, c.prune.target_ffn, c.mesh.tensor = 1152, 386, 4
   with pytest.raises(ConfigError, match='tensor-parallel degree 4'):
-    validate_prune(c)
+    validate(c, n_devices=4)
   c.prune.target_ffn = 384
-  validate_prune(c)
+  validate(c, n_devices=4)
 
 
 def test_keep_k_changes_without_recompiling():
@@ -121,14 +123,14 @@ def test_one_step_window_prunes_to_target_at_t_end():
 
 def test_validate_prune_checks_the_window_the_pipeline_runs():
   # t_end 1.0 of 10 steps is clamped to step 9: the window [9, 9] would keep every neuron.
-  c = config_lib.base()
-  c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 10, 96, 32
+  c = settings.base()
+  c.train.steps, c.train.warmup_steps, c.model.ffn_dim, c.prune.target_ffn = 10, 0, 96, 32
   c.prune.update(t_start=0.9, t_end=1.0)
   with pytest.raises(ConfigError, match=re.escape('config.prune.t_end=1.0: window [9, 9]')):
-    validate_prune(c)
+    run_config(c)
   c.pipeline, c.naive.prune, c.naive.split, c.naive.window = 'naive', 'iterative', 0.9, 0.05
   with pytest.raises(ConfigError, match=re.escape('config.naive.window=0.05: window [9, 9]')):
-    validate_prune(c)
+    run_config(c)
 
 
 @pytest.mark.parametrize('name', ['idea', 'naive_iterative', 'naive_oneshot'])
@@ -138,7 +140,7 @@ def test_every_accepted_config_plans_inside_the_run_and_reaches_target(name):
   for steps in (4, 7, 10, 12, 33):
     for a in (0.0, 0.3, 0.5, 0.9):
       for b in (0.05, 0.2, 0.49, 0.6, 1.0):
-        c = config_lib.base()
+        c = settings.base()
         c.train.steps, c.train.warmup_steps, c.model.ffn_dim, c.prune.target_ffn = steps, 0, 96, 32
         if name == 'idea':
           c.prune.update(t_start=a, t_end=min(a + b, 1.0))
@@ -146,11 +148,10 @@ def test_every_accepted_config_plans_inside_the_run_and_reaches_target(name):
           c.pipeline, c.naive.prune = 'naive', name.split('_')[1]
           c.naive.update(split=a or 0.1, window=b)
         try:
-          config_lib.validate(c, 1)
-          validate_prune(c)
+          validate(c, 1)
         except ConfigError:
           continue
-        phases = pipeline.plan(c)
+        phases = pipeline.plan(run_config(c))
         assert phases[0].start == 0 and phases[-1].end == steps, phases
         assert all(p.end == q.start for p, q in zip(phases, phases[1:])), phases
         assert all(p.start <= p.end for p in phases), phases

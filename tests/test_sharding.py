@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_on_devices
+from conftest import run_config, run_on_devices
 
 
 @pytest.fixture(scope='module')
@@ -41,20 +41,21 @@ def test_state_shards_follow_the_rules(results):
 def test_libtpu_args_go_to_the_environment_before_jax_starts(monkeypatch, tiny_config):
   from jax._src import xla_bridge
 
-  from idea_prune_jax.train import sharding
-  from idea_prune_jax.config import ConfigError
+  from idea_prune_jax.process import set_libtpu_args
+  from idea_prune_jax.settings import ConfigError
   flag = '--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000'
   monkeypatch.setenv('LIBTPU_INIT_ARGS', '--xla_tpu_enable_latency_hiding_scheduler=true')
   monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
   tiny_config.mesh.libtpu_args = flag
-  sharding.apply_libtpu_args(tiny_config)
+  mesh = run_config(tiny_config).mesh
+  set_libtpu_args(mesh)
   assert os.environ['LIBTPU_INIT_ARGS'] == f'--xla_tpu_enable_latency_hiding_scheduler=true {flag}'
-  sharding.apply_libtpu_args(tiny_config)  # already there: nothing to do, even after start
+  set_libtpu_args(mesh)  # already there: nothing to do, even after start
   monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
-  sharding.apply_libtpu_args(tiny_config)
+  set_libtpu_args(mesh)
   tiny_config.mesh.libtpu_args = '--xla_tpu_other=1'  # too late for libtpu to see it
   with pytest.raises(ConfigError, match='mesh.libtpu_args.*LIBTPU_INIT_ARGS='):
-    sharding.apply_libtpu_args(tiny_config)
+    set_libtpu_args(run_config(tiny_config).mesh)
   tiny_config.mesh.libtpu_args = 'xla_tpu_other=1'
   with pytest.raises(ConfigError, match='start with --'):
-    sharding.apply_libtpu_args(tiny_config)
+    run_config(tiny_config)

@@ -7,22 +7,32 @@ import os
 import pytest
 
 from conftest import ROOT
-from idea_prune_jax import config as config_lib
+from idea_prune_jax import settings
 from idea_prune_jax.experiments import experiment
 from idea_prune_jax.experiments import sweep
-from idea_prune_jax.config import ConfigError
+from idea_prune_jax.settings import ConfigError
 
 
 def _config(**sweep_fields):
-  c = config_lib.load(os.path.join(ROOT, 'configs/micro.py:test'))
+  c = settings.load(os.path.join(ROOT, 'configs/micro.py:test'))
   c.sweep.update(**sweep_fields)
   return c
+
+
+def _runs(config, workdir: str) -> list[dict]:
+  s = settings.read(config)
+  return sweep.runs(s.run, s.sweep, workdir)
+
+
+def _sweep(config, workdir: str) -> dict:
+  s = settings.read(config)
+  return sweep.sweep(s.run, s.sweep, workdir)
 
 
 def test_plan_covers_budgets_lrs_seeds_and_flops_matches_scratch():
   c = _config(budgets='1,2', pipelines='idea,naive,scratch,scratch_flops', lrs='1e-3,2e-3',
               lr_pipelines='idea,scratch,scratch_flops', seeds=2)
-  plan = sweep.runs(c, '/s')
+  plan = _runs(c, '/s')
   key = lambda r: (r['budget'], r['pipeline'], r['lr'], r['seed'])
   assert len({key(r) for r in plan}) == len(plan) == len({r['dir'] for r in plan})
   # naive is left out of the LR study: the first LR only; the rest at every LR.
@@ -44,7 +54,7 @@ def test_plan_covers_budgets_lrs_seeds_and_flops_matches_scratch():
 def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
   c = _config(budgets='1', pipelines='idea,idea_kd', lrs='1e-3', seeds=2,
               kd_alphas='0.1,0.9:0.5', kd_taus='1,2', kd_phases='prune,both')
-  plan = sweep.runs(c, '/s')
+  plan = _runs(c, '/s')
   kd = {r['pipeline']: r['config'].distill for r in plan if r['seed'] == c.seed
         and r['pipeline'] != 'idea'}
   assert len(plan) == 2 * (1 + 2 * 2 * 2) and len({r['dir'] for r in plan}) == len(plan)
@@ -59,15 +69,15 @@ def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
   t_start = c.train.steps * c.prune.t_start
   for r in plan:
     if r['pipeline'] != 'idea':
-      assert r['fork'] == {'dir': ideas[r['seed']]['dir'], 'step': t_start}
+      assert r['start_from'] == {'dir': ideas[r['seed']]['dir'], 'step': t_start}
   assert {ideas[s]['config'].train.keep_steps for s in ideas} == {f'{t_start:g}'}
   # An LR idea does not run at has no idea run to fork from.
-  tuned = sweep.runs(_config(budgets='1', pipelines='idea_kd,idea', lrs='1e-3,2e-3', seeds=1,
+  tuned = _runs(_config(budgets='1', pipelines='idea_kd,idea', lrs='1e-3,2e-3', seeds=1,
                              lr_pipelines='idea_kd'), '/s')
-  assert [(r['pipeline'], r['lr'], 'fork' in r) for r in tuned] == [
+  assert [(r['pipeline'], r['lr'], 'start_from' in r) for r in tuned] == [
       ('idea', 1e-3, False), ('idea_kd', 1e-3, True), ('idea_kd', 2e-3, False)]
   # No KD grid: one idea_kd, the distill config as it is (IDEA_KD_ALPHA when it has none).
-  (only,) = [r for r in sweep.runs(_config(pipelines='idea_kd', seeds=1, budgets='1'), '/s')]
+  (only,) = [r for r in _runs(_config(pipelines='idea_kd', seeds=1, budgets='1'), '/s')]
   assert only['pipeline'] == 'idea_kd' and only['config'].distill.alpha == 0.1
 
 
@@ -79,7 +89,7 @@ def test_idea_kd_runs_once_per_kd_setting_with_its_distill_config():
     ('kd_taus', '1,-2', 'config.sweep.kd_taus'), ('kd_phases', 'all', 'config.sweep.kd_phases')])
 def test_bad_sweep_fields_are_one_line_naming_them(field, value, match):
   with pytest.raises(ConfigError, match=match):
-    sweep.runs(_config(**{'pipelines': 'idea,idea_kd', field: value}), '/s')
+    _runs(_config(**{'pipelines': 'idea,idea_kd', field: value}), '/s')
 
 
 def _result(budget, name, lr, seed, loss):
@@ -133,7 +143,7 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   # the grid; this covers runs -> sweep.json/md/png, the fork at t_start and the rerun.
   c = _config(budgets='1', pipelines='idea_kd,idea', lrs='1e-3', seeds=1)
   workdir = str(tmp_path / 's')
-  out = sweep.sweep(c, workdir)
+  out = _sweep(c, workdir)
   saved = json.loads((tmp_path / 's' / 'sweep.json').read_text())
   assert saved == json.loads(json.dumps(out)) and len(saved['runs']) == 2
   (row,) = saved['budgets']
@@ -145,12 +155,12 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   # idea ran first and kept its t_start checkpoint; idea_kd started from it, with idea's
   # metrics before t_start, and ends where a run of its own from step 0 ends.
   idea, kd = saved['runs']
-  assert idea['pipeline'] == 'idea' and kd['fork']['dir'] == idea['dir'] and kd['fork']['done']
-  t_start = kd['fork']['step']
+  assert idea['pipeline'] == 'idea' and kd['start_from']['dir'] == idea['dir'] and kd['start_from']['done']
+  t_start = kd['start_from']['step']
   assert os.path.isdir(os.path.join(idea['dir'], 'checkpoints', str(t_start)))
   rows = [json.loads(l) for l in open(os.path.join(kd['dir'], 'metrics.jsonl'))]
   assert rows[0]['step'] == 0 and {r['phase'] for r in rows if r['step'] < t_start} == {'enlarged'}
-  (kd_plan,) = [r for r in sweep.runs(c, workdir) if r['pipeline'] == 'idea_kd']
+  (kd_plan,) = [r for r in _runs(c, workdir) if r['pipeline'] == 'idea_kd']
   alone = experiment.run_experiment(kd_plan['config'], str(tmp_path / 'alone'), do_export=False)
   assert alone['val_loss'] == kd['val_loss']
   assert set(kd['kd_means']) == {'ce', 'teacher_ce', 'kl'} and 'kd_means' not in idea
@@ -158,6 +168,6 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   # A rerun reads the finished runs' reports instead of training again.
   mtimes = {r['dir']: os.path.getmtime(os.path.join(r['dir'], 'report.json'))
             for r in saved['runs']}
-  again = sweep.sweep(c, workdir)
+  again = _sweep(c, workdir)
   assert [r['val_loss'] for r in again['runs']] == [r['val_loss'] for r in saved['runs']]
   assert all(os.path.getmtime(os.path.join(d, 'report.json')) == t for d, t in mtimes.items())

@@ -27,12 +27,12 @@ def _cli(*args, timeout=600):
 
 def test_slice_names_count_chips():
   # v5p-N and v4-N count TensorCores (2 per chip); v5e-N and v6e-N count chips.
-  assert chips.parse_slice('v5p-64') == chips.Slice('v5p', 32, 'v5p:2x4x4')
-  assert chips.parse_slice('v5p-8') == chips.Slice('v5p', 4, 'v5p:2x2x1')
-  assert chips.parse_slice('v4-32') == chips.Slice('v4', 16, 'v4:2x2x4')
-  assert chips.parse_slice('v5e-64') == chips.Slice('v5e', 64, 'v5e:8x8')
-  assert chips.parse_slice('v5litepod-16') == chips.Slice('v5e', 16, 'v5e:4x4')
-  assert chips.parse_slice('v6e-8') == chips.Slice('v6e', 8, 'v6e:2x4')
+  assert chips.parse_slice('v5p-64') == chips.TpuSlice('v5p', 32, 'v5p:2x4x4')
+  assert chips.parse_slice('v5p-8') == chips.TpuSlice('v5p', 4, 'v5p:2x2x1')
+  assert chips.parse_slice('v4-32') == chips.TpuSlice('v4', 16, 'v4:2x2x4')
+  assert chips.parse_slice('v5e-64') == chips.TpuSlice('v5e', 64, 'v5e:8x8')
+  assert chips.parse_slice('v5litepod-16') == chips.TpuSlice('v5e', 16, 'v5e:4x4')
+  assert chips.parse_slice('v6e-8') == chips.TpuSlice('v6e', 8, 'v6e:2x4')
   assert chips.parse_slice('v5p:4x4x2').chips == 32
   for bad in ('v5p-6', 'v7-8', 'tpu', 'v5e-12'):
     with pytest.raises(ValueError, match='topology'):

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from idea_prune_jax.data import inputs, prepare, storage
+from idea_prune_jax.data.config import DataConfig
 from idea_prune_jax.data.inputs import DataError
 
 __all__ = ['DataError', 'Data', 'build', 'split_batch', 'global_batch']
@@ -45,10 +46,9 @@ class Data(NamedTuple):
 
 # --- where the prepared data comes from -------------------------------------------------------
 
-def prepare_args(config) -> dict:
+def prepare_args(d: DataConfig, vocab_size: int) -> dict:
   """prepare.prepare's arguments for config.data's source (everything but the output dir)."""
-  d = config.data
-  common = dict(tokenizer=d.tokenizer, vocab_size=0 if d.tokenizer else config.model.vocab_size,
+  common = dict(tokenizer=d.tokenizer, vocab_size=0 if d.tokenizer else vocab_size,
                 text_key=d.text_key, max_docs=d.max_docs)
   if d.source == 'embedded':
     return dict(input_spec='embedded', val_input=f'embedded:{d.val_works}', **common)
@@ -71,22 +71,22 @@ _MANIFEST_KEYS = {'input_spec': 'input', 'val_input': 'val_input', 'val_fraction
                   'text_key': 'text_key', 'max_docs': 'max_docs'}
 
 
-def prepared_dir(config, workdir: str, is_main: bool, barrier) -> str:
+def prepared_dir(d: DataConfig, vocab_size: int, workdir: str, is_main: bool, barrier) -> str:
   """The prepared directory to read: config.data.prepared_dir, or workdir/data prepared once.
 
   Process 0 prepares (the first run in a workdir); `barrier()` then lets the other hosts read.
   """
-  if config.data.source == 'prepared':
-    if not config.data.prepared_dir:
+  if d.source == 'prepared':
+    if not d.prepared_dir:
       raise DataError("config.data.prepared_dir='': source=prepared needs the output of "
                       'idea-prune prepare-data')
-    return config.data.prepared_dir
-  args = prepare_args(config)
+    return d.prepared_dir
+  args = prepare_args(d, vocab_size)
   out = os.path.join(workdir, 'data') if '://' not in workdir else f'{workdir.rstrip("/")}/data'
   if is_main:
     if (epath.Path(out) / prepare.MANIFEST).exists():
       _check_prepared_from(prepare.read_manifest(out), args, out)
-    elif os.environ.get(DATA_CACHE_ENV) and config.data.source == 'embedded':
+    elif os.environ.get(DATA_CACHE_ENV) and d.source == 'embedded':
       storage.copy_dir(_cached_embedded(os.environ[DATA_CACHE_ENV], args), out,
                        last=prepare.MANIFEST)
     else:
@@ -214,8 +214,7 @@ class Packing:
   workers: int = 0  # grain worker processes (they need a __main__ guard in the caller)
 
   @classmethod
-  def from_config(cls, config) -> 'Packing':
-    d = config.data
+  def from_config(cls, d: DataConfig) -> 'Packing':
     return cls(d.seq_len, d.attention == 'document', d.read_threads, d.prefetch, d.workers)
 
 
@@ -379,33 +378,34 @@ def tokenizer(path: str) -> spm.SentencePieceProcessor:
   return spm.SentencePieceProcessor(model_proto=(epath.Path(path) / prepare.TOKENIZER).read_bytes())
 
 
-def train_batches(config, local_dir: str, manifest: dict, process_index: int = 0,
-                  process_count: int = 1) -> TrainBatches:
-  """This host's train iterator over a local (or gcsfuse-mounted) prepared directory."""
-  shards, n_shards = host_shards(config.data.shards, config.train.batch_size, process_index,
-                                 process_count)
-  return TrainBatches(_source(local_dir, manifest, 'train'), Packing.from_config(config),
-                      config.seed, shards, n_shards, config.train.batch_size // n_shards)
+def train_batches(d: DataConfig, batch_size: int, seed: int, local_dir: str, manifest: dict,
+                  process_index: int = 0, process_count: int = 1) -> TrainBatches:
+  """This host's train iterator over a local (or gcsfuse-mounted) prepared directory; batch_size
+  is the global batch's rows."""
+  shards, n_shards = host_shards(d.shards, batch_size, process_index, process_count)
+  return TrainBatches(_source(local_dir, manifest, 'train'), Packing.from_config(d), seed, shards,
+                      n_shards, batch_size // n_shards)
 
 
-def build(config, workdir: str, process_index: int = 0, process_count: int = 1,
+def build(d: DataConfig, workdir: str, *, vocab_size: int, batch_size: int, eval_batches: int,
+          seed: int, process_index: int = 0, process_count: int = 1,
           barrier=lambda: None) -> Data:
   """Prepared data (made once in workdir/data unless source=prepared) -> tokenizer, this host's
-  train iterator and validation batches."""
+  train iterator (global batches of batch_size rows, in seed's order) and eval_batches
+  validation batches."""
   try:
     import grain  # noqa: F401
     from array_record.python import array_record_module  # noqa: F401
   except ImportError as e:
     raise DataError("training reads prepared data through grain and array_record: "
                     "pip install 'idea-prune-jax[data]'") from e
-  path = prepared_dir(config, workdir, process_index == 0, barrier)
+  path = prepared_dir(d, vocab_size, workdir, process_index == 0, barrier)
   manifest = prepare.read_manifest(path)
-  prepare.check_vocab(manifest, config.model.vocab_size)
+  prepare.check_vocab(manifest, vocab_size)
   local = local_copy(path)
-  packing = Packing.from_config(config)
-  train = train_batches(config, local, manifest, process_index, process_count)
-  val = val_batches(_source(local, manifest, 'validation'), packing, config.train.batch_size,
-                    config.train.eval_batches, process_index, process_count)
+  train = train_batches(d, batch_size, seed, local, manifest, process_index, process_count)
+  val = val_batches(_source(local, manifest, 'validation'), Packing.from_config(d), batch_size,
+                    eval_batches, process_index, process_count)
   return Data(tokenizer(local), train, val, manifest, path)
 
 

@@ -6,8 +6,8 @@
 
 lm-eval 0.4.13 knows a third-party model only once the module defining it is imported (it reads no
 entry points for models), so the bare `lm_eval` command cannot find `idea-prune`. This module's
-CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.eval.harness` registers
-it for `lm_eval.simple_evaluate(model='idea-prune', ...)`.
+CLI is lm-eval's own CLI with the model registered, and `import idea_prune_jax.eval.harness`
+registers it for `lm_eval.simple_evaluate(model='idea-prune', ...)`.
 
 Tokens are what lm-eval's `hf` model gets from our HF export (`export/hf`, LlamaTokenizer with
 add_bos_token=True): BOS, then a text's SentencePiece pieces, as prepare-data starts every
@@ -314,15 +314,15 @@ def summary(results: dict) -> dict:
   return out
 
 
-def set_offline() -> None:
-  """Nothing is downloaded at run time; a process-wide setting, for entry points only."""
-  for var in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'):
-    os.environ.setdefault(var, '1')
+# What an entry point puts in os.environ (where unset) so nothing is downloaded at run time. It
+# must be there before `datasets` and `huggingface_hub` are imported (they read it once), which
+# importing this module does not do; lm-eval imports them when it loads a task or an HF model.
+OFFLINE_ENV = {'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1'}
 
 
 def cli(argv=None) -> None:
-  """lm-eval's CLI with `idea-prune` registered; task checks first, errors as one line."""
-  set_offline()
+  """lm-eval's CLI with `idea-prune` registered; task checks first, errors as one line. The
+  caller sets OFFLINE_ENV (`python -m` does, below)."""
   from lm_eval.__main__ import cli_evaluate
   argv = list(sys.argv if argv is None else argv)
   tasks = _flag(argv, '--tasks')
@@ -355,4 +355,6 @@ def _flag(argv, name):
 model_registry.register(MODEL_NAME, target='idea_prune_jax.eval.harness:IdeaPruneLM')
 
 if __name__ == '__main__':
+  for _var, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_var, _value)
   cli()

@@ -1,4 +1,4 @@
-"""Batched scoring and greedy generation on the sharded model, for lm-eval-harness requests.
+"""The one scorer: perplexity, log-likelihoods and generation, batched on the sharded model.
 
 Requests arrive as token lists of any length. They are sorted by length, padded on the right into
 a few length buckets (powers of two up to `max_length`) and cut into batches of one fixed size
@@ -6,12 +6,17 @@ a few length buckets (powers of two up to `max_length`) and cut into batches of 
 request kind however many requests come. Right padding needs no attention mask: the model is
 causal, so a row's real positions never see its padding.
 
+Scoring needs, per position, only log p(target) and whether the target is the argmax, so the LM
+head runs on the final hidden states `chunk` positions at a time: at paper scale (vocab 32k) the
+f32 [B, L, V] logits would be the largest array of the program, and they are never whole.
+
 Several hosts: every process holds the whole request list (lm-eval builds it deterministically),
 builds the same global batch, hands its own devices only their rows (`make_array_from_callback`)
 and reads back the replicated per-row results, so every process returns what one process would.
 """
 
 import collections
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.model.config import ModelConfig
+from idea_prune_jax.train.config import MeshConfig
 
 MIN_BUCKET = 16
+# Positions per LM-head chunk: [B, 128, 32k] f32 is 256 MiB at B = 16, a small share of HBM,
+# while 128-row matmuls still fill the MXU.
+SCORE_CHUNK = 128
 
 
 def bucket(n: int, max_length: int) -> int:
@@ -42,45 +51,115 @@ def _batches(lengths: list[int], batch_size: int, max_length: int):
       yield length, rows[start:start + batch_size]
 
 
-class Scorer:
-  """A model's params on a mesh, with one jitted scoring and one greedy-step program.
+# ------------------------------------------------------------------------------ pure programs
 
-  `traces` counts how often each program was traced (a trace is a compilation), per kind.
+
+def _logit_scores(logits_BxCxV, targets_BxC, mask_BxC):
+  """(sum of log p(target) over mask [B], all masked targets the argmax [B]) of some positions."""
+  logp_BxC = (jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], -1)[..., 0]
+              - jax.nn.logsumexp(logits_BxCxV, -1))
+  greedy_BxC = jnp.argmax(logits_BxCxV, -1) == targets_BxC
+  return jnp.sum(jnp.where(mask_BxC, logp_BxC, 0.0), -1), jnp.all(greedy_BxC | ~mask_BxC, -1)
+
+
+def target_scores(hidden_BxLxD, head_DxV, targets_BxL, mask_BxL, cfg: ModelConfig, chunk: int):
+  """(sum of log p(target) over mask [B], whether every masked target is the argmax [B]).
+
+  chunk 0 or >= L: the whole [B, L, V] logits at once (the reference the chunked scan must equal).
+  """
+  B, L, _ = hidden_BxLxD.shape
+  if not chunk or chunk >= L:
+    return _logit_scores(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL, mask_BxL)
+  n = -(-L // chunk)
+  # max_length caps a bucket at any length, so L need not divide: the padding is masked out.
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - L)] + [(0, 0)] * (x.ndim - 2))
+  # Sequence chunks keep the batch axis (and its data sharding) whole; scan walks axis 0.
+  to_chunks = lambda x: jnp.moveaxis(pad(x).reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  def body(carry, xs):
+    h_BxCxD, targets_BxC, mask_BxC = xs
+    logp_B, greedy_B = _logit_scores(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC,
+                                     mask_BxC)
+    return (carry[0] + logp_B, carry[1] & greedy_B), None
+
+  init = (jnp.zeros((B,), jnp.float32), jnp.ones((B,), bool))
+  (logp_B, greedy_B), _ = jax.lax.scan(
+      body, init, (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(mask_BxL)))
+  return logp_B, greedy_B
+
+
+def score_batch(params, inputs_BxL, targets_BxL, mask_BxL, *, cfg: ModelConfig, chunk: int):
+  """Per row: (sum of log p(target) where mask, whether those targets are all greedy)."""
+  hidden_BxLxD = model_lib.Transformer(cfg).apply({'params': params}, inputs_BxL,
+                                                  return_hidden=True)
+  return target_scores(hidden_BxLxD, model_lib.head(params, cfg), targets_BxL, mask_BxL, cfg,
+                       chunk)
+
+
+def sample(logits_BxV, key, temperature: float = 0.0, top_p: float = 1.0):
+  """One token per row: the argmax at temperature 0, else nucleus sampling at that temperature."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, -1)
+  order_BxV = jnp.argsort(-logp_BxV, -1)
+  sorted_BxV = jnp.exp(jnp.take_along_axis(logp_BxV, order_BxV, -1))
+  # The smallest prefix whose mass reaches top_p: a token survives if the mass before it is short
+  # of top_p, so the top token always does.
+  keep_sorted_BxV = jnp.cumsum(sorted_BxV, -1) - sorted_BxV < top_p
+  keep_BxV = jnp.take_along_axis(keep_sorted_BxV, jnp.argsort(order_BxV, -1), -1)
+  return jax.random.categorical(key, jnp.where(keep_BxV, logp_BxV, -jnp.inf), -1).astype(
+      jnp.int32)
+
+
+def next_token(params, tokens_BxL, last_B, key_data, *, cfg: ModelConfig, temperature: float,
+               top_p: float):
+  """The token after position last_B of each row; only those rows' logits [B, V] are made."""
+  hidden_BxLxD = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxL,
+                                                  return_hidden=True)
+  hidden_BxD = jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], 1)[:, 0]
+  logits_BxV = model_lib.logits(hidden_BxD, model_lib.head(params, cfg), cfg)
+  return sample(logits_BxV, jax.random.wrap_key_data(key_data), temperature, top_p)
+
+
+# ---------------------------------------------------------------------------------- the scorer
+
+
+class Scorer:
+  """A model's params on a mesh, with one jitted program per request kind and length bucket.
+
+  `traces` counts how often each kind was traced (a trace is a compilation).
   """
 
-  def __init__(self, params, model_cfg: ModelConfig, mesh, batch_size: int, max_length: int):
+  def __init__(self, params, model_cfg: ModelConfig, mesh, batch_size: int, max_length: int,
+               chunk: int = SCORE_CHUNK):
     self.params, self.model_cfg, self.mesh = params, model_cfg, mesh
-    self.batch_size, self.max_length = batch_size, max_length
+    self.batch_size, self.max_length, self.chunk = batch_size, max_length, chunk
     self.traces = collections.Counter()
-    model = model_lib.Transformer(model_cfg)
-    rows = sharding_lib.batch_sharding(mesh)
-    self._rows_1d = NamedSharding(mesh, P(rows.spec[0]))
-    replicated = sharding_lib.replicated(mesh)
+    self._rows = sharding_lib.batch_sharding(mesh)
+    self._rows_1d = NamedSharding(mesh, P(self._rows.spec[0]))
+    self._replicated = sharding_lib.replicated(mesh)
+    self._param_sharding = jax.tree.map(lambda x: x.sharding, params)
+    self._next = {}
 
-    def score(params, inputs_BxL, targets_BxL, mask_BxL):
+    def score(*args):
       self.traces['loglikelihood'] += 1
-      logits_BxLxV = model.apply({'params': params}, inputs_BxL)
-      logp_BxL = jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV), targets_BxL[..., None],
-                                     -1)[..., 0]
-      greedy_BxL = jnp.argmax(logits_BxLxV, -1) == targets_BxL
-      return (jnp.sum(jnp.where(mask_BxL, logp_BxL, 0.0), -1),
-              jnp.all(greedy_BxL | ~mask_BxL, -1))
+      return score_batch(*args, cfg=model_cfg, chunk=chunk)
 
-    def next_token(params, tokens_BxL, last_B):
-      self.traces['generate_until'] += 1
-      hidden_BxLxD = model.apply({'params': params}, tokens_BxL, return_hidden=True)
-      hidden_BxD = jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], 1)[:, 0]
-      head = model_lib.head(params, model_cfg)
-      return jnp.argmax(model_lib.logits(hidden_BxD, head, model_cfg), -1).astype(jnp.int32)
-
-    param_sharding = jax.tree.map(lambda x: x.sharding, params)
     self._score = sharding_lib.MeshJit(jax.jit(
-        score, in_shardings=(param_sharding, rows, rows, rows),
-        out_shardings=(replicated, replicated)), mesh)
-    self._next = sharding_lib.MeshJit(jax.jit(
-        next_token, in_shardings=(param_sharding, rows, self._rows_1d), out_shardings=replicated),
-        mesh)
-    self._rows = rows
+        score, in_shardings=(self._param_sharding, self._rows, self._rows, self._rows),
+        out_shardings=(self._replicated, self._replicated)), mesh)
+
+  def _next_program(self, temperature: float, top_p: float):
+    """The next-token program of one sampling setting (greedy ignores top_p)."""
+    setting = (0.0, 1.0) if temperature == 0.0 else (float(temperature), float(top_p))
+    if setting not in self._next:
+      def step(*args):
+        self.traces['generate_until'] += 1
+        return next_token(*args, cfg=self.model_cfg, temperature=setting[0], top_p=setting[1])
+      self._next[setting] = sharding_lib.MeshJit(jax.jit(
+          step, in_shardings=(self._param_sharding, self._rows, self._rows_1d, self._replicated),
+          out_shardings=self._replicated), self.mesh)
+    return self._next[setting]
 
   def _global(self, array: np.ndarray, sharding=None):
     """The same numpy array on every process -> a global jax.Array; each device gets its rows."""
@@ -113,9 +192,21 @@ class Scorer:
         results[i] = (float(total[row]), bool(greedy[row]))
     return results
 
+  def perplexity(self, windows: np.ndarray) -> dict:
+    """Token loss and perplexity of [N, L + 1] token windows (L <= max_length), each scored whole:
+    its first token is the context of the other L."""
+    if len(windows) == 0:
+      raise ValueError('perplexity of no windows')
+    pairs = [(w[:1].tolist(), w[1:].tolist()) for w in np.asarray(windows)]
+    count = sum(len(cont) for _, cont in pairs)
+    loss = -math.fsum(logp for logp, _ in self.loglikelihood(pairs)) / count
+    return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)), 'tokens': count}
+
   def generate(self, contexts: list[list[int]], max_new: int, stop_eos: int,
-               is_done=lambda row_tokens: False) -> list[list[int]]:
-    """Greedy continuations: up to max_new tokens, ending before stop_eos or when is_done(tokens).
+               is_done=lambda row_tokens: False, *, key=None, temperature: float = 0.0,
+               top_p: float = 1.0) -> list[list[int]]:
+    """Up to max_new tokens per context, ending before stop_eos or once is_done(tokens): greedy at
+    temperature 0, else nucleus sampling (top_p) from key.
 
     Contexts lose their oldest tokens beyond max_length - max_new. No KV cache: each step runs the
     whole padded buffer, which keeps one program per bucket.
@@ -124,6 +215,10 @@ class Scorer:
     if keep < 1:
       raise ValueError(f'max_gen_toks={max_new} leaves no room for context in '
                        f'max_length={self.max_length}')
+    if temperature and key is None:
+      raise ValueError(f'temperature={temperature} samples: pass a key')
+    program = self._next_program(temperature, top_p)
+    key = jax.random.key(0) if key is None else key  # greedy draws nothing: any key will do
     contexts = [c[-keep:] for c in contexts]
     out = [[] for _ in contexts]
     lengths = [len(c) + max_new for c in contexts]
@@ -136,9 +231,15 @@ class Scorer:
       active = np.zeros(self.batch_size, bool)
       active[:len(idx)] = True
       for _ in range(max_new):
+        sub = key
+        if temperature:
+          key, sub = jax.random.split(key)
+        # Raw key bits, the same on every process, so each host builds the same global input.
+        sub = np.asarray(jax.random.key_data(sub))
         last = np.minimum(pos, length) - 1
-        tokens = np.asarray(self._next(self.params, self._global(buf),
-                                       self._global(last, self._rows_1d)))
+        tokens = np.asarray(program(self.params, self._global(buf),
+                                    self._global(last, self._rows_1d),
+                                    self._global(sub, self._replicated)))
         for row, i in enumerate(idx):
           if not active[row]:
             continue
@@ -155,6 +256,9 @@ class Scorer:
     return out
 
 
+# --------------------------------------------------------------------------------- placement
+
+
 def abstract_params(model_cfg: ModelConfig):
   """Boxed shapes with logical axis names (no memory)."""
   return jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
@@ -162,13 +266,15 @@ def abstract_params(model_cfg: ModelConfig):
 
 def make_mesh(fsdp: int = 1, tensor: int = 1):
   """All devices: the rest on 'data' (params replicated there), fsdp/tensor as asked."""
-  from idea_prune_jax import config as config_lib
-  config = config_lib.base()
-  config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
-  return sharding_lib.make_mesh(config)
+  return sharding_lib.make_mesh(MeshConfig(data=-1, fsdp=fsdp, tensor=tensor))
 
 
 def shard_params(params, model_cfg: ModelConfig, mesh):
   """Params (any placement) laid out on mesh by their logical axis names."""
   shardings = sharding_lib.param_shardings(abstract_params(model_cfg), mesh)
   return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def data_rows(mesh) -> int:
+  """Devices a batch's rows are split over: a batch size must be a multiple of this."""
+  return mesh.shape['data'] * mesh.shape['fsdp']

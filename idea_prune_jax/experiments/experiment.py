@@ -1,6 +1,5 @@
 """What the CLI's `run` and `compare` do: a pipeline, then its export and report; many, compared."""
 
-import copy
 import os
 
 import jax
@@ -13,7 +12,8 @@ from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import pipeline
 from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
-from idea_prune_jax.config import IDEA_KD_ALPHA, ConfigError, ModelConfig
+from idea_prune_jax.experiments.config import IDEA_KD_ALPHA, CompareConfig
+from idea_prune_jax.train.config import ConfigError, RunConfig, override
 
 COMPARE_PIPELINES = ('idea', 'idea_kd', 'naive', 'scratch', 'scratch_flops')
 
@@ -27,61 +27,61 @@ def _tokenizer_file(workdir: str, sp) -> str:
   return path
 
 
-def _eval_tasks(config) -> list[str]:
-  return [t.strip() for t in config.eval.tasks.split(',') if t.strip()]
+def _eval_tasks(run: RunConfig) -> list[str]:
+  return [t.strip() for t in run.eval.tasks.split(',') if t.strip()]
 
 
-def check_downstream(config):
-  """The lm-eval task manager for config.eval.tasks, the tasks checked (names, offline); or None."""
-  tasks = _eval_tasks(config)
+def check_downstream(run: RunConfig):
+  """The lm-eval task manager for run.eval.tasks, the tasks checked (names, offline); or None."""
+  tasks = _eval_tasks(run)
   if not tasks:
     return None
   from idea_prune_jax.eval import harness  # the `eval` extra
-  tm = harness.task_manager(config.eval.include_path or None, tasks)
+  tm = harness.task_manager(run.eval.include_path or None, tasks)
   harness.check_tasks(tm, tasks)
   return tm
 
 
-def downstream(config, params, model_cfg, mesh, sp, tm=None) -> dict:
-  """{task: {metric: value}} of config.eval.tasks on params as they lie on the training mesh."""
+def downstream(run: RunConfig, params, model_cfg, mesh, sp, tm=None) -> dict:
+  """{task: {metric: value}} of run.eval.tasks on params as they lie on the training mesh."""
   import flax.linen as nn
   from idea_prune_jax.eval import harness, scoring
-  tm = tm or check_downstream(config)
-  scorer = scoring.Scorer(nn.unbox(params), model_cfg, mesh, config.eval.batch_size,
-                          config.data.seq_len)
-  e = config.eval
-  results = harness.evaluate(harness.IdeaPruneLM(scorer=scorer, sp=sp), _eval_tasks(config),
+  tm = tm or check_downstream(run)
+  scorer = scoring.Scorer(nn.unbox(params), model_cfg, mesh, run.eval.batch_size,
+                          run.data.seq_len)
+  e = run.eval
+  results = harness.evaluate(harness.IdeaPruneLM(scorer=scorer, sp=sp), _eval_tasks(run),
                              None if e.num_fewshot < 0 else e.num_fewshot, e.limit or None,
                              tm=tm)
   return harness.summary(results)
 
 
-def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
+def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict:
   """One pipeline end to end: train (resuming), export the dense final model, write the report;
-  with config.eval.tasks, lm-eval's tasks on the final model too (checked before training)."""
-  tm = check_downstream(config)
-  out = pipeline.run_pipeline(config, workdir)
+  with run.eval.tasks, lm-eval's tasks on the final model too (checked before training)."""
+  tm = check_downstream(run)
+  out = pipeline.run_pipeline(run, workdir)
   state, model_cfg, ctx = out['state'], out['model_cfg'], out['ctx']
-  enlarged = ModelConfig.from_config(config)
+  enlarged = run.model
   summary = {
-      'pipeline': config.pipeline, 'seed': config.seed,
+      'pipeline': run.pipeline, 'seed': run.seed,
       'params_enlarged': model_lib.param_count(enlarged),
       'params_final': model_lib.param_count(model_cfg),
       'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
       # From the executed plan, which is what ran (and what train_flops counts).
-      'tokens': pipeline.plan_tokens(config, out['phases']), 'steps': int(state.step),
-      'train_flops': pipeline.train_flops(config, out['phases']),
+      'tokens': pipeline.plan_tokens(run, out['phases']), 'steps': int(state.step),
+      'train_flops': pipeline.train_flops(run, out['phases']),
       'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
       'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}
                  for ph in out['phases']],
-      'distill_alpha': config.distill.alpha,
+      'distill_alpha': run.distill.alpha,
   }
   if do_export:
     export_dir = storage.join(workdir, 'export')
     tokenizer = _tokenizer_file(workdir, ctx.data.sp)
     extra = {k: summary[k] for k in ('pipeline', 'ffn_enlarged', 'params_enlarged', 'val_loss',
                                      'tokens', 'steps')}
-    extra['seq_len'] = config.data.seq_len  # the harness's default context window
+    extra['seq_len'] = run.data.seq_len  # the harness's default context window
     with ctx.clock.timing('checkpoint'):
       export.save_dense(export_dir, state.params, model_cfg, tokenizer, extra=extra)
       params = jax.tree.map(np.asarray,
@@ -91,7 +91,7 @@ def run_experiment(config, workdir: str, do_export: bool = True) -> dict:
     summary['export_dir'] = export_dir
   if tm is not None:
     with ctx.clock.timing('eval'):
-      summary['downstream'] = downstream(config, state.params, model_cfg, ctx.mesh,
+      summary['downstream'] = downstream(run, state.params, model_cfg, ctx.mesh,
                                          ctx.data.sp, tm)
   summary['goodput'] = ctx.clock.summary()
   if jax.process_index() == 0:
@@ -109,50 +109,45 @@ def pipeline_names(field: str, text: str) -> list[str]:
   return names
 
 
-def variant(config, name: str, seed: int, steps: int | None = None):
-  """One compare entry as a plain pipeline config; only idea_kd distils."""
-  c = copy.deepcopy(config)
-  c.seed = seed
-  c.pipeline = {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name)
-  c.distill.alpha = (config.distill.alpha or IDEA_KD_ALPHA) if name == 'idea_kd' else 0.0
+def variant(run: RunConfig, name: str, seed: int, steps: int | None = None) -> RunConfig:
+  """One compare entry as a plain pipeline run; only idea_kd distils."""
+  changes = {'seed': seed, 'pipeline': {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name),
+             'distill.alpha': (run.distill.alpha or IDEA_KD_ALPHA) if name == 'idea_kd' else 0.0}
   if steps is not None:
-    c.train.steps = steps
-  return c
+    changes['train.steps'] = steps
+  return override(run, changes)
 
 
-def flops_matched_steps(config) -> int:
-  """Steps of the target model that cost what config's idea run costs (scratch_flops)."""
-  idea_cfg, scratch_cfg = variant(config, 'idea', config.seed), variant(config, 'scratch',
-                                                                         config.seed)
-  ratio = (pipeline.train_flops(idea_cfg, pipeline.plan(idea_cfg))
-           / pipeline.train_flops(scratch_cfg, pipeline.plan(scratch_cfg)))
-  return int(round(config.train.steps * ratio))
+def flops_matched_steps(run: RunConfig) -> int:
+  """Steps of the target model that cost what run's idea run costs (scratch_flops)."""
+  idea, scratch = variant(run, 'idea', run.seed), variant(run, 'scratch', run.seed)
+  ratio = (pipeline.train_flops(idea, pipeline.plan(idea))
+           / pipeline.train_flops(scratch, pipeline.plan(scratch)))
+  return int(round(run.train.steps * ratio))
 
 
-def prepared_once(config, workdir: str):
-  """config reading its data prepared once into workdir/data, so every run it spawns shares it."""
-  if config.data.source == 'prepared':
-    return config
-  config = copy.deepcopy(config)
-  config.data.prepared_dir = data_lib.prepared_dir(
-      config, workdir, jax.process_index() == 0,
+def prepared_once(run: RunConfig, workdir: str) -> RunConfig:
+  """run reading its data prepared once into workdir/data, so every run it spawns shares it."""
+  if run.data.source == 'prepared':
+    return run
+  prepared = data_lib.prepared_dir(
+      run.data, run.model.vocab_size, workdir, jax.process_index() == 0,
       lambda: multihost_utils.sync_global_devices('idea_prune_jax:shared_data'))
-  config.data.source = 'prepared'
-  return config
+  return override(run, {'data.prepared_dir': prepared, 'data.source': 'prepared'})
 
 
-def compare(config, workdir: str) -> dict:
+def compare(run: RunConfig, cmp: CompareConfig, workdir: str) -> dict:
   """idea, idea+KD, naive, scratch at equal tokens, and scratch at idea's FLOPs, over seeds."""
-  names = pipeline_names('compare.pipelines', config.compare.pipelines)
-  config = prepared_once(config, workdir)
+  names = pipeline_names('compare.pipelines', cmp.pipelines)
+  run = prepared_once(run, workdir)
   # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
-  flops_steps = flops_matched_steps(config)
-  check_downstream(config)  # bad task names fail now, not after the first pipeline
+  flops_steps = flops_matched_steps(run)
+  check_downstream(run)  # bad task names fail now, not after the first pipeline
   results = {}
-  for seed_index in range(config.compare.seeds):
-    seed = config.seed + seed_index
+  for seed_index in range(cmp.seeds):
+    seed = run.seed + seed_index
     for name in names:
-      c = variant(config, name, seed, flops_steps if name == 'scratch_flops' else None)
+      c = variant(run, name, seed, flops_steps if name == 'scratch_flops' else None)
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       s = run_experiment(c, run_dir, do_export=False)
       r = results.setdefault(name, {'val_loss': [], 'val_ppl': [], 'wall_s': [], 'workdirs': [],

@@ -9,7 +9,7 @@ idea − scratch, idea − scratch_flops and idea − naive, seed by seed, again
 parameter). A rerun skips finished runs.
 """
 
-import copy
+import dataclasses
 import json
 import os
 
@@ -18,14 +18,15 @@ from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax import config as config_lib
 from idea_prune_jax.prune import distill
 from idea_prune_jax.experiments import experiment
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import pipeline
 from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
-from idea_prune_jax.config import ConfigError, ModelConfig
+from idea_prune_jax.experiments.config import SweepConfig
+from idea_prune_jax.train.config import (ConfigError, DistillConfig, RunConfig, check_devices,
+                                         override)
 
 GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'), ('idea', 'naive'))
 
@@ -58,14 +59,13 @@ def _kd_alpha(item: str) -> dict:
   return {'alpha': values[0], 'alpha_end': values[1], 'alpha_schedule': kind}
 
 
-def kd_settings(config) -> list[tuple[str, dict]]:
-  """(pipeline label, distill overrides) for each KD setting the sweep's idea_kd runs."""
-  s, k = config.sweep, config.distill
-  alphas = [_kd_alpha(a) for a in str(s.kd_alphas).split(',') if a.strip()]
-  taus = _numbers('sweep.kd_taus', s.kd_taus, k.tau) if str(s.kd_taus).strip() else []
-  phases = [p.strip() for p in str(s.kd_phases).split(',') if p.strip()]
+def kd_settings(sw: SweepConfig, k: DistillConfig) -> list[tuple[str, dict]]:
+  """(pipeline label, distill field changes) for each KD setting the sweep's idea_kd runs."""
+  alphas = [_kd_alpha(a) for a in str(sw.kd_alphas).split(',') if a.strip()]
+  taus = _numbers('sweep.kd_taus', sw.kd_taus, k.tau) if str(sw.kd_taus).strip() else []
+  phases = [p.strip() for p in str(sw.kd_phases).split(',') if p.strip()]
   if set(phases) - {'prune', 'recovery', 'both'}:
-    raise ConfigError(f'config.sweep.kd_phases={s.kd_phases!r}: use prune, recovery or both')
+    raise ConfigError(f'config.sweep.kd_phases={sw.kd_phases!r}: use prune, recovery or both')
   if not (alphas or taus or phases):
     return [('idea_kd', {})]  # the distill config as it is
   out = []
@@ -80,66 +80,64 @@ def kd_settings(config) -> list[tuple[str, dict]]:
                                                if 'alpha_end' in over else ''))
         tags += [f't{tau:g}'] if tau else []
         tags += [phase] if phase else []
-        out.append(('_'.join(tags), over))
+        out.append(('_'.join(tags), {f'distill.{k}': v for k, v in over.items()}))
   return out
 
 
-def runs(config, workdir: str) -> list[dict]:
-  """Every run of the sweep, in execution order, each with its full pipeline config ('config')."""
-  s = config.sweep
-  budgets = _numbers('sweep.budgets', s.budgets, 1.0)
-  lrs = _numbers('sweep.lrs', s.lrs, config.train.lr)
-  names = experiment.pipeline_names('sweep.pipelines', s.pipelines)
-  tuned = (set(experiment.pipeline_names('sweep.lr_pipelines', s.lr_pipelines))
-           if s.lr_pipelines else set())
-  if s.seeds < 1:
-    raise ConfigError(f'config.sweep.seeds={s.seeds}: must be >= 1')
-  kd = kd_settings(config) if 'idea_kd' in names else []
+def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
+  """Every run of the sweep, in execution order, each with its pipeline's RunConfig ('config'),
+  checked."""
+  budgets = _numbers('sweep.budgets', sw.budgets, 1.0)
+  lrs = _numbers('sweep.lrs', sw.lrs, run.train.lr)
+  names = experiment.pipeline_names('sweep.pipelines', sw.pipelines)
+  tuned = (set(experiment.pipeline_names('sweep.lr_pipelines', sw.lr_pipelines))
+           if sw.lr_pipelines else set())
+  if sw.seeds < 1:
+    raise ConfigError(f'config.sweep.seeds={sw.seeds}: must be >= 1')
+  kd = kd_settings(sw, run.distill) if 'idea_kd' in names else []
   # idea_kd is idea until t_start (no KD phase starts earlier): each idea_kd run starts from
   # its idea run's checkpoint at t_start, which that run keeps, so idea must run first.
-  forked = 'idea' in names and 'idea_kd' in names
+  branched = 'idea' in names and 'idea_kd' in names
   names = sorted(names, key=lambda n: n == 'idea_kd')
   out = []
   for budget in budgets:
-    steps = max(1, int(round(config.train.steps * budget)))
-    base = copy.deepcopy(config)
-    base.train.steps = steps
+    steps = max(1, int(round(run.train.steps * budget)))
+    base = override(run, {'train.steps': steps})
     flops_steps = experiment.flops_matched_steps(base)  # FLOPs do not depend on the LR
     for lr in lrs:
-      for seed in range(config.seed, config.seed + s.seeds):
-        source = None  # this LR and seed's idea run, the one its idea_kd runs fork from
+      for seed in range(run.seed, run.seed + sw.seeds):
+        source = None  # this LR and seed's idea run, the one its idea_kd runs start from
         for name in names:
           if lr != lrs[0] and name not in tuned:
             continue  # one LR (the first) for pipelines the LR study leaves out
-          for label, distill_over in (kd if name == 'idea_kd' else [(name, {})]):
+          for label, distill_changes in (kd if name == 'idea_kd' else [(name, {})]):
             c = experiment.variant(base, name, seed,
                                    flops_steps if name == 'scratch_flops' else None)
-            c.train.lr = lr
-            c.distill.update(distill_over)
-            run = {'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
-                   'budget_tokens': steps * config.train.batch_size * config.data.seq_len,
-                   'config': c,
-                   'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
-                                       f'seed{seed}')}
-            if forked and name == 'idea':
-              source = {'dir': run['dir'], 'step': pipeline.plan(c)[0].end}  # t_start
-              c.train.keep_steps = str(source['step'])
-            elif forked and name == 'idea_kd' and source:
-              run['fork'] = dict(source)
-            out.append(run)
+            c = override(c, {'train.lr': lr, **distill_changes})
+            run_dir = os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}', f'seed{seed}')
+            entry = {'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
+                     'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
+                     'dir': run_dir}
+            if branched and name == 'idea':
+              source = {'dir': run_dir, 'step': pipeline.plan(c)[0].end}  # t_start
+              c = override(c, {'train.keep_steps': str(source['step'])})
+            elif branched and name == 'idea_kd' and source:
+              entry['start_from'] = dict(source)
+            out.append(entry | {'config': c})
   return out
 
 
-def fork(run: dict) -> bool:
-  """Starts run in its dir from run['fork']: that dir's checkpoint (and metrics) at its step.
+def start_from_source(entry: dict) -> bool:
+  """Starts a run in its dir from entry['start_from']: that dir's checkpoint (and metrics) at
+  its step.
 
-  Only a run with no checkpoint of its own forks; False when the source does not hold the step
-  (it ran before it kept it): the run then starts from step 0.
+  Only a run with no checkpoint of its own starts so; False when the source does not hold the
+  step (it ran before it kept it): the run then starts from step 0.
   """
-  src, step, dst = run['fork']['dir'], run['fork']['step'], run['dir']
+  src, step, dst = entry['start_from']['dir'], entry['start_from']['step'], entry['dir']
   if storage.exists(storage.join(dst, 'checkpoints')):
     return False
-  if not ckpt_lib.fork(src, dst, step):
+  if not ckpt_lib.copy_step(src, dst, step):
     return False
   rows = [line for line in storage.read_text(storage.join(src, 'metrics.jsonl')).splitlines()
           if line and json.loads(line)['step'] < step]
@@ -152,28 +150,27 @@ def _finished(run_dir: str) -> dict | None:
   return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
-def sweep(config, workdir: str) -> dict:
-  """Runs (or resumes) every run of config.sweep; writes and returns the sweep's summary."""
-  config = experiment.prepared_once(config, workdir)
-  plan = runs(config, workdir)
-  for r in plan:  # every run's config is checked before the first one computes
-    config_lib.validate(r['config'], jax.device_count())
-  experiment.check_downstream(config)
+def sweep(run: RunConfig, sw: SweepConfig, workdir: str) -> dict:
+  """Runs (or resumes) every run of the sweep; writes and returns the sweep's summary."""
+  run = experiment.prepared_once(run, workdir)
+  plan = runs(run, sw, workdir)
+  for r in plan:  # every run is checked against the devices before the first one computes
+    check_devices(r['config'], jax.device_count())
+  experiment.check_downstream(run)
   results = []
   for r in plan:
     summary = _finished(r['dir'])
     if summary is None:
-      if 'fork' in r:
+      if 'start_from' in r:
         if jax.process_index() == 0:
-          r['fork']['done'] = fork(r)
-        multihost_utils.sync_global_devices('idea_prune_jax:sweep_fork')
+          r['start_from']['done'] = start_from_source(r)
+        multihost_utils.sync_global_devices('idea_prune_jax:sweep_start_from')
       ran = experiment.run_experiment(r['config'], r['dir'], do_export=False)
       summary = _finished(r['dir']) or ran  # the report adds what it reads back (kd_means)
     results.append({k: v for k, v in r.items() if k != 'config'} | {
         k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps', 'wall_s',
                                 'params_final', 'kd_means') if k in summary})
-  target = model_lib.param_count(ModelConfig.from_config(config,
-                                                          ffn_dim=config.prune.target_ffn))
+  target = model_lib.param_count(dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn))
   out = {'params_target': target, 'runs': results, 'budgets': table(results, target)}
   if jax.process_index() == 0:
     write(workdir, out)

@@ -1,6 +1,5 @@
 """Orbax checkpoints of the whole run: train state, data iterator position, phase and model shape."""
 
-import dataclasses
 import re
 import time
 
@@ -9,7 +8,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from idea_prune_jax.data import storage
-from idea_prune_jax.config import ConfigError
 
 _COMMIT_MARKER = 'commit_success.txt'  # orbax's mark of a finished save
 
@@ -39,7 +37,7 @@ def manager(workdir: str, keep: int = 2, subdir: str = 'checkpoints',
   Committed means: locally, renamed from <step>.orbax-checkpoint-tmp-* to <step>; on gs:// (no
   rename) written into <step>/ with commit_success.txt last, a step without it not listed. The
   test of a kill mid-write (tests/test_checkpoint_faults.py) passes with either scheme forced.
-  keep_steps: saved steps kept besides the latest `keep` (fork points, see `fork`).
+  keep_steps: saved steps kept besides the latest `keep` (where other runs start, `copy_step`).
   """
   if keep_steps:
     policy = ocp.checkpoint_managers.preservation_policy
@@ -66,7 +64,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -
       meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def fork(src_workdir: str, dst_workdir: str, step: int, subdir: str = 'checkpoints') -> bool:
+def copy_step(src_workdir: str, dst_workdir: str, step: int, subdir: str = 'checkpoints') -> bool:
   """Copies src's committed checkpoint `step` into dst's checkpoints; False if src has none.
 
   A run in dst then resumes there, as it would have after training to `step` itself. Locally
@@ -146,32 +144,3 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
       data=grain_checkpoint.CheckpointRestore(data_iter),
       meta=ocp.args.JsonRestore())), f'checkpoint step {step}')
   return out['state'], out['meta']
-
-
-def model_meta(model_cfg) -> dict:
-  return dataclasses.asdict(model_cfg)
-
-
-def check_same_model(meta: dict, model_cfg, workdir: str) -> None:
-  """Refuses to resume a checkpoint written for a different model shape."""
-  saved = meta.get('model', {})
-  mine = model_meta(model_cfg)
-  diff = {k: (saved.get(k), v) for k, v in mine.items()
-          if k in saved and saved[k] != v and k not in model_cfg.COMPUTE_FIELDS}
-  if diff:
-    field, (old, new) = next(iter(diff.items()))
-    raise ConfigError(
-        f'config.model.{field}={new!r}: workdir {workdir} holds a checkpoint of a different model '
-        f'({field}={old!r}); use a fresh --workdir or the matching config')
-
-
-def check_same_plan(meta: dict, plan: dict, workdir: str) -> None:
-  """Refuses to resume a checkpoint written under another plan ({'prune.t_end': 0.7, ...}: the
-  config fields the phases, windows and schedules come from); meta without one is not checked."""
-  saved = meta.get('plan', {})
-  diff = [(k, saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v]
-  if diff:
-    field, old, new = diff[0]
-    raise ConfigError(
-        f'config.{field}={new!r}: workdir {workdir} holds a checkpoint of a different plan '
-        f'({field}={old!r}); use a fresh --workdir or the matching config')

@@ -34,7 +34,3 @@ class ModelConfig:
     """From a mapping with these fields (config.model, an export's config.json); others ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in values.items() if k in fields}, **overrides})
-
-  @classmethod
-  def from_config(cls, config, **overrides) -> 'ModelConfig':
-    return cls.from_dict(config.model, **overrides)

@@ -9,16 +9,19 @@ params is exactly zero and no teacher backward pass is ever built.
 
   kd_loss          logits in, (loss, aux) out; any model.
   chunked_kd_loss  final hidden states + LM heads in; chunk > 0 computes logits one sequence chunk
-                   at a time so full [B, L, V] teacher and student logits are never both alive.
+                   at a time (`chunked.sum_over_chunks`) so full [B, L, V] teacher and student
+                   logits are never both alive.
   schedule         α or τ over the distilling steps: constant, linear or cosine from a start to an
                    end value (an optax schedule: step -> value, traceable).
-The trainer's fused teacher+student step (`train.kd_loss_fn`, `train.distill_step`) builds on these.
+The trainer's fused teacher+student step (`train.train_step(..., kd=train.KDOptions(...))`, through
+`train.kd_loss_fn`) builds on these.
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from idea_prune_jax.prune import chunked
 from idea_prune_jax.prune.errors import PruneError
 
 _SUM_KEYS = ('ce', 'kl', 'teacher_ce')
@@ -111,35 +114,19 @@ def chunked_kd_loss(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD
 
   *_dtype: the dtype each head's matmul runs in (the model's compute dtype; default the hidden's).
   """
-  B, L, D = student_hidden_BxLxD.shape
+  L = student_hidden_BxLxD.shape[1]
   check_chunk(chunk, L)  # shapes are static: this runs at trace time, outside the compiled step
   weights_BxL = _weights(weights_BxL, targets_BxL)
   teacher_hidden_BxLxD = jax.lax.stop_gradient(teacher_hidden_BxLxD)
   teacher_head_DxV = jax.lax.stop_gradient(teacher_head_DxV)
-  if chunk == 0 or chunk >= L:
-    return kd_loss(logits(student_hidden_BxLxD, student_head_DxV, student_dtype),
-                   logits(teacher_hidden_BxLxD, teacher_head_DxV, teacher_dtype),
-                   targets_BxL, weights_BxL, alpha=alpha, tau=tau)
-  n = L // chunk
-  # Chunks along the sequence, not the batch: the batch axis stays whole, so its data sharding
-  # is untouched; [n, B, C, ...] lets scan walk the leading axis.
-  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
 
-  # Checkpointed body: the backward pass recomputes this chunk's logits (two [B, C, D]x[D, V]
-  # matmuls) instead of keeping n chunks of [B, C, V] alive, which would undo the chunking.
-  @jax.checkpoint
-  def body(carry, xs):
-    s_BxCxD, t_BxCxD, targets_BxC, weights_BxC = xs
-    sums, count = _token_sums(logits(s_BxCxD, student_head_DxV, student_dtype),
-                              logits(t_BxCxD, teacher_head_DxV, teacher_dtype),
-                              targets_BxC, weights_BxC, tau)
-    return jax.tree.map(jnp.add, carry, (sums, count)), None
+  def token_sums(s_BxCxD, t_BxCxD, targets_BxC, weights_BxC):
+    return _token_sums(logits(s_BxCxD, student_head_DxV, student_dtype),
+                       logits(t_BxCxD, teacher_head_DxV, teacher_dtype),
+                       targets_BxC, weights_BxC, tau)
 
-  zero = jnp.zeros((), jnp.float32)
-  init = ({k: zero for k in _SUM_KEYS}, zero)
-  (sums, count), _ = jax.lax.scan(
-      body, init, (to_chunks(student_hidden_BxLxD), to_chunks(teacher_hidden_BxLxD),
-                   to_chunks(targets_BxL), to_chunks(weights_BxL)))
+  sums, count = chunked.sum_over_chunks(
+      token_sums, (student_hidden_BxLxD, teacher_hidden_BxLxD, targets_BxL, weights_BxL), chunk)
   return _finish(sums, count, alpha, tau)
 
 

@@ -13,8 +13,10 @@ no extra forward or backward pass. For neuron j of a unit (its coupled slices, s
   'magnitude'       (none)       || concat_slices W[.., j, ..] ||_2 of the current params
   'activation'      act          act <- β1·act + (1 − β1)·mean|h_j|   (h: FFN hidden activation)
 
-State and scores are dicts shaped like the masks (name -> [n_layers, width]), so they shard like
-the FFN axis they describe. Zero-initialised, no bias correction (as in PLATON).
+Two things, two names: the importance state (`init`, `update`: {field: {name: [n_layers, width]}},
+carried as `PruneState.importance`) and the scores (`scores(state, kind)`: {name: [n_layers,
+width]}, what `masks.refresh` ranks). Both are shaped like the masks, so they shard like the FFN
+axis they describe. Zero-initialised, no bias correction (as in PLATON).
 """
 
 from typing import Any
@@ -60,7 +62,7 @@ def coupled_norm(tree_a: Any, tree_b: Any, structure: Structure) -> dict[str, ja
 
 
 def init(masks: dict[str, jax.Array], kind: str = 'platon') -> dict[str, dict[str, jax.Array]]:
-  """Zero state {field: {name: [n_layers, width]}} for `kind` ({} for magnitude)."""
+  """The zero importance state {field: {name: [n_layers, width]}} for `kind` ({} for magnitude)."""
   check_kind(kind)
   return {f: {name: jnp.zeros(jnp.shape(m), jnp.float32) for name, m in masks.items()}
           for f in _STATE_FIELDS[kind]}
@@ -72,7 +74,7 @@ def _ema(old, new, beta):
 
 def update(state, kind: str = 'platon', *, params=None, grads=None, activations=None,
            structure: Structure | None = None, beta1: float = 0.85, beta2: float = 0.95):
-  """One step of the score state; see the module docstring for the formulas.
+  """One step of the importance state; see the module docstring for the formulas.
 
   platon / sensitivity_ema need params, grads (w.r.t. the unmasked params) and structure;
   activation needs `activations`: an array [n_layers, width] (one unit) or a dict name -> array;
@@ -113,7 +115,8 @@ def update(state, kind: str = 'platon', *, params=None, grads=None, activations=
 
 def scores(state, kind: str = 'platon', *, params=None,
            structure: Structure | None = None) -> dict[str, jax.Array]:
-  """name -> [n_layers, width] float32; higher means more important (kept longer)."""
+  """The scores of an importance state: name -> [n_layers, width] float32; higher means more
+  important (kept longer)."""
   check_kind(kind)
   if kind == 'platon':
     return {name: state['ibar'][name] * state['u'][name] for name in state['ibar']}

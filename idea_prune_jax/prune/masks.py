@@ -170,10 +170,15 @@ def _take(x, idx, axis):
 
 
 def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
-  """Slices the kept neurons out of every unit leaf; params, grads, optax states, and the
-  masks and scores inside a `prune_optimizer` state (so it keeps training at the new width).
-  Outside jit: the masks must be concrete, and every layer must keep the same number of neurons."""
-  from idea_prune_jax.prune.prune_optax import PruneState  # pylint: disable=g-import-not-at-top
+  """Slices the kept neurons out of every unit leaf: params, grads, optax states, and a
+  `prune_optimizer` state (its own masks and importance too), so training goes on at the new width.
+
+  Per-unit trees such as masks ({unit: [.., width]}) are not params-shaped, so the structure does
+  not find them: a node that holds some says how to slice them with a `shrink_units(take)`
+  method, which gets `take` ({unit: [.., width]} -> {unit: [.., kept]}) and returns the node
+  shrunk. Outside jit: the masks must be concrete, and every layer must keep the same number of
+  neurons.
+  """
   indices = kept_indices(masks)
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)
@@ -182,16 +187,12 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
     leaves[m.index] = _take(leaf, _broadcast(indices[m.unit.name], m, leaf.ndim), m.neuron_axis)
   tree = jax.tree_util.tree_unflatten(treedef, leaves)
 
-  def per_unit(tree_by_name):  # {name: [.., width]} -> {name: [.., kept]}
-    return {name: _take(x, indices[name], -1) for name, x in tree_by_name.items()}
+  def take(tree_by_unit):
+    return {name: _take(x, indices[name], -1) for name, x in tree_by_unit.items()}
 
-  def visit(node):
-    if not isinstance(node, PruneState):
-      return node
-    return node._replace(masks=per_unit(node.masks),
-                         scores={f: per_unit(v) for f, v in node.scores.items()})
-
-  return jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, PruneState))
+  holds_units = lambda node: hasattr(type(node), 'shrink_units')
+  return jax.tree.map(lambda node: node.shrink_units(take) if holds_units(node) else node, tree,
+                      is_leaf=holds_units)
 
 
 def shrink_params(params: Any, masks: Masks, structure: Structure):

@@ -5,7 +5,8 @@
     updates, state = tx.update(grads, state, params)   # params are required
     params = optax.apply_updates(params, updates)
 
-The state (`PruneState`) holds the masks, the importance state, the schedule's step count and the
+The state (`PruneState`) holds the masks, the importance state (`state.importance`; its per-neuron
+scores are `importance.scores(state.importance, kind, ...)`), the schedule's step count and the
 inner optimizer's state. Each update:
   1. updates the importance state from the grads it is given (no extra forward or backward pass;
      'activation' takes `activations=` as an extra argument, {unit: [n_layers, width]});
@@ -15,7 +16,8 @@ inner optimizer's state. Each update:
      is exactly 0 (`masks.zero_pruned`), so AdamW momentum or weight decay cannot revive one.
 Because the params stay masked, the forward pass needs no masks: gradients w.r.t. pruned slices
 are exactly 0 already. At the end of the window, `masks.shrink(params, state.masks, s)` and
-`masks.shrink(state, state.masks, s)` give a smaller model and a state that keeps training it.
+`masks.shrink(state, state.masks, s)` give a smaller model and a state that keeps training it
+(`PruneState.shrink_units` slices the state's own masks and importance).
 """
 
 from typing import Any, NamedTuple
@@ -34,8 +36,14 @@ from idea_prune_jax.prune.structure import Structure, locate
 class PruneState(NamedTuple):
   count: jax.Array  # int32: the step the schedule reads (the trainer starts it at its global step)
   masks: Any  # {unit: float32 0/1 [n_layers, width]}
-  scores: Any  # importance state {field: {unit: [n_layers, width]}}
+  importance: Any  # `importance.init`'s state {field: {unit: [n_layers, width]}}
   inner: Any  # the wrapped optimizer's state
+
+  def shrink_units(self, take):
+    """This state with its per-unit masks and importance state sliced by `take`; `masks.shrink`
+    calls it (the inner state's moments are params-shaped and sliced by the structure)."""
+    return self._replace(masks=take(self.masks),
+                         importance={f: take(v) for f, v in self.importance.items()})
 
 
 def prune_optimizer(inner: optax.GradientTransformation, structure: Structure,
@@ -68,18 +76,18 @@ def prune_optimizer(inner: optax.GradientTransformation, structure: Structure,
     if params is None:
       raise PruneError('prune_optimizer: update(grads, state, params) needs params (scores are '
                        'params x grads; pruned slices are zeroed from them)')
-    scores = importance.update(state.scores, score, params=params, grads=grads,
-                               activations=activations, structure=structure, beta1=beta1,
-                               beta2=beta2)
+    importance_state = importance.update(state.importance, score, params=params, grads=grads,
+                                         activations=activations, structure=structure,
+                                         beta1=beta1, beta2=beta2)
     step = state.count
     new_masks = jax.lax.cond(
         schedule.is_refresh(step),
         lambda: masks_lib.refresh(state.masks, importance.scores(
-            scores, score, params=params, structure=structure), schedule.keep_k(step)),
+            importance_state, score, params=params, structure=structure), schedule.keep_k(step)),
         lambda: state.masks)
     updates, inner_state = inner.update(grads, state.inner, params, **extra)
     updates = masks_lib.zero_pruned(updates, params, new_masks, structure)
-    return updates, PruneState(step + 1, new_masks, scores, inner_state)
+    return updates, PruneState(step + 1, new_masks, importance_state, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 

@@ -12,13 +12,11 @@ memory and cost analyses read per chip.
 """
 
 import concurrent.futures
-import copy
 import dataclasses
 import importlib.util
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable
 
@@ -27,26 +25,22 @@ import jax.numpy as jnp
 
 from idea_prune_jax.model import attention as attention_lib
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax.train import chips as chips_lib
-from idea_prune_jax import config as config_lib
 from idea_prune_jax.tools import hlo_cost
 from idea_prune_jax.prune import importance
 from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import pipeline
-from idea_prune_jax.prune import schedules
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.prune import structure
 from idea_prune_jax.train import train as train_lib
-from idea_prune_jax.config import ConfigError, ModelConfig
+from idea_prune_jax.experiments.config import IDEA_KD_ALPHA
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, override
 
 GIB = 2 ** 30
-_COUNT_FLAG = '--xla_force_host_platform_device_count'
-_REEXEC_ENV = 'IDEA_PRUNE_COMPILE_CHECK_REEXEC'
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-  """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes keep config."""
+  """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes keep the config's."""
   out = {}
   for item in (s.strip() for s in spec.split(',') if s.strip()):
     name, eq, value = item.partition('=')
@@ -66,49 +60,26 @@ def parse_mesh(spec: str) -> dict[str, int]:
   return out
 
 
-def use_host_devices(n: int) -> None:
-  """Makes JAX see n CPU devices.
-
-  XLA reads the device count once, when the backend starts, which JAX defers to the first device
-  query; so setting XLA_FLAGS here works unless something already asked for devices, in which
-  case the process re-executes itself with the flag in its environment.
-  """
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_COUNT_FLAG)]
-  os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{_COUNT_FLAG}={n}'])
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  jax.config.update('jax_platforms', 'cpu')
-  have = len(jax.devices())
-  if have == n:
-    return
-  if os.environ.get(_REEXEC_ENV):
-    raise ConfigError(f'--devices={n}: JAX started with {have} devices even after a restart with '
-                      f'XLA_FLAGS={os.environ["XLA_FLAGS"]!r}')
-  os.environ[_REEXEC_ENV] = '1'
-  sys.stdout.flush()
-  os.execv(sys.executable, [sys.executable] + sys.argv)
-
-
-def kd_config(config):
+def kd_run(run: RunConfig) -> RunConfig:
   """The idea pipeline with KD in its prune phase; recovery stays as the config runs it.
 
   A config without KD gets idea_kd's alpha (IDEA_KD_ALPHA) on the prune phase only, so the prune
   step holds masks, scores and the teacher while the recovery step is still the plain shrunk one.
   """
-  config = copy.deepcopy(config)
-  config.pipeline = 'idea'
-  if config.distill.alpha <= 0:
-    config.distill.alpha, config.distill.phases = config_lib.IDEA_KD_ALPHA, 'prune'
-  elif config.distill.phases == 'recovery':
-    config.distill.phases = 'both'
-  return config
+  changes = {'pipeline': 'idea'}
+  if run.distill.alpha <= 0:
+    changes.update({'distill.alpha': IDEA_KD_ALPHA, 'distill.phases': 'prune'})
+  elif run.distill.phases == 'recovery':
+    changes['distill.phases'] = 'both'
+  return override(run, changes)
 
 
-def abstract_batch(config, mesh):
-  shape = (config.train.batch_size, config.data.seq_len)
+def abstract_batch(run: RunConfig, mesh):
+  shape = (run.train.batch_size, run.data.seq_len)
   leaf = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
   weights = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=leaf.sharding)
   batch = {'inputs': leaf, 'targets': leaf, 'weights': weights}
-  if config.data.get('attention') == 'document':  # packed documents: segment ids and positions
+  if run.data.attention == 'document':  # packed documents: segment ids and positions
     batch.update(segment_ids=leaf, positions=leaf)
   return batch
 
@@ -159,100 +130,99 @@ def _abstract_state(p: pipeline.Parts, mesh):
   return state
 
 
-def _tokens(config) -> int:
-  return config.train.batch_size * config.data.seq_len
+def _tokens(run: RunConfig) -> int:
+  return run.train.batch_size * run.data.seq_len
 
 
-def _train_flops(config, phase: pipeline.Phase) -> float:
+def _train_flops(run: RunConfig, phase: pipeline.Phase) -> float:
   """Model FLOPs of one step: 6N per token (+ the KD teacher's forward, 2N per token)."""
-  seq = config.data.seq_len
-  per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=phase.ffn_dim), seq)
+  seq = run.data.seq_len
+  per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
   if phase.kd:
-    per_token += model_lib.flops_per_token(pipeline.teacher_config(config), seq) / 3
-  return per_token * _tokens(config)
+    per_token += model_lib.flops_per_token(pipeline.teacher_config(run), seq) / 3
+  return per_token * _tokens(run)
 
 
-def _splash_flops(config, mesh, passes: float, teacher: bool = False) -> float:
+def _splash_flops(run: RunConfig, mesh, passes: float, teacher: bool = False) -> float:
   """FLOPs of the splash kernels of one call (0 unless attention resolves to splash).
 
   passes: attention passes per layer in units of one forward (QK^T and PV, 4·H·K·L per token):
   a training step is 3 (forward + backward, the PaLM count model_flops uses), plus 1 when remat
   recomputes the forward; teacher adds the KD teacher's forward.
   """
-  m = ModelConfig.from_config(config)
+  m = run.model
   platform = mesh.devices.flat[0].platform
-  if attention_lib.resolve(m.attention, platform, config.data.seq_len, m.dtype, m.n_kv_heads,
+  if attention_lib.resolve(m.attention, platform, run.data.seq_len, m.dtype, m.n_kv_heads,
                            mesh.shape['tensor']) != 'splash':
     return 0.0
-  fwd = lambda c: 4 * c.n_layers * c.n_heads * c.head_dim * config.data.seq_len * _tokens(config)
-  return passes * fwd(m) + (fwd(pipeline.teacher_config(config)) if teacher else 0.0)
+  fwd = lambda c: 4 * c.n_layers * c.n_heads * c.head_dim * run.data.seq_len * _tokens(run)
+  return passes * fwd(m) + (fwd(pipeline.teacher_config(run)) if teacher else 0.0)
 
 
-def _train_passes(config) -> float:
-  recompute = config.model.remat_policy in ('full', 'dots_saveable')
+def _train_passes(run: RunConfig) -> float:
+  recompute = run.model.remat_policy in ('full', 'dots_saveable')
   return 3.0 + recompute
 
 
-def train_step(config, phase: pipeline.Phase, mesh, name: str | None = None) -> Step:
+def train_program(run: RunConfig, phase: pipeline.Phase, mesh, name: str | None = None) -> Step:
   """The phase's jitted, donated train step (`pipeline.step_fn`)."""
-  p = pipeline.parts(config, phase, mesh)
-  fn = pipeline.step_fn(config, phase, p, mesh)
+  p = pipeline.parts(run, phase, mesh)
+  fn = pipeline.step_fn(run, phase, p, mesh)
   info = {'ffn_dim': phase.ffn_dim, 'kd': phase.kd, 'teacher': phase.teacher,
           'masks': phase.prune is not None}
   state = _abstract_state(p, mesh)
-  return Step(name or phase.name, fn, (state, abstract_batch(config, mesh)),
-              _train_flops(config, phase), {**info, **_state_bytes(state)},
-              _splash_flops(config, mesh, _train_passes(config), teacher=phase.kd))
+  return Step(name or phase.name, fn, (state, abstract_batch(run, mesh)),
+              _train_flops(run, phase), {**info, **_state_bytes(state)},
+              _splash_flops(run, mesh, _train_passes(run), teacher=phase.kd))
 
 
-def naive_score_step(config, mesh) -> Step:
+def naive_score_program(run: RunConfig, mesh) -> Step:
   """naive one-shot's scoring step at the enlarged width (`pipeline.oneshot_score_fn`)."""
-  phase = pipeline.plan(config)[0]
-  p = pipeline.parts(config, phase, mesh)
+  phase = pipeline.plan(run)[0]
+  p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
-  kind = config.prune.score
+  kind = run.prune.score
   scores = jax.eval_shape(lambda ps: importance.init(masks_lib.init(ps, structure.FFN_STRUCTURE),
                                                      kind), params)
   ffn = sharding_lib.named(mesh, 'layers', 'mlp')
   scores = ckpt_lib.abstract_like(scores, jax.tree.map(lambda _: ffn, scores))
-  return Step('naive_score', pipeline.oneshot_score_fn(config, p.model_cfg, mesh),
-              (scores, params, abstract_batch(config, mesh)), _train_flops(config, phase),
+  return Step('naive_score', pipeline.oneshot_score_fn(run, p.model_cfg, mesh),
+              (scores, params, abstract_batch(run, mesh)), _train_flops(run, phase),
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(scores)}, _splash_flops(config, mesh, _train_passes(config)))
+               **_state_bytes(scores)}, _splash_flops(run, mesh, _train_passes(run)))
 
 
-def eval_step(config, mesh) -> Step:
+def eval_program(run: RunConfig, mesh) -> Step:
   """The evaluation forward at the enlarged width (the wider of the two models)."""
-  phase = pipeline.plan(config)[0]
-  p = pipeline.parts(config, phase, mesh)
+  phase = pipeline.plan(run)[0]
+  p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
   fn = train_lib.jit_eval(p.model, p.shardings.params, mesh)
-  return Step('eval', fn, (params, abstract_batch(config, mesh)), _train_flops(config, phase) / 3,
+  return Step('eval', fn, (params, abstract_batch(run, mesh)), _train_flops(run, phase) / 3,
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
-               **_state_bytes(params)}, _splash_flops(config, mesh, 1.0))
+               **_state_bytes(params)}, _splash_flops(run, mesh, 1.0))
 
 
-def _kd_phase(config, name):
-  return next(ph for ph in pipeline.plan(config) if ph.name == name)
+def _kd_phase(run: RunConfig, name):
+  return next(ph for ph in pipeline.plan(run) if ph.name == name)
 
 
-def prune_nokd_step(config, mesh) -> Step:
-  """idea's prune step without a teacher (config as compiled has KD in its prune phase)."""
-  plain = copy.deepcopy(config)
-  plain.distill.alpha = 0.0
-  return train_step(plain, _kd_phase(plain, 'prune'), mesh, name='prune_nokd')
+def prune_nokd_program(run: RunConfig, mesh) -> Step:
+  """idea's prune step without a teacher (run as compiled has KD in its prune phase)."""
+  plain = override(run, {'distill.alpha': 0.0})
+  return train_program(plain, _kd_phase(plain, 'prune'), mesh, name='prune_nokd')
 
 
-# Every program a run executes, by name, each built from the config `validate` returns (the idea
+# Every program a run executes, by name, each built from the run `kd_run` returns (the idea
 # pipeline with KD in its prune phase). naive's own train steps are the same programs as
 # enlarged and recovery (its recovery starts a fresh optimizer of the same shapes).
 STEPS: tuple[tuple[str, Callable[[Any, Any], Step]], ...] = (
-    ('enlarged', lambda c, mesh: train_step(c, _kd_phase(c, 'enlarged'), mesh)),
-    ('prune', lambda c, mesh: train_step(c, _kd_phase(c, 'prune'), mesh)),  # with KD
-    ('prune_nokd', prune_nokd_step),
-    ('recovery', lambda c, mesh: train_step(c, _kd_phase(c, 'recovery'), mesh)),
-    ('naive_score', naive_score_step),
-    ('eval', eval_step),
+    ('enlarged', lambda c, mesh: train_program(c, _kd_phase(c, 'enlarged'), mesh)),
+    ('prune', lambda c, mesh: train_program(c, _kd_phase(c, 'prune'), mesh)),  # with KD
+    ('prune_nokd', prune_nokd_program),
+    ('recovery', lambda c, mesh: train_program(c, _kd_phase(c, 'recovery'), mesh)),
+    ('naive_score', naive_score_program),
+    ('eval', eval_program),
 )
 
 
@@ -351,30 +321,23 @@ def roofline(flops: float, bytes_accessed: float, model_flops: float, chip,
           'mfu_range': [mfu(span[1]), mfu(span[0])]}
 
 
-def validate(config, n_devices: int):
-  """The KD config compile_check compiles, after the checks a run would make."""
-  config = kd_config(config)
-  _, _, tensor = config_lib.validate(config, n_devices)
-  config_lib.validate_prune(config, tensor)
-  return config
-
-
-def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
+def compile_check(run: RunConfig, devices, hbm_gib: float | None = None, chip=None,
                   only: tuple[str, ...] = ()) -> dict:
-  """Compiles every step of config for a mesh over devices; per-chip memory, cost and roofline.
+  """Compiles every step of run for a mesh over devices; per-chip memory, cost and roofline.
 
   chip: a `chips.Chip` for the roofline (None: memory only). only: step names to compile.
   """
   n_devices = len(devices)
-  config = validate(config, n_devices)
+  run = kd_run(run)
+  check_devices(run, n_devices)
   hbm_gib = hbm_gib or (chip.hbm_gib if chip else 95.0)
-  mesh = sharding_lib.make_mesh(config, devices)
+  mesh = sharding_lib.make_mesh(run.mesh, devices)
   # Lowering is Python (one at a time); XLA compiles release the GIL, so they run in threads,
   # one per core: the paper pair's steps take minutes each.
   jobs = {}  # step name -> (step, row, lowered)
   for name, make in STEPS:
     if not only or name in only:
-      step = make(config, mesh)
+      step = make(run, mesh)
       jobs[name] = (step, *_lower(step))
   with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
     results = {name: pool.submit(_compile, lowered, hbm_gib)
@@ -398,22 +361,22 @@ def compile_check(config, devices, hbm_gib: float | None = None, chip=None,
                             row['model_flops'], chip, row['ici_bytes']))
     out_steps[name] = row
   del results
-  m = config.model
+  m = run.model
   return {
       'config': {
           'devices': n_devices, 'platform': devices[0].platform,
           'device_kind': devices[0].device_kind,
           'mesh': dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-          'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
+          'batch': run.train.batch_size, 'seq_len': run.data.seq_len,
           'dtype': m.dtype, 'param_dtype': m.param_dtype,
-          'attention': attention_lib.resolve(m.attention, devices[0].platform, config.data.seq_len,
+          'attention': attention_lib.resolve(m.attention, devices[0].platform, run.data.seq_len,
                                              m.dtype, m.n_kv_heads, mesh.shape['tensor']),
           'remat_policy': m.remat_policy, 'loss_chunk': m.loss_chunk,
-          'distill_alpha': config.distill.alpha, 'distill_phases': config.distill.phases,
-          'distill_chunk': config.distill.chunk,
-          'params_enlarged': model_lib.param_count(ModelConfig.from_config(config)),
+          'distill_alpha': run.distill.alpha, 'distill_phases': run.distill.phases,
+          'distill_chunk': run.distill.chunk,
+          'params_enlarged': model_lib.param_count(run.model),
           'params_target': model_lib.param_count(
-              ModelConfig.from_config(config, ffn_dim=config.prune.target_ffn)),
+              dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn)),
           'jax': jax.__version__},
       'chip': dataclasses.asdict(chip) if chip else None,
       'hbm_gib': hbm_gib,
@@ -458,47 +421,3 @@ def table(report: dict) -> str:
 
 def libtpu_available() -> bool:
   return importlib.util.find_spec('libtpu') is not None
-
-
-def tpu_devices(sl: chips_lib.Slice):
-  """The slice's TPU devices through libtpu, on a CPU-only machine (JAX itself stays on CPU)."""
-  # No TPU is attached: JAX's own backend stays the CPU, and libtpu's single-process lock
-  # (/tmp/libtpu_lockfile) must not stop a second compile-check or a test run beside it.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  jax.config.update('jax_platforms', os.environ['JAX_PLATFORMS'])
-  return chips_lib.topology_devices(sl)
-
-
-def command(config, n_devices: int | None, mesh: str | None, hbm_gib: float | None,
-            topology: str | None = None, only: str = '') -> dict:
-  """The CLI's compile-check: --mesh into config.mesh, validate, devices, compile."""
-  config = copy.deepcopy(config)
-  if mesh:
-    config.mesh.update(parse_mesh(mesh))
-  only_steps = tuple(s.strip() for s in (only or '').split(',') if s.strip())
-  chip = sl = None
-  if topology:
-    try:
-      sl = chips_lib.parse_slice(topology)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    chip, n_devices = sl.chip, sl.chips
-  elif n_devices is None or n_devices < 1:
-    raise ConfigError(f'--devices={n_devices}: compile-check needs --topology (e.g. v5p-64) or '
-                      'the chip count of the slice, e.g. --devices 64')
-  validate(config, n_devices)  # a bad mesh fails before the devices start
-  if sl is not None and libtpu_available():
-    sharding_lib.apply_libtpu_args(config)  # the run's XLA:TPU flags: the programs it runs
-    devices = tpu_devices(sl)
-  else:
-    if sl is not None:
-      print(f'idea-prune: libtpu is not installed (pip install -e ".[tpu]"); compiling for '
-            f'{n_devices} fake CPU devices instead, with {sl.chip.name} HBM and peaks',
-            file=sys.stderr)
-    use_host_devices(n_devices)
-    devices = jax.devices()[:n_devices]
-  report = compile_check(config, devices, hbm_gib, chip, only_steps)
-  if sl is not None:
-    report['config']['topology'] = {'name': topology, 'libtpu': sl.topology, 'chips': sl.chips}
-  return report

@@ -108,7 +108,8 @@ _HOST_BOUNDS = (2, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True)
-class Slice:
+class TpuSlice:
+  """A Cloud TPU slice (`parse_slice`); not `structure.Slice`, a param slice of a prunable unit."""
   generation: str  # a CHIPS key: v4 | v5e | v5p | v6e
   chips: int
   topology: str  # libtpu topology name, e.g. 'v5p:2x4x4'
@@ -127,7 +128,7 @@ def _grid(chips: int, ndim: int) -> tuple[int, ...]:
   return tuple(dims)
 
 
-def parse_slice(name: str) -> Slice:
+def parse_slice(name: str) -> TpuSlice:
   """'v5p-64' (32 chips), 'v5e-64' / 'v5litepod-64' (64 chips), 'v6e-8', 'v4-32', or a libtpu
   topology 'v5p:2x4x4'."""
   name = name.strip().lower()
@@ -138,7 +139,7 @@ def parse_slice(name: str) -> Slice:
       raise ValueError(f'--topology={name!r}: unknown TPU generation {m.group(1)!r}; '
                        f'use one of {", ".join(_CORES_PER_CHIP)}')
     chips = math.prod(int(d) for d in m.group(2).split('x'))
-    return Slice(gen, chips, f'{gen}:{m.group(2)}')
+    return TpuSlice(gen, chips, f'{gen}:{m.group(2)}')
   m = re.fullmatch(r'([a-z0-9]+)-(\d+)', name)
   gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
   if gen not in _CORES_PER_CHIP:
@@ -151,10 +152,10 @@ def parse_slice(name: str) -> Slice:
                      f'({"TensorCores" if per_chip == 2 else "chips"}), e.g. {gen}-{per_chip * 8}')
   ndim = 3 if gen in ('v4', 'v5p') else 2
   grid = _grid(chips, ndim)
-  return Slice(gen, chips, f'{gen}:{"x".join(map(str, grid))}')
+  return TpuSlice(gen, chips, f'{gen}:{"x".join(map(str, grid))}')
 
 
-def topology_devices(sl: Slice):
+def topology_devices(sl: TpuSlice):
   """The slice's TPU devices on this (CPU-only) machine, from libtpu's topology description.
 
   Needs libtpu (the `tpu` extra); raises ImportError without it.

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -20,13 +19,13 @@ from jax.experimental import multihost_utils
 
 from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax.train import chips
-from idea_prune_jax import config as config_lib
 from idea_prune_jax.data import data as data_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.data import storage
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, keep_steps
 
-# Set by the SIGTERM handler the entry point installs (`install_sigterm_handler`).
-_SIGTERM = threading.Event()
+# Set by the SIGTERM handler the entry point installs (`process.install_sigterm_handler`).
+SIGTERM = threading.Event()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,15 +34,6 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was saved at the step boundary."""
-
-
-def install_sigterm_handler() -> None:
-  """For entry points: a SIGTERM then stops the run at the next step, with a checkpoint.
-
-  Multi-host, jax.distributed.initialize() replaces this handler with JAX's preemption notifier,
-  which tells every host through the coordinator (see `_preempted`).
-  """
-  signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
 
 
 class Clock:
@@ -74,7 +64,7 @@ class Clock:
 @dataclasses.dataclass
 class RunContext:
   """What stays fixed across the phases of one run: config, mesh, data, checkpoints."""
-  config: Any
+  run: RunConfig
   workdir: str
   mesh: Any
   data: Any
@@ -157,26 +147,26 @@ def _py(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def setup(config, workdir: str, wall_clock: Callable[[], float] = time.monotonic) -> RunContext:
-  """Validates everything, builds the mesh and data, opens checkpoints; no model compute yet.
+def setup(run: RunConfig, workdir: str,
+          wall_clock: Callable[[], float] = time.monotonic) -> RunContext:
+  """Checks the devices, builds the mesh and data, opens checkpoints; no model compute yet.
 
   workdir may be local or gs://; it is checked (bucket, credentials, not a file) up front.
   """
   clock = Clock()
   storage.check_workdir(workdir)
-  sharding_lib.apply_libtpu_args(config)
-  sharding_lib.maybe_initialize_distributed(config)
-  _, _, tensor = config_lib.validate(config, jax.device_count())
-  if config.pipeline in ('idea', 'naive'):
-    config_lib.validate_prune(config, tensor)
-  mesh = sharding_lib.make_mesh(config)
-  data = data_lib.build(config, workdir, jax.process_index(), jax.process_count(),
-                        barrier=lambda: multihost_utils.sync_global_devices(
-                            'idea_prune_jax:data_prepared'))
-  ckpt = ckpt_lib.manager(workdir, config.train.keep_ckpts, async_save=config.train.async_ckpt,
-                          keep_steps=config_lib.keep_steps(config))
-  return RunContext(config, workdir, mesh, data, ckpt, MetricsWriter(workdir, jax.process_index() == 0),
-             clock, chips.peak_flops_per_device(jax.devices()[0]), wall_clock, wall_clock())
+  check_devices(run, jax.device_count())
+  mesh = sharding_lib.make_mesh(run.mesh)
+  data = data_lib.build(
+      run.data, workdir, vocab_size=run.model.vocab_size, batch_size=run.train.batch_size,
+      eval_batches=run.train.eval_batches, seed=run.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      barrier=lambda: multihost_utils.sync_global_devices('idea_prune_jax:data_prepared'))
+  ckpt = ckpt_lib.manager(workdir, run.train.keep_ckpts, async_save=run.train.async_ckpt,
+                          keep_steps=keep_steps(run.train))
+  return RunContext(run, workdir, mesh, data, ckpt,
+                    MetricsWriter(workdir, jax.process_index() == 0), clock,
+                    chips.peak_flops_per_device(jax.devices()[0]), wall_clock, wall_clock())
 
 
 def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
@@ -213,7 +203,7 @@ def _preempted(step: int) -> bool:
   """
   if jax.distributed.is_initialized():
     return multihost_utils.reached_preemption_sync_point(step)
-  return _SIGTERM.is_set()
+  return SIGTERM.is_set()
 
 
 # Multi-host, process 0's clock is broadcast every this many steps (a collective, but not one
@@ -228,7 +218,7 @@ def _save_due_by_clock(ctx: RunContext, step: int) -> bool:
   decision is process 0's, broadcast at steps every host reaches alike (WALL_CHECK_EVERY apart).
   JAX's preemption sync point cannot carry it: it is armed once, by the SIGTERM notifier only.
   """
-  minutes = ctx.config.train.ckpt_minutes
+  minutes = ctx.run.train.ckpt_minutes
   if not minutes:
     return False
   many = jax.process_count() > 1
@@ -256,7 +246,7 @@ class _Profiler:
   """A jax.profiler trace of steps [start_step, start_step + steps) into W/profile."""
 
   def __init__(self, ctx: RunContext):
-    cfg = ctx.config.profile
+    cfg = ctx.run.profile
     self.start, self.end = cfg.start_step, cfg.start_step + cfg.steps
     self.target = storage.join(ctx.workdir, 'profile')
     # The profiler writes local files; a bucket gets a copy when the trace stops.
@@ -295,10 +285,10 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
   Preempted). Each logged row has the step time, tokens/s, TFLOP/s per device and MFU
   (flops_per_step: the analytic FLOPs of one step, all devices).
   """
-  cfg = ctx.config.train
+  cfg = ctx.run.train
   sharding = sharding_lib.batch_sharding(ctx.mesh)
   start = int(state.step)
-  tokens_per_step = cfg.batch_size * ctx.config.data.seq_len
+  tokens_per_step = cfg.batch_size * ctx.run.data.seq_len
   n_devices = jax.device_count()
   # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
   plain = ctx.is_main and not sys.stderr.isatty()
@@ -407,11 +397,11 @@ def restore_latest(ctx: RunContext, abstract_for: Callable[[dict], Any], model_c
   for step in ckpt_lib.all_steps(ctx.ckpt):
     try:
       meta = ckpt_lib.read_meta(ctx.ckpt, step)
-      ckpt_lib.check_same_model(meta, model_cfg, ctx.workdir)
+      check_same_model(meta, model_cfg, ctx.workdir)
       abstract = abstract_for(meta)
       with ctx.clock.timing('restore'):
         state, meta = ckpt_lib.restore(ctx.ckpt, step, abstract, ctx.data.train)
-    except (config_lib.ConfigError, ckpt_lib.StorageUnavailable):
+    except (ConfigError, ckpt_lib.StorageUnavailable):
       raise
     except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for bad files
       where = os.path.join(str(ctx.ckpt.directory), str(step))
@@ -436,3 +426,32 @@ def restore_latest(ctx: RunContext, abstract_for: Callable[[dict], Any], model_c
     raise CheckpointError(f'no readable checkpoint in {ctx.ckpt.directory} ({listed}); '
                           'move the directory away to start fresh')
   return None
+
+
+def model_meta(model_cfg) -> dict:
+  return dataclasses.asdict(model_cfg)
+
+
+def check_same_model(meta: dict, model_cfg, workdir: str) -> None:
+  """Refuses to resume a checkpoint written for a different model shape."""
+  saved = meta.get('model', {})
+  mine = model_meta(model_cfg)
+  diff = {k: (saved.get(k), v) for k, v in mine.items()
+          if k in saved and saved[k] != v and k not in model_cfg.COMPUTE_FIELDS}
+  if diff:
+    field, (old, new) = next(iter(diff.items()))
+    raise ConfigError(
+        f'config.model.{field}={new!r}: workdir {workdir} holds a checkpoint of a different model '
+        f'({field}={old!r}); use a fresh --workdir or the matching config')
+
+
+def check_same_plan(meta: dict, plan: dict, workdir: str) -> None:
+  """Refuses to resume a checkpoint written under another plan ({'prune.t_end': 0.7, ...}: the
+  config fields the phases, windows and schedules come from); meta without one is not checked."""
+  saved = meta.get('plan', {})
+  diff = [(k, saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v]
+  if diff:
+    field, old, new = diff[0]
+    raise ConfigError(
+        f'config.{field}={new!r}: workdir {workdir} holds a checkpoint of a different plan '
+        f'({field}={old!r}); use a fresh --workdir or the matching config')

@@ -4,7 +4,6 @@ A plan is a tuple of `Phase`s. Each phase boundary is a checkpoint; a restart re
 from the latest checkpoint, rebuilds that phase's state shapes, restores, and carries on.
 """
 
-import copy
 import dataclasses
 import io
 import time
@@ -16,7 +15,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax import config as config_lib
 from idea_prune_jax.data import data as data_lib
 from idea_prune_jax.prune import distill
 from idea_prune_jax.io import export
@@ -27,7 +25,8 @@ from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.data import storage
 from idea_prune_jax.train import train as train_lib
-from idea_prune_jax.config import ConfigError, ModelConfig
+from idea_prune_jax.model.config import ModelConfig
+from idea_prune_jax.train.config import ConfigError, RunConfig, field, prune_schedule
 from idea_prune_jax.prune.prune_optax import PruneState
 from idea_prune_jax.prune.schedules import PruneSchedule
 from idea_prune_jax.prune.structure import FFN_STRUCTURE
@@ -47,34 +46,34 @@ class Phase:
   fresh_optimizer: bool = False  # naive: a new run's optimizer at this phase's start
 
 
-def plan(config) -> tuple[Phase, ...]:
-  """The phases of config.pipeline (or 'train': dense config.model for all steps)."""
-  phases = _phases(config)
+def plan(run: RunConfig) -> tuple[Phase, ...]:
+  """The phases of run.pipeline (or 'train': dense run.model for all steps)."""
+  phases = _phases(run)
   # The teacher is snapshotted when the first phase after the enlarged one starts, and carried
   # while any later phase distils: idea's KD-in-recovery still uses the model at t_s.
   return tuple(dataclasses.replace(ph, teacher=i > 0 and any(q.kd for q in phases[i:]))
                for i, ph in enumerate(phases))
 
 
-def _phases(config) -> tuple[Phase, ...]:
-  T, f_e, f_t = config.train.steps, config.model.ffn_dim, config.prune.target_ffn
-  kd_on = config.distill.alpha > 0
-  kd_prune = kd_on and config.distill.phases in ('prune', 'both')
-  kd_recovery = kd_on and config.distill.phases in ('recovery', 'both')
-  name = config.pipeline
+def _phases(run: RunConfig) -> tuple[Phase, ...]:
+  T, f_e, f_t = run.train.steps, run.model.ffn_dim, run.prune.target_ffn
+  kd_on = run.distill.alpha > 0
+  kd_prune = kd_on and run.distill.phases in ('prune', 'both')
+  kd_recovery = kd_on and run.distill.phases in ('recovery', 'both')
+  name = run.pipeline
   if name == 'train':
     return (Phase('train', 0, T, f_e, lr_steps=T),)
   if name == 'scratch':
     return (Phase('scratch', 0, T, f_t, lr_steps=T),)
-  ps = config_lib.prune_schedule(config)  # t_end clamped to the last step: never past the run
+  ps = prune_schedule(run)  # t_end clamped to the last step: never past the run
   if name == 'idea':
     return (Phase('enlarged', 0, ps.t_start, f_e, lr_steps=T),
             Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=ps, lr_steps=T, kd=kd_prune),
             Phase('recovery', ps.t_end + 1, T, f_t, lr_steps=T, kd=kd_recovery))
-  split = int(round(config.naive.split * T))
+  split = int(round(run.naive.split * T))
   enlarged = Phase('enlarged', 0, split, f_e, lr_steps=split)
   rec = dict(lr_start=split, lr_steps=T - split)
-  if config.naive.prune == 'oneshot':
+  if run.naive.prune == 'oneshot':
     return (enlarged, Phase('recovery', split, T, f_t, kd=kd_recovery, fresh_optimizer=True, **rec))
   return (enlarged,
           Phase('prune', split, ps.t_end + 1, f_e, prune=ps, kd=kd_prune, fresh_optimizer=True,
@@ -82,61 +81,61 @@ def _phases(config) -> tuple[Phase, ...]:
           Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
 
 
-def plan_fields(config) -> dict:
-  """{'prune.t_end': 0.7, ...}: the config fields config.pipeline's phases, pruning window and
+def plan_fields(run: RunConfig) -> dict:
+  """{'prune.t_end': 0.7, ...}: the config fields run.pipeline's phases, pruning window and
   schedules come from. A checkpoint records them; resuming under other values is refused.
   (Not the peak LR, KD or cadences: runs may change those and still share a checkpoint.)"""
   fields = ['train.steps', 'train.warmup_steps', 'train.min_lr_ratio']
   prune = ['prune.target_ffn', 'prune.score', 'prune.beta1', 'prune.beta2']
   window = ['prune.every', 'prune.schedule']
-  if config.pipeline == 'scratch':
+  if run.pipeline == 'scratch':
     fields += ['prune.target_ffn']
-  elif config.pipeline == 'idea':
+  elif run.pipeline == 'idea':
     fields += prune + ['prune.t_start', 'prune.t_end'] + window
-  elif config.pipeline == 'naive':
+  elif run.pipeline == 'naive':
     fields += prune + ['naive.split', 'naive.prune']
-    fields += (['naive.window'] + window if config.naive.prune == 'iterative'
+    fields += (['naive.window'] + window if run.naive.prune == 'iterative'
                else ['naive.score_batches'])
-  return {f: config[f.split('.')[0]][f.split('.')[1]] for f in fields}
+  return {f: field(run, f) for f in fields}
 
 
-def teacher_config(config) -> ModelConfig:
-  """The KD teacher's model: config.distill.teacher's export, else the enlarged model."""
-  path = config.distill.teacher
+def teacher_config(run: RunConfig) -> ModelConfig:
+  """The KD teacher's model: run.distill.teacher's export, else the enlarged model."""
+  path = run.distill.teacher
   if not path:
-    return ModelConfig.from_config(config)
+    return run.model
   info = export.export_info(path)
   if info.get('format') != export.DENSE_FORMAT:
     raise ConfigError(f'config.distill.teacher={path!r}: not a dense export (W/export of a run)')
   teacher = ModelConfig.from_dict(info['model'])
-  if teacher.vocab_size != config.model.vocab_size:
+  if teacher.vocab_size != run.model.vocab_size:
     raise ConfigError(f'config.distill.teacher={path!r}: vocab {teacher.vocab_size} != '
-                      f'model.vocab_size={config.model.vocab_size}; KD needs one vocabulary')
+                      f'model.vocab_size={run.model.vocab_size}; KD needs one vocabulary')
   return teacher
 
 
-def step_flops(config, phase: Phase) -> float:
+def step_flops(run: RunConfig, phase: Phase) -> float:
   """Analytical FLOPs of one training step of `phase` (a KD teacher forward: a third of its 6N)."""
-  seq = config.data.seq_len
-  per_token = model_lib.flops_per_token(ModelConfig.from_config(config, ffn_dim=phase.ffn_dim), seq)
+  seq = run.data.seq_len
+  per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
   if phase.kd:
-    per_token += model_lib.flops_per_token(teacher_config(config), seq) / 3
-  return config.train.batch_size * seq * per_token
+    per_token += model_lib.flops_per_token(teacher_config(run), seq) / 3
+  return run.train.batch_size * seq * per_token
 
 
-def plan_tokens(config, phases) -> int:
+def plan_tokens(run: RunConfig, phases) -> int:
   """Training tokens of a plan: the steps it executes times the global batch's tokens."""
   steps = sum(ph.end - ph.start for ph in phases)
-  return steps * config.train.batch_size * config.data.seq_len
+  return steps * run.train.batch_size * run.data.seq_len
 
 
-def train_flops(config, phases) -> float:
+def train_flops(run: RunConfig, phases) -> float:
   """Analytical training FLOPs of a plan, with the naive one-shot's scoring batches (a forward
   and backward of the enlarged model each)."""
-  total = sum((ph.end - ph.start) * step_flops(config, ph) for ph in phases)
+  total = sum((ph.end - ph.start) * step_flops(run, ph) for ph in phases)
   for prev, nxt in zip(phases, phases[1:]):
     if prev.ffn_dim != nxt.ffn_dim and prev.prune is None:  # a one-shot prune at this boundary
-      total += config.naive.score_batches * step_flops(config, dataclasses.replace(prev, kd=False))
+      total += run.naive.score_batches * step_flops(run, dataclasses.replace(prev, kd=False))
   return total
 
 
@@ -152,13 +151,13 @@ class Parts:
   shardings: train_lib.TrainState
 
 
-def parts(config, phase: Phase, mesh) -> Parts:
-  model_cfg = ModelConfig.from_config(config, ffn_dim=phase.ffn_dim)
-  teacher_cfg = teacher_config(config)
-  schedule = train_lib.lr_schedule(config.train, phase.lr_steps)
-  inner = optimizer = train_lib.make_optimizer(config.train, schedule)
+def parts(run: RunConfig, phase: Phase, mesh) -> Parts:
+  model_cfg = dataclasses.replace(run.model, ffn_dim=phase.ffn_dim)
+  teacher_cfg = teacher_config(run)
+  schedule = train_lib.lr_schedule(run.train, phase.lr_steps)
+  inner = optimizer = train_lib.make_optimizer(run.train, schedule)
   if phase.prune:
-    optimizer = train_lib.prune_tx(inner, prune_options(config, phase))
+    optimizer = train_lib.prune_tx(inner, prune_options(run, phase))
 
   def init_fn(key):
     params = nn.unbox(model_lib.init_params(model_cfg, key))
@@ -180,30 +179,29 @@ def parts(config, phase: Phase, mesh) -> Parts:
                shardings)
 
 
-def prune_options(config, phase: Phase) -> train_lib.PruneOptions:
-  return train_lib.PruneOptions(phase.prune, config.prune.score, config.prune.beta1,
-                                config.prune.beta2, FFN_STRUCTURE)
+def prune_options(run: RunConfig, phase: Phase) -> train_lib.PruneOptions:
+  return train_lib.PruneOptions(phase.prune, run.prune.score, run.prune.beta1,
+                                run.prune.beta2, FFN_STRUCTURE)
 
 
-def kd_weights(config):
+def kd_weights(run: RunConfig):
   """(alpha, tau): numbers when constant, else `distill.schedule`s over the steps that distil
   (the first distilling phase's start to the last one's end)."""
-  kd_phases = [ph for ph in plan(config) if ph.kd]
+  kd_phases = [ph for ph in plan(run) if ph.kd]
   begin, end = kd_phases[0].start, kd_phases[-1].end
-  k = config.distill
-  return tuple(k[name] if k[f'{name}_schedule'] == 'constant' else
-               distill.schedule(k[f'{name}_schedule'], k[name], k[f'{name}_end'], begin,
-                                end - begin)
-               for name in ('alpha', 'tau'))
+  k = run.distill
+  weight = lambda kind, start, stop: (
+      start if kind == 'constant' else distill.schedule(kind, start, stop, begin, end - begin))
+  return (weight(k.alpha_schedule, k.alpha, k.alpha_end), weight(k.tau_schedule, k.tau, k.tau_end))
 
 
-def step_fn(config, phase: Phase, p: Parts, mesh):
+def step_fn(run: RunConfig, phase: Phase, p: Parts, mesh):
   kd = None
   if phase.kd:
-    alpha, tau = kd_weights(config)
-    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(config)), alpha, tau,
-                             config.distill.chunk)
-  want_acts = phase.prune is not None and config.prune.score == 'activation'
+    alpha, tau = kd_weights(run)
+    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(run)), alpha, tau,
+                             run.distill.chunk)
+  want_acts = phase.prune is not None and run.prune.score == 'activation'
   return train_lib.jit_step(train_lib.train_step, p.shardings, mesh, model=p.model,
                             optimizer=p.optimizer, schedule=p.schedule, kd=kd, want_acts=want_acts)
 
@@ -213,10 +211,10 @@ def _host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def oneshot_score_fn(config, model_cfg: ModelConfig, mesh):
+def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh):
   """Naive one-shot's jitted (scores, params, batch) -> scores, traced under the step's mesh
   (so the model's activation batch sharding applies, as in the train step)."""
-  kind, want_acts = config.prune.score, config.prune.score == 'activation'
+  kind, want_acts = run.prune.score, run.prune.score == 'activation'
   model = model_lib.Transformer(model_cfg)
 
   def accumulate(scores, params, batch):
@@ -224,8 +222,8 @@ def oneshot_score_fn(config, model_cfg: ModelConfig, mesh):
         params, batch, None, model=model, kd=None, want_acts=want_acts)
     acts = {'ffn': aux['ffn_act']} if want_acts else None
     return importance.update(scores, kind, params=params, grads=grads, activations=acts,
-                             structure=FFN_STRUCTURE, beta1=config.prune.beta1,
-                             beta2=config.prune.beta2)
+                             structure=FFN_STRUCTURE, beta1=run.prune.beta1,
+                             beta2=run.prune.beta2)
 
   params_sharding = sharding_lib.param_shardings(train_lib.abstract_params(model_cfg), mesh)
   ffn = sharding_lib.named(mesh, 'layers', 'mlp')
@@ -235,26 +233,26 @@ def oneshot_score_fn(config, model_cfg: ModelConfig, mesh):
   return sharding_lib.MeshJit(jitted, mesh)
 
 
-def _oneshot_masks(ctx, config, state, model_cfg: ModelConfig):
+def _oneshot_masks(ctx, run: RunConfig, state, model_cfg: ModelConfig):
   """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
   masks = masks_lib.init(state.params, FFN_STRUCTURE)
-  scores = importance.init(masks, config.prune.score)
-  accumulate = oneshot_score_fn(config, model_cfg, ctx.mesh)
+  scores = importance.init(masks, run.prune.score)
+  accumulate = oneshot_score_fn(run, model_cfg, ctx.mesh)
   stream = ctx.data.train.fork()  # scoring must not move the training data order
   sharding = sharding_lib.batch_sharding(ctx.mesh)
-  for _ in range(config.naive.score_batches):
+  for _ in range(run.naive.score_batches):
     batch = data_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
-  final = importance.scores(scores, config.prune.score, params=state.params,
+  final = importance.scores(scores, run.prune.score, params=state.params,
                             structure=FFN_STRUCTURE)
-  return masks_lib.refresh(masks, final, config.prune.target_ffn)
+  return masks_lib.refresh(masks, final, run.prune.target_ffn)
 
 
-def transition(ctx, config, prev: Phase, nxt: Phase, state, p_next: Parts):
+def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Parts):
   """The state of `nxt` at its first step, from the state `prev` ended with."""
   teacher = state.teacher if nxt.teacher else None
-  if nxt.teacher and teacher is None and config.distill.teacher:
-    teacher, _ = export.load_dense(config.distill.teacher, p_next.shardings.teacher)
+  if nxt.teacher and teacher is None and run.distill.teacher:
+    teacher, _ = export.load_dense(run.distill.teacher, p_next.shardings.teacher)
   elif nxt.teacher and teacher is None:
     # idea: the enlarged model at t_s; naive: the final enlarged model. A copy: the state is
     # donated each step, and one buffer cannot be donated as both params and teacher.
@@ -266,8 +264,8 @@ def transition(ctx, config, prev: Phase, nxt: Phase, state, p_next: Parts):
     masks = None
   if prev.ffn_dim != nxt.ffn_dim:
     if masks is None:
-      masks = _oneshot_masks(ctx, config, state,
-                             ModelConfig.from_config(config, ffn_dim=prev.ffn_dim))
+      masks = _oneshot_masks(ctx, run, state,
+                             dataclasses.replace(run.model, ffn_dim=prev.ffn_dim))
     masks = _host(masks)
     params = masks_lib.shrink(params, masks, FFN_STRUCTURE)
     opt_state = masks_lib.shrink(opt_state, masks, FFN_STRUCTURE)
@@ -279,14 +277,14 @@ def transition(ctx, config, prev: Phase, nxt: Phase, state, p_next: Parts):
     masks = masks_lib.init(params, FFN_STRUCTURE)
     # A copy of the step: one buffer cannot be donated twice (as step and count).
     opt_state = PruneState(count=jnp.copy(state.step), masks=masks,
-                           scores=importance.init(masks, config.prune.score), inner=opt_state)
+                           importance=importance.init(masks, run.prune.score), inner=opt_state)
   new = train_lib.TrainState(step=state.step, params=params, opt_state=opt_state,
                              teacher=teacher)
   return jax.device_put(new, p_next.shardings)
 
 
-def _save_importance(workdir, tag, state, config):
-  scores = importance.scores(state.scores, config.prune.score, params=state.params,
+def _save_importance(workdir, tag, state, run: RunConfig):
+  scores = importance.scores(state.importance, run.prune.score, params=state.params,
                              structure=FFN_STRUCTURE)
   scores, masks = _host(scores), _host(state.masks)
   if jax.process_index() == 0:
@@ -295,31 +293,31 @@ def _save_importance(workdir, tag, state, config):
     storage.write_bytes(storage.join(workdir, 'importance', f'{tag}.npz'), buf.getvalue())
 
 
-def run_pipeline(config, workdir: str) -> dict:
-  """Runs (or resumes) config.pipeline to the end; returns the final state, model and figures."""
+def run_pipeline(run: RunConfig, workdir: str) -> dict:
+  """Runs (or resumes) run.pipeline to the end; returns the final state, model and figures."""
   t0 = time.time()
-  teacher_config(config)  # a bad distill.teacher fails here, before any compute
-  ctx = loop.setup(config, workdir)
-  phases, names = plan(config), [ph.name for ph in plan(config)]
-  base_cfg = ModelConfig.from_config(config)
+  teacher_config(run)  # a bad distill.teacher fails here, before any compute
+  ctx = loop.setup(run, workdir)
+  phases, names = plan(run), [ph.name for ph in plan(run)]
+  base_cfg = run.model
   digest = ctx.data.manifest['tokenizer_digest']
-  meta = {'model': ckpt_lib.model_meta(base_cfg), 'pipeline': config.pipeline,
-          'plan': plan_fields(config), 'tokenizer_digest': digest}
+  meta = {'model': loop.model_meta(base_cfg), 'pipeline': run.pipeline,
+          'plan': plan_fields(run), 'tokenizer_digest': digest}
 
   def abstract_for(saved):
-    if saved.get('pipeline') != config.pipeline or saved.get('phase') not in names:
-      raise ConfigError(f'config.pipeline={config.pipeline!r}: workdir {workdir} holds a '
+    if saved.get('pipeline') != run.pipeline or saved.get('phase') not in names:
+      raise ConfigError(f'config.pipeline={run.pipeline!r}: workdir {workdir} holds a '
                         f'checkpoint of pipeline {saved.get("pipeline")!r}; use a fresh --workdir')
-    ckpt_lib.check_same_plan(saved, meta['plan'], workdir)
+    loop.check_same_plan(saved, meta['plan'], workdir)
     if saved.get('tokenizer_digest', digest) != digest:
       raise ConfigError(f'config.data.prepared_dir={ctx.data.prepared_dir!r}: its tokenizer '
                         f'(digest {digest}) is not the one the checkpoint in {workdir} was '
                         f'trained with ({saved["tokenizer_digest"]}); resume with the same data')
-    p = parts(config, phases[names.index(saved['phase'])], ctx.mesh)
+    p = parts(run, phases[names.index(saved['phase'])], ctx.mesh)
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
   try:
-    state, p, result = _run_phases(ctx, config, phases, abstract_for, base_cfg, meta)
+    state, p, result = _run_phases(ctx, run, phases, abstract_for, base_cfg, meta)
   finally:
     # Every started save committed before the process moves on (or exits, when preempted).
     loop.finish_saves(ctx)
@@ -331,45 +329,43 @@ def run_pipeline(config, workdir: str) -> dict:
           'wall_s': time.time() - t0, **result}
 
 
-def _run_phases(ctx, config, phases, abstract_for, base_cfg, meta):
+def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
   names = [ph.name for ph in phases]
   restored = loop.restore_latest(ctx, abstract_for, base_cfg)
   if restored is None:
     index = 0
-    p = parts(config, phases[0], ctx.mesh)
-    state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(config.seed))
+    p = parts(run, phases[0], ctx.mesh)
+    state = jax.jit(p.init_fn, out_shardings=p.shardings)(jax.random.key(run.seed))
   else:
     state, saved = restored
     index = names.index(saved['phase'])
-    p = parts(config, phases[index], ctx.mesh)
+    p = parts(run, phases[index], ctx.mesh)
   for i in range(index, len(phases)):
     phase = phases[i]
     if i > index:
-      p_next = parts(config, phase, ctx.mesh)
-      state, p = transition(ctx, config, phases[i - 1], phase, state, p_next), p_next
+      p_next = parts(run, phase, ctx.mesh)
+      state, p = transition(ctx, run, phases[i - 1], phase, state, p_next), p_next
     if int(state.step) >= phase.end:
       continue
-    fn = step_fn(config, phase, p, ctx.mesh)
+    fn = step_fn(run, phase, p, ctx.mesh)
     eval_fn = train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh)
     kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta,
-                  flops_per_step=step_flops(config, phase))
+                  flops_per_step=step_flops(run, phase))
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
       state = loop.run_steps(ctx, state, fn, phase.start + 1, **kwargs)
-      _save_importance(ctx.workdir, 't_start', state, config)
+      _save_importance(ctx.workdir, 't_start', state, run)
     state = loop.run_steps(ctx, state, fn, phase.end, **kwargs)
     if phase.prune:
-      _save_importance(ctx.workdir, 't_end', state, config)
+      _save_importance(ctx.workdir, 't_end', state, run)
   with ctx.clock.timing('eval'):
     result = loop.evaluate(ctx, train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                            state.params)
   return state, p, result
 
 
-def train_dense(config, workdir: str) -> dict:
-  """Dense pretraining of config.model for train.steps; resumes from workdir's latest checkpoint."""
-  config = copy.deepcopy(config)
-  config.pipeline = 'train'
-  out = run_pipeline(config, workdir)
+def train_dense(run: RunConfig, workdir: str) -> dict:
+  """Dense pretraining of run.model for train.steps; resumes from workdir's latest checkpoint."""
+  out = run_pipeline(dataclasses.replace(run, pipeline='train'), workdir)
   return {'steps': int(out['state'].step), 'params': model_lib.param_count(out['model_cfg']),
           'val_loss': out['val_loss'], 'val_ppl': out['val_ppl']}

@@ -1,14 +1,11 @@
-"""Mesh from config, the logical-axis rules table, and shardings for every piece of state."""
-
-import os
+"""The mesh, the logical-axis rules table, and shardings for every piece of state."""
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax._src import xla_bridge  # backends_are_initialized(): no public spelling
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from idea_prune_jax import config as config_lib
+from idea_prune_jax.train.config import MeshConfig, mesh_shape
 
 AXES = ('data', 'fsdp', 'tensor')
 
@@ -27,46 +24,9 @@ RULES = (
 )
 
 
-# TPU pods find their peers themselves; elsewhere (CPU hosts, the two-process test) these name them.
-_DISTRIBUTED_ENV = (('coordinator_address', 'IDEA_PRUNE_COORDINATOR', str),
-                    ('num_processes', 'IDEA_PRUNE_NUM_PROCESSES', int),
-                    ('process_id', 'IDEA_PRUNE_PROCESS_ID', int))
-
-
-def apply_libtpu_args(config) -> None:
-  """config.mesh.libtpu_args into LIBTPU_INIT_ARGS, which libtpu reads once, when it starts."""
-  wanted = config.mesh.libtpu_args.split()
-  if any(not a.startswith('--') for a in wanted):
-    raise config_lib.ConfigError(
-        f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: flags start with --, e.g. '
-        '--xla_tpu_enable_windowed_einsum_for_all_gather=false')
-  have = os.environ.get('LIBTPU_INIT_ARGS', '').split()
-  missing = [a for a in wanted if a not in have]
-  if not missing:
-    return
-  if xla_bridge.backends_are_initialized():
-    raise config_lib.ConfigError(
-        f'config.mesh.libtpu_args={config.mesh.libtpu_args!r}: JAX started its backends before '
-        f'they could be set; run with LIBTPU_INIT_ARGS="{" ".join(have + missing)}" instead')
-  os.environ['LIBTPU_INIT_ARGS'] = ' '.join(have + missing)
-
-
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host: on when the config or IDEA_PRUNE_DISTRIBUTED=1 says so (TPU pods set the rest)."""
-  if config.mesh.distributed or os.environ.get('IDEA_PRUNE_DISTRIBUTED') == '1':
-    if jax.distributed.is_initialized():
-      return
-    kwargs = {arg: cast(os.environ[var]) for arg, var, cast in _DISTRIBUTED_ENV
-              if os.environ.get(var)}
-    if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
-      # Cross-process collectives on CPU devices need an implementation (older jax default none).
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(**kwargs)
-
-
-def make_mesh(config, devices=None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  shape = config_lib.mesh_shape(config, len(devices))
+  shape = mesh_shape(mesh_cfg, len(devices))
   try:
     from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -1,5 +1,5 @@
-"""TrainState, the optimizer and its LR schedules, the jitted steps (plain, prune, fused KD), and
-sharded state construction."""
+"""TrainState, the optimizer and its LR schedules, the losses, the one jitted train step (dense,
+pruning, or fused KD with `kd=KDOptions(...)`), and sharded state construction."""
 
 import dataclasses
 import functools
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from idea_prune_jax.prune import chunked
 from idea_prune_jax.prune import distill
 from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.model import model as model_lib
@@ -26,7 +27,7 @@ class TrainState:
   """Everything that is sharded, donated, checkpointed and restored as one unit.
 
   While pruning, opt_state is a `prune_optax.PruneState`: the FFN masks and importance state
-  live in it (read them as `state.masks`, `state.scores`).
+  live in it (read them as `state.masks`, `state.importance`).
   """
   step: jax.Array
   params: Any
@@ -40,10 +41,11 @@ class TrainState:
     return None if prune is None else prune.masks
 
   @property
-  def scores(self):
-    """The importance state while pruning; None for a dense model."""
+  def importance(self):
+    """The importance state while pruning (`importance.scores` of it ranks neurons); None for a
+    dense model."""
     prune = find_prune_state(self.opt_state)
-    return None if prune is None else prune.scores
+    return None if prune is None else prune.importance
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -113,27 +115,13 @@ def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg:
   """`cross_entropy` from final hidden states and the LM head, `chunk` positions at a time.
 
   The f32 [B, L, V] logits are never whole: each chunk's [B, C, V] is built, reduced to its NLL
-  sum and, in the backward pass, rebuilt (jax.checkpoint) rather than kept. chunk (default
-  cfg.loss_chunk) 0 or >= L is the unchunked loss.
+  sum and, in the backward pass, rebuilt (`chunked.sum_over_chunks`, as the chunked KD loss does)
+  rather than kept. chunk (default cfg.loss_chunk) 0 or >= L is the unchunked loss.
   """
-  B, L, _ = hidden_BxLxD.shape
   chunk = cfg.loss_chunk if chunk is None else chunk
-  if chunk == 0 or chunk >= L:
-    return cross_entropy(model_lib.logits(hidden_BxLxD, head_DxV, cfg), targets_BxL, weights_BxL)
-  n = L // chunk
-  # Sequence chunks keep the batch axis (and its data sharding) whole; scan walks axis 0.
-  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-  @jax.checkpoint
-  def body(carry, xs):
-    h_BxCxD, targets_BxC, weights_BxC = xs
-    sums = cross_entropy(model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
-    return jax.tree.map(jnp.add, carry, sums), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (total, count), _ = jax.lax.scan(
-      body, (zero, zero), (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
-  return total, count
+  token_sums = lambda h_BxCxD, targets_BxC, weights_BxC: cross_entropy(
+      model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
+  return chunked.sum_over_chunks(token_sums, (hidden_BxLxD, targets_BxL, weights_BxL), chunk)
 
 
 def _forward_sums(params, batch, model: nn.Module, mutable):
@@ -261,37 +249,6 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   return new_state, metrics
 
 
-def distill_step(state: TrainState, batch, teacher_params, *, model, teacher_model,
-                 optimizer, schedule, alpha=0.5, tau=1.0, chunk=0):
-  """One AdamW step of the student on the KD loss; the teacher forward runs in the same program.
-
-  The trainer's own step with KD on (`train_step(..., kd=KDOptions(...))`), for a teacher
-  held outside the state: only the student params are differentiated.
-  """
-  kd = KDOptions(teacher_model, alpha, tau, chunk)
-  new_state, metrics = train_step(state.replace(teacher=teacher_params), batch, model=model,
-                                  optimizer=optimizer, schedule=schedule, kd=kd)
-  return new_state.replace(teacher=state.teacher), metrics
-
-
-def jit_distill_step(shardings: TrainState, teacher_sharding, mesh, step_fn=distill_step,
-                     **static):
-  """Jits a (state, batch, teacher_params) step like `jit_step`; only the state is donated.
-
-  teacher_sharding: the teacher's param shardings, e.g.
-  `sharding.param_shardings(abstract_params(teacher_cfg), mesh)`.
-  """
-  return jax.jit(functools.partial(step_fn, **static),
-                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh), teacher_sharding),
-                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                 donate_argnums=(0,))
-
-
-def bind_teacher(step_fn, teacher_params):
-  """A (state, batch) step for `loop.run_steps`; the teacher is still passed as a jit argument."""
-  return lambda state, batch: step_fn(state, batch, teacher_params)
-
-
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
   return _forward_sums(params, batch, model, False)[0]
@@ -304,8 +261,9 @@ def abstract_params(model_cfg: ModelConfig):
 
 def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh,
                     teacher_sharding=None) -> TrainState:
-  """Opt moments follow their params; masks and scores shard like the FFN axis; everything else
-  (counts, step) is replicated. optimizer: the dense one (inside the prune wrapper, if any)."""
+  """Opt moments follow their params; masks and the importance state shard like the FFN axis;
+  everything else (counts, step) is replicated. optimizer: the dense one (inside the prune
+  wrapper, if any)."""
   replicated = sharding_lib.replicated(mesh)
   moments = lambda opt_state: optax.tree_map_params(
       optimizer, lambda _, s: s, opt_state, params_sharding,
@@ -315,7 +273,8 @@ def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh
     ffn = sharding_lib.named(mesh, 'layers', 'mlp')
     per_ffn = lambda tree: jax.tree.map(lambda _: ffn, tree)
     opt_sharding = PruneState(count=replicated, masks=per_ffn(opt_state.masks),
-                              scores=per_ffn(opt_state.scores), inner=moments(opt_state.inner))
+                              importance=per_ffn(opt_state.importance),
+                              inner=moments(opt_state.inner))
   else:
     opt_sharding = moments(opt_state)
   return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,

@@ -1,0 +1,160 @@
+"""The CLI's commands, each from plain values (`main` reads the flags and settles the config).
+
+Part of the entry point: compile-check and the training commands call `process` (libtpu args,
+`jax.distributed`, fake devices) before any compute.
+"""
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+
+from idea_prune_jax import process
+from idea_prune_jax.settings import Settings
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices
+
+
+class UsageError(ValueError):
+  """A command line that cannot work (a missing or contradictory flag)."""
+
+
+def params(run: RunConfig) -> dict:
+  from idea_prune_jax.model import model as model_lib
+  target = dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn)
+  return {'ffn_enlarged': run.model.ffn_dim, 'params_enlarged': model_lib.param_count(run.model),
+          'ffn_target': target.ffn_dim, 'params_target': model_lib.param_count(target)}
+
+
+def train(command: str, s: Settings, workdir: str) -> str:
+  """train | run | compare | sweep in workdir; the line (or table) to print."""
+  from idea_prune_jax.data import storage
+  from idea_prune_jax.experiments import experiment, sweep
+  from idea_prune_jax.train import pipeline
+  process.install_sigterm_handler()  # before jax.distributed, which replaces it (see there)
+  process.set_libtpu_args(s.run.mesh)
+  process.initialize_distributed(s.run.mesh)
+  process.use_compilation_cache(s.run.train.compilation_cache, workdir)
+  if command == 'train':
+    return json.dumps(pipeline.train_dense(s.run, workdir))
+  if command == 'run':
+    summary = experiment.run_experiment(s.run, workdir)
+    return json.dumps({k: v for k, v in summary.items() if k != 'phases'})
+  if command == 'compare':
+    experiment.compare(s.run, s.compare, workdir)
+  else:
+    sweep.sweep(s.run, s.sweep, workdir)
+  return storage.read_text(storage.join(workdir, f'{command}.md'))
+
+
+def compile_check(run: RunConfig, n_devices: int | None, topology: str | None,
+                  hbm_gib: float | None, steps: str) -> dict:
+  """Every step of run compiled for the topology's TPU devices (libtpu), else n_devices fake CPU
+  devices; the report (its table goes to stderr)."""
+  from idea_prune_jax.tools import compile_check as check
+  from idea_prune_jax.train import chips
+  chip = tpu_slice = None
+  if topology:
+    try:
+      tpu_slice = chips.parse_slice(topology)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    chip, n_devices = tpu_slice.chip, tpu_slice.chips
+  elif n_devices is None or n_devices < 1:
+    raise ConfigError(f'--devices={n_devices}: compile-check needs --topology (e.g. v5p-64) or '
+                      'the chip count of the slice, e.g. --devices 64')
+  check_devices(check.kd_run(run), n_devices)  # a bad mesh fails before the devices start
+  if tpu_slice is not None and check.libtpu_available():
+    process.set_libtpu_args(run.mesh)  # the run's XLA:TPU flags: the programs it runs
+    process.use_tpu_compiler()
+    devices = chips.topology_devices(tpu_slice)
+  else:
+    if tpu_slice is not None:
+      print(f'idea-prune: libtpu is not installed (pip install -e ".[tpu]"); compiling for '
+            f'{n_devices} fake CPU devices instead, with {chip.name} HBM and peaks',
+            file=sys.stderr)
+    devices = process.use_host_devices(n_devices)
+  only = tuple(name.strip() for name in steps.split(',') if name.strip())
+  report = check.compile_check(run, devices, hbm_gib, chip, only)
+  if tpu_slice is not None:
+    report['config']['topology'] = {'name': topology, 'libtpu': tpu_slice.topology,
+                                    'chips': tpu_slice.chips}
+  report['command'] = shlex.join(['idea-prune'] + sys.argv[1:])
+  print(check.table(report), file=sys.stderr)
+  return report
+
+
+def prepare_data(input_spec: str, output: str, **options) -> dict:
+  """prepare.prepare's manifest, shard lists counted (thousands of names: a count will do)."""
+  from idea_prune_jax.data import prepare
+  if not input_spec or not output:
+    raise UsageError('prepare-data needs --input SPEC and --output DIR, e.g. --input embedded '
+                     '--output data/shakespeare --vocab_size 4096 --val_fraction 0.05')
+  options['shard'] = prepare.parse_shard(options['shard'])
+  summary = {'output': output, **prepare.prepare(input_spec, output, **options)}
+  for split in summary.get('splits', {}).values():
+    split['shards'] = len(split['shards'])
+  return summary
+
+
+def _load_export(command: str, checkpoint: str | None):
+  import sentencepiece as spm
+  from idea_prune_jax.data import storage
+  from idea_prune_jax.io import export
+  if not checkpoint:
+    raise UsageError(f'{command} needs --checkpoint, an export directory such as W/export')
+  params, model_cfg = export.load_dense(checkpoint)
+  tokenizer = export.export_info(checkpoint).get('tokenizer')
+  if not tokenizer:
+    raise UsageError(f'--checkpoint={checkpoint}: the export holds no tokenizer.model')
+  return params, model_cfg, spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer))
+
+
+def perplexity(checkpoint: str | None, files: str | None) -> dict:
+  from etils import epath
+  from idea_prune_jax.data import inputs
+  from idea_prune_jax.eval import evaluate
+  params, model_cfg, sp = _load_export('eval', checkpoint)
+  if not files:
+    raise UsageError('eval needs --files, e.g. --files my.txt')
+  texts = [epath.Path(f).read_text(encoding='utf-8')
+           for f in inputs.expand_files(files, '--files')]
+  return evaluate.perplexity(params, model_cfg, sp, texts, seq_len=128)
+
+
+def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, seed: int,
+             temperature: float, top_p: float) -> str:
+  import jax
+  from idea_prune_jax.eval import evaluate
+  params, model_cfg, sp = _load_export('generate', checkpoint)
+  ids = evaluate.generate(params, model_cfg, sp.encode(prompt), max_new_tokens,
+                          jax.random.key(seed), temperature, top_p, sp=sp)
+  return prompt + sp.decode(ids)
+
+
+def eval_tasks(checkpoint: str | None, tasks: str, include_path: str | None,
+               num_fewshot: int | None, limit: int | None, batch_size: int,
+               max_length: int | None, output: str | None) -> dict:
+  """lm-eval tasks on an export: {task: {metric: value}}; the full results to output."""
+  from idea_prune_jax.eval import harness
+  if not checkpoint:
+    raise UsageError('eval needs --checkpoint, an export directory such as W/export')
+  names = [t.strip() for t in tasks.split(',') if t.strip()]
+  tm = harness.task_manager(include_path, names)
+  harness.check_tasks(tm, names)  # before the model is loaded
+  lm = harness.IdeaPruneLM(checkpoint=checkpoint, batch_size=batch_size, max_length=max_length)
+  results = harness.evaluate(lm, names, num_fewshot, limit, tm=tm)
+  if output:
+    import jax
+    if jax.process_index() == 0:
+      from lm_eval.utils import handle_non_serializable
+      with open(output, 'w') as f:
+        json.dump(results, f, indent=2, default=handle_non_serializable)
+  return harness.summary(results)
+
+
+def offline_for_lm_eval() -> None:
+  """Nothing is downloaded at run time: the hub libraries' offline switches, where unset."""
+  from idea_prune_jax.eval import harness
+  for var, value in harness.OFFLINE_ENV.items():
+    os.environ.setdefault(var, value)
