@@ -59,8 +59,9 @@ def base() -> ml_collections.ConfigDict:
   d.tfds_val_split = 'validation'
   d.text_key = 'text'  # JSONL/Parquet/TFDS field holding the text
   d.max_docs = 0  # cap on documents prepared from a source (0 = all)
+  d.split = 'auto'  # texts/records into documents: auto | file | paragraphs | chunk:N (split.py)
   d.seq_len = 128
-  d.attention = 'causal'  # causal: one causal sequence per row | document: masked per document
+  d.attention = 'document'  # causal: one causal sequence per row | document: masked per document
   d.shards = 0  # document shards of the train stream; 0 = one per process (see data.py)
   d.read_threads = 2  # grain threads reading records
   d.prefetch = 2  # batches prefetched by a thread (0: none)
@@ -258,6 +259,11 @@ def validate(config, n_devices: int) -> tuple[int, int, int]:
     _fail('data.prepared_dir', d.prepared_dir, 'source=prepared needs a prepare-data --output dir')
   if d.attention not in ('causal', 'document'):
     _fail('data.attention', d.attention, 'use causal or document')
+  from idea_prune_jax.data import split as split_lib  # standard library only
+  try:
+    split_lib.parse(d.split, 'config.data.split')
+  except split_lib.SplitError as e:
+    raise ConfigError(str(e)) from None
   if not 0 <= d.val_fraction < 1:
     _fail('data.val_fraction', d.val_fraction, 'must lie in [0, 1)')
   for f in ('shards', 'read_threads', 'prefetch', 'workers', 'max_docs'):
