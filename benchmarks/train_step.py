@@ -84,8 +84,15 @@ def load_config(spec: str, overrides):
   return config
 
 
-def build(spec: str, overrides) -> Bench:
-  """The step exactly as the trainer builds it (tests/sharded_train_check.py), compiled ahead."""
+def random_batch(B: int, L: int, vocab_size: int) -> dict:
+  """Tokens in [1, V), one sequence per row: no padding, so every position counts as a token."""
+  x = np.random.RandomState(0).randint(1, vocab_size, (B, L + 1)).astype(np.int32)
+  return data_lib.split_batch(x)
+
+
+def build(spec: str, overrides, make_batch=random_batch) -> Bench:
+  """The step exactly as the trainer builds it (tests/sharded_train_check.py), compiled ahead for
+  make_batch(B, L, vocab_size)'s batch."""
   config = settings.read(load_config(spec, overrides)).run
   mesh = sharding.make_mesh(config.mesh)
   check_devices(config, mesh.devices.size)
@@ -97,10 +104,7 @@ def build(spec: str, overrides) -> Bench:
                             model=model_lib.Transformer(model_cfg), optimizer=optimizer,
                             schedule=schedule)
   B, L = config.train.batch_size, config.data.seq_len
-  # Tokens in [1, V): no padding, so every position counts towards tokens/s.
-  x = np.random.RandomState(0).randint(1, model_cfg.vocab_size, (B, L + 1)).astype(np.int32)
-  batch = jax.device_put(data_lib.split_batch(x),
-                         sharding.batch_sharding(mesh))
+  batch = jax.device_put(make_batch(B, L, model_cfg.vocab_size), sharding.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

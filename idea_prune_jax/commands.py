@@ -91,7 +91,14 @@ def prepare_data(input_spec: str, output: str, **options) -> dict:
     raise UsageError('prepare-data needs --input SPEC and --output DIR, e.g. --input embedded '
                      '--output data/shakespeare --vocab_size 4096 --val_fraction 0.05')
   options['shard'] = prepare.parse_shard(options['shard'])
-  summary = {'output': output, **prepare.prepare(input_spec, output, **options)}
+  manifest = prepare.prepare(input_spec, output, **options)
+  if 'splits' in manifest:  # a run knows its batch and judges again (data.build)
+    from absl import logging
+    from idea_prune_jax.data import split as split_lib
+    train = manifest['splits']['train']
+    if mixing := split_lib.mixing_problem(train, *split_lib.DEFAULT_STEP, '--split'):
+      logging.warning('%s (at the default batch)', mixing)
+  summary = {'output': output, **manifest}
   for split in summary.get('splits', {}).values():
     split['shards'] = len(split['shards'])
   return summary

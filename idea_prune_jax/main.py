@@ -17,6 +17,7 @@
   prepare-data   tokenized ArrayRecord shards for training (no --config):
             --input SPEC --output DIR [--tokenizer FILE | --vocab_size N]
             [--val_fraction F | --val_input SPEC] [--text_key K] [--shard I/N] [--tokenizer_only]
+            [--split auto|file|paragraphs|chunk:N]
             SPEC: embedded[:work,...] | tfds:NAME[:SPLIT] | files/globs (.jsonl .parquet .txt)
 """
 
@@ -68,9 +69,13 @@ _VAL_INPUT = flags.DEFINE_string('val_input', '', 'prepare-data: validation docu
                                  'equal training documents are dropped.')
 _TEXT_KEY = flags.DEFINE_string('text_key', 'text', 'prepare-data: JSONL/Parquet/tfds text field.')
 _TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'prepare-data: tfds data_dir.')
+_SPLIT = flags.DEFINE_string('split', 'auto', 'prepare-data: texts into documents. auto: records '
+                             'whole, plain text cut at scene headings and into 8,000-character '
+                             'chunks; file: one per file/record; paragraphs; chunk:N characters.')
 _SHARD = flags.DEFINE_string('shard', '0/1', 'prepare-data: part I of N machines (needs '
                              '--tokenizer when N > 1).')
-_MAX_DOCS = flags.DEFINE_integer('max_docs', 0, 'prepare-data: read only the first N documents.')
+_MAX_DOCS = flags.DEFINE_integer('max_docs', 0, 'prepare-data: read only the first N inputs '
+                                 '(records, files, works), before --split cuts them.')
 _TOKENIZER_ONLY = flags.DEFINE_bool('tokenizer_only', False, 'prepare-data: train and write '
                                     'DIR/tokenizer.model, then stop.')
 
@@ -95,8 +100,8 @@ def _main(argv):
     print(json.dumps(commands.prepare_data(
         _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, vocab_size=_VOCAB_SIZE.value,
         val_fraction=_VAL_FRACTION.value, val_input=_VAL_INPUT.value, text_key=_TEXT_KEY.value,
-        tfds_data_dir=_TFDS_DATA_DIR.value, shard=_SHARD.value, max_docs=_MAX_DOCS.value,
-        tokenizer_only=_TOKENIZER_ONLY.value), indent=1))
+        tfds_data_dir=_TFDS_DATA_DIR.value, split=_SPLIT.value, shard=_SHARD.value,
+        max_docs=_MAX_DOCS.value, tokenizer_only=_TOKENIZER_ONLY.value), indent=1))
   elif config is None:
     raise commands.UsageError('--config is required, e.g. --config configs/tiny.py')
   else:

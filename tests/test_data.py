@@ -72,7 +72,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_batches_are_packed_next_token_pairs(built):
-  batch = next(build(make_config(built.prepared_dir), '/unused').train)
+  batch = next(build(make_config(built.prepared_dir, attention='causal'), '/unused').train)
   assert set(batch) == {'inputs', 'targets', 'weights'}
   assert batch['inputs'].shape == batch['targets'].shape == batch['weights'].shape == (4, 32)
   assert batch['inputs'].dtype == np.int32 and batch['weights'].dtype == np.float32
@@ -94,6 +94,11 @@ def test_packing_is_lossless_and_documents_carry_bos_and_eos(prepared):
   assert all(d[0] == ids['bos'] and d[-1] == ids['eos'] for d in docs)
 
 
+def test_packed_rows_attend_within_their_document_by_default(built):
+  assert settings.base().data.attention == 'document'
+  assert {'segment_ids', 'positions'} <= set(next(built.train))
+
+
 def test_document_attention_batches_restart_positions_and_mask_boundaries(prepared):
   batches = _take(build(make_config(prepared, attention='document'), '/unused').train, 10)
   seg, pos, w = (np.concatenate([b[k] for b in batches])
@@ -103,7 +108,9 @@ def test_document_attention_batches_restart_positions_and_mask_boundaries(prepar
   for r, c in starts:
     assert pos[r, c + 1] == 0  # RoPE restarts inside the row
     assert w[r, c] == 0.0  # the next document's first token is not predicted across the border
-  assert w.sum() == w.size - len(starts)
+  # The only other zero weights: a document starting at a row's extra target token (column L).
+  zeros = {tuple(rc) for rc in np.argwhere(w == 0)} - {tuple(rc) for rc in starts}
+  assert all(c == w.shape[1] - 1 for _, c in zeros)
 
 
 @pytest.mark.parametrize('consumed', [0, 5, 45])  # 45 batches cross an epoch boundary
@@ -116,6 +123,39 @@ def test_resume_yields_bit_identical_batches(prepared, consumed):
   resumed = build(config, '/unused').train
   resumed.set_state(state)
   _assert_same(_take(resumed, 4), expected)
+
+
+def test_two_seeds_never_share_an_epoch_order():
+  """grain's shuffle seeds epoch e with seed + e: seed 2's epoch 0 was seed 1's epoch 1."""
+  import grain
+  from idea_prune_jax.data import order
+  n, epochs = 20, 4
+
+  def orders(seed):
+    ds = order.EpochShuffled(grain.MapDataset.range(n), seed)
+    return [tuple(ds[e * n + i] for i in range(n)) for e in range(epochs)]
+
+  one, two = orders(1), orders(2)
+  assert all(sorted(o) == list(range(n)) for o in one + two)  # each epoch a permutation
+  assert len(set(one)) == len(set(two)) == epochs  # reshuffled every epoch
+  assert not set(one) & set(two)  # no epoch of one seed is any epoch of the other
+  assert orders(1) == one
+
+
+def test_too_long_documents_are_one_warning_naming_data_split(prepared, caplog):
+  """~320-token sonnets: longer than a step of 4 rows x 33, shorter than 16 rows x 33."""
+  def warnings(batch_size):
+    config = make_config(prepared)
+    config.train.batch_size = batch_size
+    with caplog.at_level('WARNING'):
+      caplog.clear()
+      build(config, '/unused')
+    return [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  (line,) = warnings(4)
+  assert line.startswith('the 15 training documents average 322 tokens, ')
+  assert 'more than a step reads (4 rows x 33 = 132 tokens)' in line
+  assert line.endswith('e.g. --config.data.split=chunk:4000')
+  assert warnings(16) == []
 
 
 def test_the_order_is_seeded(prepared):
@@ -214,6 +254,15 @@ def test_workdir_preparation_is_reused_and_a_changed_source_refused(tmp_path):
   config.model.vocab_size = 1024
   with pytest.raises(DataError, match=r'^config.model.vocab_size=1024: .* 512 pieces'):
     build(config, workdir)
+  config.model.vocab_size = SMALL_VOCAB
+  config.data.split = 'file'
+  with pytest.raises(DataError, match=r"was prepared with split='auto', but config.data asks "
+                     r"for 'file'; use a fresh --workdir"):
+    build(config, workdir)
+  old = json.loads(manifest.read_text())
+  del old['split']  # prepared before data.split: one document per work, as split=file
+  manifest.write_text(json.dumps(old))
+  build(config, workdir)
 
 
 def test_the_data_cache_prepares_the_embedded_corpus_once_for_every_workdir(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from idea_prune_jax.data import inputs, prepare
+from idea_prune_jax.data import inputs, prepare, split
 from idea_prune_jax.data.prepare import DataError
 
 SMALL_VOCAB = 512
@@ -83,16 +83,22 @@ def write_parquet(path, docs, key='text'):
 
 # --- inputs and records ----------------------------------------------------------------------
 
-def test_embedded_records_decode_to_the_works(embedded_out, works):
+def test_embedded_records_decode_to_the_works_cut_into_scenes(embedded_out, works):
   out, manifest = embedded_out
   assert prepare.read_manifest(str(out)) == manifest
   assert manifest['special_ids'] == {'pad': 0, 'unk': 1, 'bos': 2, 'eos': 3}
   assert manifest['vocab_size'] == SMALL_VOCAB and manifest['parts'] == 1
-  assert texts(out, 'train') == [works['hamlet'], works['macbeth']]
-  assert texts(out, 'validation') == [works['tempest']]  # held out, and dropped from train
+  assert manifest['split'] == 'auto'
+  scenes = lambda name: split.documents(works[name], split.parse('auto'), record=False)
+  assert texts(out, 'train') == scenes('hamlet') + scenes('macbeth')
+  assert len(scenes('hamlet')) > 20 and scenes('hamlet')[1].startswith('ACT I.\n\nScene I.')
+  # The held-out work whole, scene by scene, and none of it in training.
+  assert texts(out, 'validation') == scenes('tempest')
   train = manifest['splits']['train']
   assert train['shards'] == ['train-00000-of-00001-00000.array_record']
   assert train['tokens'] == sum(map(len, records(out, 'train')))
+  assert train['documents'] == len(texts(out, 'train'))
+  assert train['mean_document_tokens'] == round(train['tokens'] / train['documents'], 1)
   model = (out / 'tokenizer.model').read_bytes()
   assert manifest['tokenizer_digest'] == prepare._digest(model)
   assert sorted(os.listdir(out)) == sorted(['manifest.json', 'manifest-00000-of-00001.json',
@@ -124,16 +130,35 @@ def test_unknown_text_column_names_the_file_and_fields(tmp_path, tokenizer, name
   assert not (tmp_path / 'out').exists()  # checked before anything is written
 
 
-def test_plain_text_files_are_one_document_each(tmp_path, tokenizer, works):
+def test_plain_text_files_are_one_document_each_by_file(tmp_path, tokenizer, works):
   (tmp_path / 'a.txt').write_text(works['hamlet'][:3000])
   (tmp_path / 'b.md').write_text(works['macbeth'][:2000])
   (tmp_path / 'c.txt.gz').write_bytes(gzip.compress(works['tempest'][:1000].encode()))
   (tmp_path / 'empty.txt').write_text('')  # 0 bytes: skipped
   out = tmp_path / 'out'
   prepare.prepare(f'{tmp_path}/*.txt*,{tmp_path}/b.md', str(out), tokenizer=tokenizer,
-                  val_input=f'{tmp_path}/b.md', progress=False)
+                  val_input=f'{tmp_path}/b.md', split='file', progress=False)
   assert texts(out, 'train') == [works['hamlet'][:3000], works['tempest'][:1000]]
   assert texts(out, 'validation') == [works['macbeth'][:2000]]
+
+
+@pytest.mark.parametrize('rule', ['auto', 'paragraphs', 'chunk:3000'])
+def test_split_cuts_text_files_and_keeps_records_whole_unless_asked(tmp_path, tokenizer, works,
+                                                                    rule):
+  """auto: a 20,000-character record stays one document, a text file of as many is cut."""
+  text, record = works['macbeth'][20_000:40_000], works['macbeth'][40_000:60_000]
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'a.txt').write_text(text)
+  write_jsonl(tmp_path / 'in' / 'b.jsonl', [record])
+  out = tmp_path / 'out'
+  manifest = prepare.prepare(f'{tmp_path}/in/*', str(out), tokenizer=tokenizer, split=rule,
+                             val_fraction=0.5, progress=False)
+  cut = lambda t: [d for d in split.documents(t, split.parse(rule), record=False) if d.strip()]
+  assert len(cut(text)) > 2
+  want = cut(text) + ([record] if rule == 'auto' else cut(record))
+  assert collections.Counter(texts(out, 'train') + texts(out, 'validation')) == \
+      collections.Counter(want)
+  assert manifest['split'] == rule
 
 
 def test_tfds_mock_records_by_index(tmp_path, tokenizer, monkeypatch):
@@ -363,6 +388,8 @@ def test_tokenizer_only_then_shards_share_it(tmp_path, works):
      "documents"),
     ('{tmp}/a.txt', dict(val_fraction=0, val_input='{tmp}/blank.txt'), r"--val_input=.*no "
      "validation documents"),
+    ('{tmp}/a.txt', dict(split='scenes'), r"^--split='scenes': use auto, file, paragraphs, "
+     r"chunk:N"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, tokenizer, spec, kwargs, message):
   (tmp_path / 'a.txt').write_text('some text\n')
@@ -420,10 +447,32 @@ def test_cli_prepare_data(tmp_path, tokenizer):
   splits = json.loads(ok.stdout)['splits']
   assert splits['train']['documents'] == splits['validation']['documents'] == 1
   assert splits['train']['shards'] == 1  # a count, not the list
+  assert '--split' not in ok.stderr  # short documents: no mixing warning
   bad = subprocess.run(cmd + ['--shard=3/2'], capture_output=True, text=True, env=env,
                        timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       'idea-prune: error: --shard=3/2: need 0 <= I < N, e.g. 0/4 ... 3/4']
+
+
+def test_cli_prepare_data_warns_once_when_documents_are_too_long_to_mix(tmp_path, tokenizer,
+                                                                        works):
+  import subprocess
+  import sys
+  (tmp_path / 'a.txt').write_text(works['hamlet'][:30_000])  # ~10,000 tokens at vocab 512
+  (tmp_path / 'b.txt').write_text('other text\n')
+  cmd = [sys.executable, '-m', 'idea_prune_jax.main', 'prepare-data', f'--input={tmp_path}/*.txt',
+         f'--tokenizer={tokenizer}', f'--val_input={tmp_path}/b.txt']
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  run = lambda rule: subprocess.run(cmd + [f'--output={tmp_path}/{rule}', f'--split={rule}'],
+                                    capture_output=True, text=True, env=env, timeout=120)
+  whole = run('file')
+  assert whole.returncode == 0, whole.stderr
+  warned = [line for line in whole.stderr.splitlines() if '--split' in line]
+  assert len(warned) == 1 and 'the 1 training documents average' in warned[0]
+  assert warned[0].endswith('e.g. --split=chunk:4000 (at the default batch)')
+  assert json.loads(whole.stdout)['splits']['train']['mean_document_tokens'] > 2064
+  cut = run('chunk:2000')
+  assert cut.returncode == 0 and '--split' not in cut.stderr, cut.stderr
 
 
 def test_gcs_output_against_a_fake_server(tmp_path, tokenizer, works, monkeypatch):

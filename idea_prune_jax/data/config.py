@@ -19,9 +19,10 @@ class DataConfig:
   tfds_train_split: str = 'train'
   tfds_val_split: str = 'validation'
   text_key: str = 'text'  # JSONL/Parquet/TFDS field holding the text
-  max_docs: int = 0  # cap on documents prepared from a source (0 = all)
+  max_docs: int = 0  # cap on inputs (records, files, works) read from a source (0 = all)
+  split: str = 'auto'  # texts/records into documents: auto | file | paragraphs | chunk:N (split.py)
   seq_len: int = 128
-  attention: str = 'causal'  # causal: one causal sequence per row | document: masked per document
+  attention: str = 'document'  # document: masked per document | causal: one sequence per row
   shards: int = 0  # document shards of the train stream; 0 = one per process (see data.py)
   read_threads: int = 2  # grain threads reading records
   prefetch: int = 2  # batches prefetched by a thread (0: none)

@@ -3,8 +3,9 @@
 Every source (embedded corpus, text/JSONL/Parquet files, TFDS) goes through `prepare.prepare`
 once; training only reads a prepared directory (`prepare.read_manifest`). The train stream:
 
-    ArrayRecord documents -> global shuffle per epoch (seed) -> repeat -> this shard's documents
-    -> decode -> concat-then-split packing into seq_len+1 rows -> batch -> thread prefetch
+    ArrayRecord documents -> endless, each epoch shuffled by hash(seed, epoch) (order.py) -> this
+    shard's documents -> decode -> concat-then-split packing into seq_len+1 rows -> batch ->
+    thread prefetch
 
 A host reads `shards / process_count` of the `data.shards` document shards (default: one per
 host) and stacks their rows, so the global batch depends on `data.shards`, not on the host
@@ -26,7 +27,7 @@ import sentencepiece as spm
 from absl import logging
 from etils import epath
 
-from idea_prune_jax.data import inputs, prepare, storage
+from idea_prune_jax.data import inputs, prepare, split, storage
 from idea_prune_jax.data.config import DataConfig
 from idea_prune_jax.data.inputs import DataError
 
@@ -49,7 +50,7 @@ class Data(NamedTuple):
 def prepare_args(d: DataConfig, vocab_size: int) -> dict:
   """prepare.prepare's arguments for config.data's source (everything but the output dir)."""
   common = dict(tokenizer=d.tokenizer, vocab_size=0 if d.tokenizer else vocab_size,
-                text_key=d.text_key, max_docs=d.max_docs)
+                text_key=d.text_key, split=d.split, max_docs=d.max_docs)
   if d.source == 'embedded':
     return dict(input_spec='embedded', val_input=f'embedded:{d.val_works}', **common)
   if d.source == 'files':
@@ -68,7 +69,7 @@ def prepare_args(d: DataConfig, vocab_size: int) -> dict:
 
 
 _MANIFEST_KEYS = {'input_spec': 'input', 'val_input': 'val_input', 'val_fraction': 'val_fraction',
-                  'text_key': 'text_key', 'max_docs': 'max_docs'}
+                  'text_key': 'text_key', 'split': 'split', 'max_docs': 'max_docs'}
 
 
 def prepared_dir(d: DataConfig, vocab_size: int, workdir: str, is_main: bool, barrier) -> str:
@@ -122,9 +123,10 @@ def _check_prepared_from(manifest: dict, args: dict, out: str) -> None:
   """A workdir's data must be what config.data asks for: a changed source is not reused."""
   for arg, key in _MANIFEST_KEYS.items():
     want = args.get(arg, {'val_input': '', 'val_fraction': 0.0}.get(arg))
-    if want is not None and manifest.get(key) != want:
-      raise DataError(f'{out} was prepared with {key}={manifest.get(key)!r}, but config.data '
-                      f'asks for {want!r}; use a fresh --workdir (or delete {out})')
+    had = manifest.get(key, 'file' if key == 'split' else None)  # before split: one per file
+    if want is not None and had != want:
+      raise DataError(f'{out} was prepared with {key}={had!r}, but config.data asks for '
+                      f'{want!r}; use a fresh --workdir (or delete {out})')
   if args['vocab_size'] and manifest['vocab_size'] != args['vocab_size']:
     raise DataError(f'config.model.vocab_size={args["vocab_size"]}: {out} holds a tokenizer of '
                     f'{manifest["vocab_size"]} pieces trained for this workdir; use a fresh '
@@ -236,8 +238,8 @@ def _rows(source, packing: Packing, *, shuffle_seed: int | None, shard: int = 0,
   import grain
   ds = grain.MapDataset.source(source)
   if shuffle_seed is not None:
-    # shuffle, then repeat: grain reseeds the permutation each epoch (index // len).
-    ds = ds.shuffle(seed=shuffle_seed % 2**32).repeat(None)
+    from idea_prune_jax.data import order  # imports grain
+    ds = order.EpochShuffled(ds, shuffle_seed)
   ds = ds[shard::n_shards].map(_decode)
   # Every read thread needs a free slot in the buffer, or threads idle behind slow reads.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=packing.read_threads,
@@ -402,6 +404,11 @@ def build(d: DataConfig, workdir: str, *, vocab_size: int, batch_size: int, eval
   path = prepared_dir(d, vocab_size, workdir, process_index == 0, barrier)
   manifest = prepare.read_manifest(path)
   prepare.check_vocab(manifest, vocab_size)
+  _, n_shards = host_shards(d.shards, batch_size, process_index, process_count)
+  mixing = split.mixing_problem(manifest['splits']['train'], batch_size // n_shards,
+                                d.seq_len + 1, '--config.data.split')
+  if mixing and process_index == 0:
+    logging.warning('%s', mixing)
   local = local_copy(path)
   train = train_batches(d, batch_size, seed, local, manifest, process_index, process_count)
   val = val_batches(_source(local, manifest, 'validation'), Packing.from_config(d), batch_size,

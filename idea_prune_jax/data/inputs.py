@@ -1,10 +1,13 @@
 """Input SPECs of prepare-data, read as streams of text documents.
 
-  embedded[:work,work]   the vendored Shakespeare, one document per work
-  tfds:NAME[:SPLIT]      tfds.data_source(NAME, split=SPLIT or 'train'), one per record
-  PATH,GLOB,...          local or gs:// files: *.jsonl / *.json (optionally .gz) one document per
-                         line's text_key; *.parquet one per row's text_key column; anything else
-                         is plain text, one document per file
+  embedded[:work,work]   the vendored Shakespeare: each work a text
+  tfds:NAME[:SPLIT]      tfds.data_source(NAME, split=SPLIT or 'train'): each record
+  PATH,GLOB,...          local or gs:// files: *.jsonl / *.json (optionally .gz) each line's
+                         text_key a record; *.parquet each row's text_key column a record;
+                         anything else plain text, each file a text
+
+Texts and records become documents by the Source's split rule (split.py; default: records as they
+are, texts cut at scenes and into bounded chunks).
 
 Nothing here holds more than one record batch (Parquet) or one document in memory.
 """
@@ -20,6 +23,8 @@ import tarfile
 from typing import Iterator, NamedTuple
 
 from etils import epath
+
+from idea_prune_jax.data import split as split_lib
 
 CORPUS = pathlib.Path(__file__).parent / 'corpus' / 'shakespeare.tar.xz'
 JSONL = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')
@@ -37,6 +42,7 @@ class Source(NamedTuple):
   names: tuple  # works; (tfds name, split); or files in sorted order
   text_key: str = 'text'
   tfds_data_dir: str = ''
+  split: split_lib.Rule = split_lib.Rule('auto')
 
 
 class Documents(NamedTuple):
@@ -143,8 +149,14 @@ def _tfds_text(record, text_key: str, spec: str) -> str:
   return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
 
 
-def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '') -> Source:
-  """A checked Source: works known, files present, text_key in the first record of each format."""
+def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '',
+          split: str = 'auto') -> Source:
+  """A checked Source: works known, files present, text_key in the first record of each format,
+  split rule valid (checked first: it is the cheapest)."""
+  try:
+    rule = split_lib.parse(split)
+  except split_lib.SplitError as e:
+    raise DataError(str(e)) from None
   if not (spec or '').strip():
     raise DataError(f'{flag} is empty; pass embedded, tfds:NAME[:SPLIT] or files/globs')
   if spec == 'embedded' or spec.startswith('embedded:'):
@@ -153,18 +165,18 @@ def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '')
     unknown = [n for n in chosen if n not in works]
     if unknown:
       raise DataError(f'{flag}={spec!r}: unknown work(s) {unknown}; choose from {", ".join(works)}')
-    return Source(spec, flag, 'embedded', tuple(chosen))
+    return Source(spec, flag, 'embedded', tuple(chosen), split=rule)
   if spec.startswith('tfds:'):
-    name, _, split = spec[5:].partition(':')
-    version = re.match(r'\d+\.\d+\.\d+(:|$)', split)  # tfds:c4/en:3.1.0:validation
+    name, _, tfds_split = spec[5:].partition(':')
+    version = re.match(r'\d+\.\d+\.\d+(:|$)', tfds_split)  # tfds:c4/en:3.1.0:validation
     if version:
-      name, split = f'{name}:{version.group(0).rstrip(":")}', split[version.end():]
-    split = split or 'train'
-    data_source = _tfds_source(name, split, tfds_data_dir, flag, spec)
+      name, tfds_split = f'{name}:{version.group(0).rstrip(":")}', tfds_split[version.end():]
+    tfds_split = tfds_split or 'train'
+    data_source = _tfds_source(name, tfds_split, tfds_data_dir, flag, spec)
     if len(data_source) == 0:
       raise DataError(f'{flag}={spec!r}: the split has no records')
     _tfds_text(data_source[0], text_key, spec)
-    return Source(spec, flag, 'tfds', (name, split), text_key, tfds_data_dir)
+    return Source(spec, flag, 'tfds', (name, tfds_split), text_key, tfds_data_dir, rule)
   files = expand_files(spec, flag)
   checked_json = False
   for path in files:
@@ -177,7 +189,7 @@ def parse(spec: str, flag: str, text_key: str = 'text', tfds_data_dir: str = '')
       if keys is not None:
         _check_text_key(path, keys, text_key)
         checked_json = True
-  return Source(spec, flag, 'files', tuple(files), text_key)
+  return Source(spec, flag, 'files', tuple(files), text_key, split=rule)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -218,65 +230,87 @@ def _text_file(path: str) -> Iterator[tuple[str, int]]:
   yield data.decode('utf-8', errors='replace'), epath.Path(path).stat().length
 
 
-def _file_docs(path: str, text_key: str) -> Iterator[tuple[str, int]]:
+# An input is (its documents, progress): one text or record cut by the Source's split rule, so
+# max_docs and the parts count inputs whatever the rule.
+
+def _cut(stream, rule: split_lib.Rule, record: bool) -> Iterator[tuple[list[str], int]]:
+  for text, done in stream:
+    yield split_lib.documents(text, rule, record), done
+
+
+def _file_inputs(path: str, source: Source) -> Iterator[tuple[list[str], int]]:
   if _is_parquet(path):
-    return _parquet(path, text_key)
+    return _cut(_parquet(path, source.text_key), source.split, record=True)
   if path.endswith(JSONL):
-    return _jsonl(path, text_key)
-  return _text_file(path)
+    return _cut(_jsonl(path, source.text_key), source.split, record=True)
+  return _cut(_text_file(path), source.split, record=False)
 
 
-def _all_docs(source: Source) -> Iterator[tuple[str, int]]:
+def _tfds_data(source: Source):
+  name, tfds_split = source.names
+  return _tfds_source(name, tfds_split, source.tfds_data_dir, source.flag, source.spec)
+
+
+def _tfds_inputs(source: Source, data_source, indices) -> Iterator[tuple[list[str], int]]:
+  records = ((_tfds_text(data_source[i], source.text_key, source.spec), 1) for i in indices)
+  return _cut(records, source.split, record=True)
+
+
+def _all_inputs(source: Source) -> Iterator[tuple[list[str], int]]:
   if source.kind == 'embedded':
     works = embedded_works()
-    for name in source.names:
-      yield works[name], len(works[name])
+    yield from _cut(((works[n], len(works[n])) for n in source.names), source.split, False)
   elif source.kind == 'tfds':
-    name, split = source.names
-    data_source = _tfds_source(name, split, source.tfds_data_dir, source.flag, source.spec)
-    for i in range(len(data_source)):
-      yield _tfds_text(data_source[i], source.text_key, source.spec), 1
+    data_source = _tfds_data(source)
+    yield from _tfds_inputs(source, data_source, range(len(data_source)))
   else:
     for path in source.names:
-      yield from _file_docs(path, source.text_key)
+      yield from _file_inputs(path, source)
 
 
-def _take(docs, part: int, parts: int, max_docs: int) -> Iterator[tuple[str, int]]:
-  """Document i of the stream -> part i % parts; progress of the others is still counted."""
+def _documents(inputs) -> Iterator[tuple[str, int]]:
+  """Inputs -> (document, progress); an input's progress is counted at its last document."""
+  for pieces, done in inputs:
+    for piece in pieces[:-1]:
+      yield piece, 0
+    yield (pieces[-1] if pieces else ''), done
+
+
+def _take(inputs, part: int, parts: int, max_docs: int) -> Iterator[tuple[list[str], int]]:
+  """Input i of the stream -> part i % parts; progress of the others is still counted."""
   skipped = 0
-  for i, (text, done) in enumerate(docs):
+  for i, (pieces, done) in enumerate(inputs):
     if max_docs and i >= max_docs:
       return
     if i % parts == part:
-      yield text, done + skipped
+      yield pieces, done + skipped
       skipped = 0
     else:
       skipped += done
 
 
 def documents(source: Source, part: int = 0, parts: int = 1, max_docs: int = 0) -> Documents:
-  """This part's documents (empty ones included; callers skip them).
+  """This part's documents (empty ones included; callers skip them), of the first max_docs inputs
+  (texts, records, works: before the split rule cuts them).
 
   A part reads only its own share where it can: every parts-th file when there are at least as
   many files as parts (and no max_docs), every parts-th record of a tfds split; otherwise every
-  parts-th document of the one stream. Either way the parts' union is the parts=1 stream.
+  parts-th input of the one stream. Either way the parts' union is the parts=1 stream.
   """
   if source.kind == 'tfds':
-    name, split = source.names
-    data_source = _tfds_source(name, split, source.tfds_data_dir, source.flag, source.spec)
+    data_source = _tfds_data(source)
     n = min(len(data_source), max_docs) if max_docs else len(data_source)
-    stream = ((_tfds_text(data_source[i], source.text_key, source.spec), 1)
-              for i in range(part, n, parts))
-    return Documents(stream, len(range(part, n, parts)), 'doc')
+    mine = range(part, n, parts)
+    return Documents(_documents(_tfds_inputs(source, data_source, mine)), len(mine), 'doc')
   if source.kind == 'files' and len(source.names) >= parts and not max_docs:
     mine = source.names[part::parts]
-    stream = (doc for path in mine for doc in _file_docs(path, source.text_key))
-    return Documents(stream, sum(epath.Path(p).stat().length for p in mine), 'B')
+    inputs_ = (i for path in mine for i in _file_inputs(path, source))
+    return Documents(_documents(inputs_), sum(epath.Path(p).stat().length for p in mine), 'B')
   if source.kind == 'files':
     total = sum(epath.Path(p).stat().length for p in source.names)
   else:
     total = sum(len(embedded_works()[name]) for name in source.names)
-  return Documents(_take(_all_docs(source), part, parts, max_docs),
+  return Documents(_documents(_take(_all_inputs(source), part, parts, max_docs)),
                    None if max_docs else total, 'B')
 
 

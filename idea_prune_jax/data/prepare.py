@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -139,13 +140,11 @@ class _Output:
       os.replace(tmp, self.root / name)
 
   def discard(self, tmp: str) -> None:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    epath.Path(tmp).unlink(missing_ok=True)
 
   def write_bytes(self, name: str, data: bytes) -> None:
     tmp = self.temp(name)
-    with open(tmp, 'wb') as f:
-      f.write(data)
+    epath.Path(tmp).write_bytes(data)
     self.publish(tmp, name)
 
   def names(self) -> set[str]:
@@ -153,9 +152,7 @@ class _Output:
 
   def close(self) -> None:
     if self._local:
-      for name in os.listdir(self._local):
-        os.remove(os.path.join(self._local, name))
-      os.rmdir(self._local)
+      shutil.rmtree(self._local)
 
 
 def _part_tag(part: int, parts: int) -> str:
@@ -207,8 +204,11 @@ class _SplitWriter:
       self.out.discard(self._tmp)
       self._writer = self._tmp = None
 
-  def summary(self) -> dict:
-    return {'documents': self.documents, 'tokens': self.tokens, 'shards': list(self.shards)}
+
+def _summary(documents: int, tokens: int, shards: list[str]) -> dict:
+  """A split in the manifest, with its mean document length: what judges mixing (split.py)."""
+  return {'documents': documents, 'tokens': tokens,
+          'mean_document_tokens': round(tokens / max(documents, 1), 1), 'shards': list(shards)}
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -313,8 +313,8 @@ def _open_output(output_dir: str) -> _Output:
 
 def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size: int = 0,
             val_fraction: float = 0.0, val_input: str = '', text_key: str = 'text',
-            tfds_data_dir: str = '', shard: tuple[int, int] = (0, 1), max_docs: int = 0,
-            progress: bool = True, tokenizer_only: bool = False,
+            tfds_data_dir: str = '', split: str = 'auto', shard: tuple[int, int] = (0, 1),
+            max_docs: int = 0, progress: bool = True, tokenizer_only: bool = False,
             records_per_shard: int = RECORDS_PER_SHARD) -> dict:
   """Prepares part shard[0] of shard[1] into output_dir; returns the merged manifest once every
   part is done (this part's manifest before). See the module docstring and docs/tpu.md."""
@@ -326,9 +326,9 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
     if pieces != vocab_size:
       raise DataError(f'--vocab_size={vocab_size}: --tokenizer={tokenizer!r} has {pieces} '
                       'pieces; drop --vocab_size (it is for training a tokenizer)')
-  source = inputs.parse(input_spec, '--input', text_key, tfds_data_dir)
-  val_source = inputs.parse(val_input, '--val_input', text_key, tfds_data_dir) if val_input \
-      else None
+  source = inputs.parse(input_spec, '--input', text_key, tfds_data_dir, split)
+  val_source = inputs.parse(val_input, '--val_input', text_key, tfds_data_dir, split) \
+      if val_input else None
   out = _open_output(output_dir)
   try:
     # Held-out content, as hashes only: a training document equal to one is dropped.
@@ -345,8 +345,8 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
     out.write_bytes(TOKENIZER, model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     common = {'format': FORMAT, 'input': input_spec, 'val_input': val_input,
-              'val_fraction': val_fraction, 'text_key': text_key, 'max_docs': max_docs,
-              'tokenizer': TOKENIZER, 'tokenizer_digest': _digest(model),
+              'val_fraction': val_fraction, 'text_key': text_key, 'split': split,
+              'max_docs': max_docs, 'tokenizer': TOKENIZER, 'tokenizer_digest': _digest(model),
               'vocab_size': sp.vocab_size(), 'special_ids': _special_ids(sp), 'parts': parts}
     if tokenizer_only:
       return common
@@ -367,8 +367,8 @@ def prepare(input_spec: str, output_dir: str, *, tokenizer: str = '', vocab_size
       for w in writers.values():
         w.abort()
       raise
-    manifest = {**common, 'part': part,
-                'splits': {s: w.summary() for s, w in writers.items()}}
+    splits = {s: _summary(w.documents, w.tokens, w.shards) for s, w in writers.items()}
+    manifest = {**common, 'part': part, 'splits': splits}
     if parts == 1:
       _check_nonempty(manifest)
     out.write_bytes(part_manifest_name(part, parts), _json(manifest))
@@ -440,8 +440,8 @@ def _check_nonempty(manifest: dict) -> None:
                     'held out for validation)')
 
 
-AGREE = ('format', 'input', 'val_input', 'val_fraction', 'text_key', 'max_docs', 'tokenizer',
-         'tokenizer_digest', 'vocab_size', 'special_ids', 'parts')
+AGREE = ('format', 'input', 'val_input', 'val_fraction', 'text_key', 'split', 'max_docs',
+         'tokenizer', 'tokenizer_digest', 'vocab_size', 'special_ids', 'parts')
 
 
 def _merge(out: _Output, parts: int) -> dict | None:
@@ -460,9 +460,9 @@ def _merge(out: _Output, parts: int) -> dict | None:
     raise DataError(f'{out.root / TOKENIZER}: not the tokenizer the parts were prepared with; '
                     'prepare every part with the same --tokenizer')
   merged = {k: first[k] for k in first if k not in ('part', 'splits')}
-  merged['splits'] = {s: {'documents': sum(m['splits'][s]['documents'] for m in manifests),
-                          'tokens': sum(m['splits'][s]['tokens'] for m in manifests),
-                          'shards': [n for m in manifests for n in m['splits'][s]['shards']]}
+  total = lambda s, key: sum(m['splits'][s][key] for m in manifests)
+  merged['splits'] = {s: _summary(total(s, 'documents'), total(s, 'tokens'),
+                                  [n for m in manifests for n in m['splits'][s]['shards']])
                       for s in SPLITS}
   _check_nonempty(merged)
   out.write_bytes(MANIFEST, _json(merged))

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-from idea_prune_jax.data import storage
+from idea_prune_jax.data import split, storage
 from idea_prune_jax.data.config import DataConfig
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.distill import SCHEDULES as KD_SCHEDULES
@@ -282,6 +282,10 @@ def _validate_data(run: RunConfig) -> None:
     _fail('data.prepared_dir', d.prepared_dir, 'source=prepared needs a prepare-data --output dir')
   if d.attention not in ('causal', 'document'):
     _fail('data.attention', d.attention, 'use causal or document')
+  try:
+    split.parse(d.split, 'config.data.split')
+  except split.SplitError as e:
+    raise ConfigError(str(e)) from None
   if not 0 <= d.val_fraction < 1:
     _fail('data.val_fraction', d.val_fraction, 'must lie in [0, 1)')
   for f in ('shards', 'read_threads', 'prefetch', 'workers', 'max_docs'):
