@@ -22,9 +22,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
+from idea_prune_jax.train import plan as plan_lib  # noqa: E402
 
 
 class _Position:
@@ -50,9 +52,7 @@ def _small_step(run, phase, mesh):
   step = pipeline.step_fn(run, phase, parts, mesh)
   B, L = run.train.batch_size, run.data.seq_len
   x = np.random.default_rng(0).integers(0, run.model.vocab_size, (B, L + 1), dtype=np.int32)
-  batch = jax.device_put({'inputs': x[:, :-1], 'targets': x[:, 1:],
-                          'weights': np.ones((B, L), np.float32)},
-                         sharding.batch_sharding(mesh))
+  batch = jax.device_put(batch_lib.from_rows(x), sharding.batch_sharding(mesh))
   for _ in range(2):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -143,7 +143,7 @@ def main():
   run = settings.read(config).run
   run.train.batch_size = args.batch_size
   async_run = settings.read(config).run
-  a = measure_async(async_run, pipeline.plan(async_run)[0], args.rounds)
+  a = measure_async(async_run, plan_lib.plan(async_run)[0], args.rounds)
   med = {k: common.median(v) if v else float('nan') for k, v in a.items()}
   async_body = common.table(
       ['step s, no save (median)', 'step s, save in flight (median)', 'ratio',
@@ -153,7 +153,7 @@ def main():
         f'{len(a["during"]) / args.rounds:.1f}', f'{med["blocked"]:.3f}',
         f'{med["blocked"] / med["plain"]:.2f}', f'{med["sigterm"]:.2f}']])
   print(async_body)
-  rows = [measure(run, phase, args.repeats) for phase in pipeline.plan(run)]
+  rows = [measure(run, phase, args.repeats) for phase in plan_lib.plan(run)]
   headers = ['phase', 'state MiB', 'on disk MiB', 'save s (median)', 'restore s (median)',
              'save MiB/s', 'restore MiB/s']
   body = common.table(headers, rows)

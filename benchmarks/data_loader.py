@@ -4,20 +4,20 @@
   python benchmarks/data_loader.py --quick    # seconds, prints only
   python benchmarks/data_loader.py --bucket   # only the bucket mode (4), its own section
 
-1. Tokens/s of `data.TrainBatches` (shuffle, decode, concat-then-split packing, batch) per host
+1. Tokens/s of `stream.TrainBatches` (shuffle, decode, concat-then-split packing, batch) per host
    with 0, 1 and 2 grain worker processes, seq_len 2048, on a synthetic prepared corpus.
 2. Peak RSS of a training process (`idea-prune train`, tiny model, 20 steps) reading a ~50 MB
    and a ~1 GB prepared corpus: host memory must not grow with the corpus.
 3. Tokens/s one v5p-64 host must feed for the paper pair at 50% MFU, from model.flops_per_token.
 
 4. Bucket mode: host 0 of a v6e-64's 16 reading its 64 rows of 2048 per step through training's
-   own code path (`data.train_batches`: `data._source`, grain, array_record), with the paper
+   own code path (`stream.train_batches`: `records.source`, grain, array_record), with the paper
    config's data settings (defaults, and the `:v6e64` variant's), behind a simulated gcsfuse:
    a delay in the file layer, not a proxy. Every record read (one ranged GCS read for a
    group_size:1 ArrayRecord record) sleeps 30 or 100 ms first (`SlowSource`, picklable, so grain
    worker processes sleep too) and every shard open sleeps two reads (`SlowReader` in place of
    array_record's reader: size and footer). time.sleep releases the GIL as a blocking read does.
-   Documents are c4-like, uniform 50-809 tokens (mean 430). Also: start-up of `data._source`
+   Documents are c4-like, uniform 50-809 tokens (mean 430). Also: start-up of `records.source`
    over 10,000 tiny shards at 30 ms, against counting them one after another as before.
 
 Synthetic corpora: random-length documents of random ids, written as prepare-data writes them
@@ -42,7 +42,7 @@ from benchmarks import common  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.data.config import DataConfig  # noqa: E402
 from idea_prune_jax.model.config import ModelConfig  # noqa: E402
-from idea_prune_jax.data import data, prepare  # noqa: E402
+from idea_prune_jax.data import data, layout, prepare, records, stream  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 
 V5P_PEAK_BF16 = 459e12  # FLOP/s per chip
@@ -55,10 +55,10 @@ def synthetic_corpus(out: str, n_bytes: int, tokenizer_dir: str, seed: int = 0,
   val split."""
   from array_record.python import array_record_module
   os.makedirs(out, exist_ok=True)
-  manifest = prepare.read_manifest(tokenizer_dir)
-  with open(os.path.join(tokenizer_dir, prepare.TOKENIZER), 'rb') as f:
+  manifest = layout.read_manifest(tokenizer_dir)
+  with open(os.path.join(tokenizer_dir, layout.TOKENIZER), 'rb') as f:
     model = f.read()
-  with open(os.path.join(out, prepare.TOKENIZER), 'wb') as f:
+  with open(os.path.join(out, layout.TOKENIZER), 'wb') as f:
     f.write(model)
   rng = np.random.default_rng(seed)
   splits = {}
@@ -68,7 +68,7 @@ def synthetic_corpus(out: str, n_bytes: int, tokenizer_dir: str, seed: int = 0,
       name = f'{split}-00000-of-00001-{j:05d}.array_record'
       writer = array_record_module.ArrayRecordWriter(os.path.join(out, name), 'group_size:1')
       shard_bytes = 0
-      while shard_bytes < prepare.SHARD_BYTES and written < size:
+      while shard_bytes < records.SHARD_BYTES and written < size:
         doc = rng.integers(4, 4096, rng.integers(*doc_tokens), dtype=np.int32)
         writer.write(doc.astype('<i4').tobytes())
         shard_bytes += doc.nbytes
@@ -79,7 +79,7 @@ def synthetic_corpus(out: str, n_bytes: int, tokenizer_dir: str, seed: int = 0,
       j += 1
     splits[split] = {'documents': docs, 'tokens': tokens, 'shards': shards}
   full = {**manifest, 'input': f'synthetic:{n_bytes}', 'splits': splits}
-  with open(os.path.join(out, prepare.MANIFEST), 'w') as f:
+  with open(os.path.join(out, layout.MANIFEST), 'w') as f:
     json.dump(full, f)
   return full
 
@@ -139,10 +139,10 @@ class SlowSource:
 
 @contextlib.contextmanager
 def slow_file_layer(latency_s: float):
-  """Training's own code path (data._source, grain, array_record) with latency_s per read:
+  """Training's own code path (records.source, grain, array_record) with latency_s per read:
   OPEN_ROUND_TRIPS reads to open a shard, one per record."""
   from array_record.python import array_record_module
-  real_reader, real_source = array_record_module.ArrayRecordReader, data._source
+  real_reader, real_source = array_record_module.ArrayRecordReader, records.source
 
   class SlowReader:
     def __init__(self, *args, **kwargs):
@@ -153,11 +153,11 @@ def slow_file_layer(latency_s: float):
       return getattr(self._reader, name)
 
   array_record_module.ArrayRecordReader = SlowReader
-  data._source = lambda *args: SlowSource(real_source(*args), latency_s)
+  records.source = lambda *args: SlowSource(real_source(*args), latency_s)
   try:
     yield
   finally:
-    array_record_module.ArrayRecordReader, data._source = real_reader, real_source
+    array_record_module.ArrayRecordReader, records.source = real_reader, real_source
 
 
 def host_config(prepared_dir: str, variant: str, **data_settings):
@@ -169,10 +169,10 @@ def host_config(prepared_dir: str, variant: str, **data_settings):
 
 def bucket_tokens_per_s(run, latency_s: float, seconds: float, min_batches: int) -> tuple:
   """(s to the first batch, tokens/s after it) of host 0 of HOSTS behind latency_s per read."""
-  manifest = prepare.read_manifest(run.data.prepared_dir)
+  manifest = layout.read_manifest(run.data.prepared_dir)
   with slow_file_layer(latency_s):
     t0 = time.perf_counter()
-    it = data.train_batches(run.data, run.train.batch_size, run.seed, run.data.prepared_dir,
+    it = stream.train_batches(run.data, run.train.batch_size, run.seed, run.data.prepared_dir,
                             manifest, 0, HOSTS)
     next(it)
     first = time.perf_counter() - t0
@@ -199,15 +199,15 @@ def many_shards(out: str, n: int, tokenizer_dir: str) -> dict:
     writer.write(doc)
     writer.close()
     shards.append(name)
-  manifest = {**prepare.read_manifest(tokenizer_dir),
+  manifest = {**layout.read_manifest(tokenizer_dir),
               'splits': {'train': {'documents': 2 * n, 'tokens': 128 * n, 'shards': shards}}}
-  with open(os.path.join(out, prepare.MANIFEST), 'w') as f:
+  with open(os.path.join(out, layout.MANIFEST), 'w') as f:
     json.dump(manifest, f)
   return manifest
 
 
 def serial_open_s(prepared_dir: str, manifest: dict, latency_s: float, n: int) -> float:
-  """Seconds to count n shards one after another, as data._source did before (354e064)."""
+  """Seconds to count n shards one after another, as the source did before (354e064)."""
   from array_record.python import array_record_module
   with slow_file_layer(latency_s):
     t0 = time.perf_counter()
@@ -221,7 +221,7 @@ def serial_open_s(prepared_dir: str, manifest: dict, latency_s: float, n: int) -
 def startup_s(prepared_dir: str, manifest: dict, latency_s: float) -> float:
   with slow_file_layer(latency_s):
     t0 = time.perf_counter()
-    data._source(prepared_dir, manifest, 'train')
+    records.source(prepared_dir, manifest, 'train')
     return time.perf_counter() - t0
 
 
@@ -256,8 +256,8 @@ def bucket_section(tmp: str, tok_dir: str, quick: bool) -> str:
   serial = serial_open_s(wide, manifest, LATENCIES_S[0], serial_n)
   parallel = startup_s(wide, manifest, LATENCIES_S[0])
   body += (f'\n\nStart-up, {n_shards:,} shards at {LATENCIES_S[0] * 1e3:.0f} ms per read '
-           f'({OPEN_ROUND_TRIPS} reads to open one): data._source (counted '
-           f'{data.OPEN_THREADS} at a time, handed to grain as FileInstructions) '
+           f'({OPEN_ROUND_TRIPS} reads to open one): records.source (counted '
+           f'{records.OPEN_THREADS} at a time, handed to grain as FileInstructions) '
            f'**{parallel:.1f} s**; one after another as before: {serial:.1f} s for the first '
            f'{serial_n}, so {serial * n_shards / serial_n:.0f} s for all {n_shards:,}.\n')
   return body
@@ -311,9 +311,9 @@ def main():
     rss_big = training_peak_rss_mb(big, os.path.join(tmp, 'run_big'))
     body += '\n' + common.table(
         ['prepared corpus', 'train tokens', 'peak RSS of idea-prune train (MB)'],
-        [['~50 MB', f'{prepare.read_manifest(small)["splits"]["train"]["tokens"]:,}',
+        [['~50 MB', f'{layout.read_manifest(small)["splits"]["train"]["tokens"]:,}',
           f'{rss_small:.0f}'],
-         ['~1 GB', f'{prepare.read_manifest(big)["splits"]["train"]["tokens"]:,}',
+         ['~1 GB', f'{layout.read_manifest(big)["splits"]["train"]["tokens"]:,}',
           f'{rss_big:.0f}']])
     body += f'\n\nRSS ratio 1 GB / 50 MB: {rss_big / rss_small:.3f} (target: within 10%).\n'
   print(body)

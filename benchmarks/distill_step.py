@@ -30,9 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from idea_prune_jax.train.config import TrainConfig  # noqa: E402
 from idea_prune_jax import distill  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.model.config import ModelConfig  # noqa: E402
-from idea_prune_jax.train import train as train_lib  # noqa: E402
+from idea_prune_jax.train import optim  # noqa: E402
+from idea_prune_jax.train import state as state_lib  # noqa: E402
+from idea_prune_jax.train import step as step_lib  # noqa: E402
 
 ALPHA, TAU = 0.5, 2.0
 
@@ -46,7 +49,7 @@ def _cfgs(vocab, student_ffn=768, ratio=3):
 def _optimizer():
   """(AdamW as in train.py, its schedule); a constant LR: only speed and memory are measured."""
   schedule = optax.constant_schedule(1e-3)
-  return train_lib.make_optimizer(TrainConfig(), schedule), schedule
+  return optim.make_optimizer(TrainConfig(), schedule), schedule
 
 
 def _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer):
@@ -54,19 +57,18 @@ def _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer):
   init = lambda cfg, seed: nn.unbox(model_lib.init_params(cfg, jax.random.key(seed)))
   params = jax.jit(functools.partial(init, student_cfg), static_argnums=0)(0)
   teacher = jax.jit(functools.partial(init, teacher_cfg), static_argnums=0)(1)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=optimizer.init(params))
-  tokens = np.random.default_rng(0).integers(1, student_cfg.vocab_size, (batch_size, seq_len + 1))
-  batch = {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
-           'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
-           'weights': jnp.ones((batch_size, seq_len), jnp.float32)}
+  rows = jnp.asarray(np.random.default_rng(0).integers(
+      1, student_cfg.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
+  batch = batch_lib.make(rows[:, :-1], rows[:, 1:], jnp.ones((batch_size, seq_len), jnp.float32))
   return state, teacher, batch
 
 
 def _kd_step(model, teacher_model, optimizer, schedule, chunk):
   """The fused KD step (the trainer's), jitted with a donated state that holds the teacher."""
-  kd = train_lib.KDOptions(teacher_model, ALPHA, TAU, chunk)
-  return jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer,
+  kd = step_lib.KDOptions(teacher_model, ALPHA, TAU, chunk)
+  return jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
                                    schedule=schedule, kd=kd), donate_argnums=(0,))
 
 
@@ -128,7 +130,7 @@ def compiled_temp_bytes(chunks, batch_size=2, seq_len=1024, vocab=32000):
   state, teacher, batch = jax.eval_shape(
       lambda: _setup(student_cfg, teacher_cfg, batch_size, seq_len, optimizer))
   out = {}
-  lm = jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer,
+  lm = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
                                  schedule=schedule), donate_argnums=(0,))
   out['lm'] = lm.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   for chunk in chunks:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks import train_step  # noqa: E402
-from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 
 
 def packed_batch(doc_tokens: int):
@@ -32,7 +32,7 @@ def packed_batch(doc_tokens: int):
               'tokens_segment_ids': stream // doc_tokens + 1,
               'tokens_positions': stream % doc_tokens}
     rows = {k: v.reshape(B, L + 1).astype(np.int32) for k, v in packed.items()}
-    return data_lib.to_batch(rows, document_attention=True)
+    return batch_lib.from_packed(rows, document_attention=True)
   return make
 
 

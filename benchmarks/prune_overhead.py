@@ -37,7 +37,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,9 +44,10 @@ from benchmarks import common  # noqa: E402
 from benchmarks.train_step import load_config  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.train.config import check_devices, override  # noqa: E402
-from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax import importance  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
+from idea_prune_jax.train import plan as plan_lib  # noqa: E402
 from idea_prune_jax import masks as masks_lib  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.prune.structure import FFN_STRUCTURE  # noqa: E402
@@ -79,7 +79,7 @@ class Runner:
 
 
 def build(run, mesh):
-  phases = {ph.name: ph for ph in pipeline.plan(run)}
+  phases = {ph.name: ph for ph in plan_lib.plan(run)}
   prune_ph = phases['prune']
   never = dataclasses.replace(prune_ph.prune, t_start=NEVER, t_end=NEVER + 1)
   variants = [('dense', run, phases['enlarged']),
@@ -180,7 +180,7 @@ def main(argv=None):
   ps = built['prune'][3].prune
   B, L = config.train.batch_size, config.data.seq_len
   x = np.random.RandomState(0).randint(1, config.model.vocab_size, (B, L + 1)).astype(np.int32)
-  batch = jax.device_put(data_lib.split_batch(x),
+  batch = jax.device_put(batch_lib.from_rows(x),
                          sharding.batch_sharding(mesh))
 
   refresh_at = ps.t_start + ps.every

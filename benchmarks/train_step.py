@@ -29,10 +29,12 @@ from benchmarks import common  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.model.config import ModelConfig  # noqa: E402
 from idea_prune_jax.train.config import check_devices  # noqa: E402
-from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.train import sharding  # noqa: E402
-from idea_prune_jax.train import train as train_lib  # noqa: E402
+from idea_prune_jax.train import optim  # noqa: E402
+from idea_prune_jax.train import state as state_lib  # noqa: E402
+from idea_prune_jax.train import step as step_lib  # noqa: E402
 
 SQUARES = ((1024, 1024, 1024), (2048, 2048, 2048))
 
@@ -87,7 +89,7 @@ def load_config(spec: str, overrides):
 def random_batch(B: int, L: int, vocab_size: int) -> dict:
   """Tokens in [1, V), one sequence per row: no padding, so every position counts as a token."""
   x = np.random.RandomState(0).randint(1, vocab_size, (B, L + 1)).astype(np.int32)
-  return data_lib.split_batch(x)
+  return batch_lib.from_rows(x)
 
 
 def build(spec: str, overrides, make_batch=random_batch) -> Bench:
@@ -97,10 +99,10 @@ def build(spec: str, overrides, make_batch=random_batch) -> Bench:
   mesh = sharding.make_mesh(config.mesh)
   check_devices(config, mesh.devices.size)
   model_cfg = config.model
-  schedule = train_lib.lr_schedule(config.train)
-  optimizer = train_lib.make_optimizer(config.train, schedule)
-  state, shardings = train_lib.init_state(model_cfg, optimizer, mesh, jax.random.key(0))
-  step = train_lib.jit_step(train_lib.train_step, shardings, mesh,
+  schedule = optim.lr_schedule(config.train)
+  optimizer = optim.make_optimizer(config.train, schedule)
+  state, shardings = state_lib.init_state(model_cfg, optimizer, mesh, jax.random.key(0))
+  step = step_lib.jit_step(step_lib.train_step, shardings, mesh,
                             model=model_lib.Transformer(model_cfg), optimizer=optimizer,
                             schedule=schedule)
   B, L = config.train.batch_size, config.data.seq_len

@@ -121,7 +121,7 @@ def _main(argv):
 
 
 def _guarded(argv):
-  from idea_prune_jax.data.data import DataError
+  from idea_prune_jax.data.inputs import DataError
   from idea_prune_jax.data.storage import StorageError
   from idea_prune_jax.io.export import ExportError
   from idea_prune_jax.prune.errors import PruneError

@@ -20,7 +20,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix='idea_prune_jax_cache_'),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-# Likewise the embedded corpus, prepared once per set of prepare arguments (data.py).
+# Likewise the embedded corpus, prepared once per set of prepare arguments (data/provision.py).
 os.environ.setdefault('IDEA_PRUNE_DATA_CACHE', tempfile.mkdtemp(prefix='idea_prune_jax_data_'))
 FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
 if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):

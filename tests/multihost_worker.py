@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
-from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.experiments import experiment  # noqa: E402
 from idea_prune_jax.train import loop  # noqa: E402
 from idea_prune_jax.process import initialize_distributed  # noqa: E402
@@ -53,7 +53,7 @@ def main():
   config = make_config()
 
   feed = None
-  global_batch = data_lib.global_batch
+  global_batch = batch_lib.global_batch
 
   def recording_global_batch(local, sharding):
     nonlocal feed
@@ -81,7 +81,7 @@ def main():
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier notes it; no exit here
       time.sleep(NOTICE_S)
 
-  data_lib.global_batch = recording_global_batch
+  batch_lib.global_batch = recording_global_batch
   ckpt_lib.save = save_then_act
   try:
     run = settings.read(config).run

@@ -9,8 +9,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from idea_prune_jax import settings  # noqa: E402
-from idea_prune_jax.data import data as data_lib  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.train import pipeline, sharding  # noqa: E402
+from idea_prune_jax.train import plan as plan_lib  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
 # Pretrain on every mesh; prune (masks and scores split over the FFN axis) and distill (a teacher
@@ -22,7 +23,7 @@ N_STEPS = 6
 def run_phase(run, index, devices, batches, init_state):
   """N_STEPS of phase `index` of the plan from its init state: losses, masks, specs, compiles."""
   mesh = sharding.make_mesh(run.mesh, devices)
-  phase = pipeline.plan(run)[index]
+  phase = plan_lib.plan(run)[index]
   parts = pipeline.parts(run, phase, mesh)
   # One init per kind, placed on each mesh: the steps are what this compares, and a sharded
   # init compile per mesh would double the compiles.
@@ -54,7 +55,7 @@ def main():
   batches = []
   for _ in range(N_STEPS):
     x = rng.randint(4, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1))
-    batches.append(data_lib.split_batch(x.astype(np.int32)))
+    batches.append(batch_lib.from_rows(x.astype(np.int32)))
   kinds = {'pretrain': (0, 0.0), 'prune': (1, 0.0), 'distill': (2, 0.5)}
   results, inits = {}, {}
   for mesh in ((1, 1, 1),) + MESHES:
@@ -66,7 +67,7 @@ def main():
       config.distill.update(alpha=alpha, phases='recovery')
       run = settings.read(config).run
       if kind not in inits:  # on one device; numpy, so no mesh's buffers are donated
-        parts = pipeline.parts(run, pipeline.plan(run)[index],
+        parts = pipeline.parts(run, plan_lib.plan(run)[index],
                                sharding.make_mesh(run.mesh, devices))
         inits[kind] = jax.device_get(jax.jit(parts.init_fn)(jax.random.key(0)))
       results[f'{kind}@{"x".join(map(str, mesh))}'] = run_phase(run, index, devices, batches,

@@ -12,7 +12,8 @@ import sentencepiece as spm
 
 from conftest import ROOT, run_config, validate
 from idea_prune_jax import settings
-from idea_prune_jax.data import data, inputs, prepare
+from idea_prune_jax.data import batch as batch_lib
+from idea_prune_jax.data import data, inputs, layout, prepare, provision, records, stream
 from idea_prune_jax.data.inputs import DataError
 
 SMALL_VOCAB = 512
@@ -40,7 +41,7 @@ def tokenizer(tmp_path_factory):
   out = tmp_path_factory.mktemp('tokenizer')
   prepare.prepare('embedded:lovers_complaint,passionate_pilgrim', str(out), vocab_size=SMALL_VOCAB,
                   tokenizer_only=True, progress=False)
-  return str(out / prepare.TOKENIZER)
+  return str(out / layout.TOKENIZER)
 
 
 @pytest.fixture(scope='module')
@@ -82,14 +83,14 @@ def test_batches_are_packed_next_token_pairs(built):
 
 
 def test_packing_is_lossless_and_documents_carry_bos_and_eos(prepared):
-  manifest = prepare.read_manifest(str(prepared))
-  source = data._source(str(prepared), manifest, 'train')
-  rows = list(data._rows(source, data.Packing(32), shuffle_seed=None))
+  manifest = layout.read_manifest(str(prepared))
+  source = records.source(str(prepared), manifest, 'train')
+  rows = list(stream._rows(source, stream.Packing(32), shuffle_seed=None))
   tokens = np.concatenate([r['tokens'] for r in rows])
   segments = np.concatenate([r['tokens_segment_ids'] for r in rows])
-  docs = [data._decode(source[i])['tokens'] for i in range(len(source))]
-  stream = np.concatenate(docs)
-  np.testing.assert_array_equal(tokens[segments > 0], stream)  # nothing lost or reordered
+  docs = [records.decode(source[i])['tokens'] for i in range(len(source))]
+  documents = np.concatenate(docs)
+  np.testing.assert_array_equal(tokens[segments > 0], documents)  # nothing lost or reordered
   ids = manifest['special_ids']
   assert all(d[0] == ids['bos'] and d[-1] == ids['eos'] for d in docs)
 
@@ -167,12 +168,12 @@ def test_the_order_is_seeded(prepared):
   assert not np.array_equal(tokens(1), tokens(2))
 
 
-def test_fork_does_not_move_the_original(built):
+def test_copy_does_not_move_the_original(built):
   config = make_config(built.prepared_dir)
   a, b = build(config, '/unused').train, build(config, '/unused').train
   _take(a, 2)
   _take(b, 2)
-  _take(a.fork(), 5)
+  _take(a.copy(), 5)
   _assert_same(_take(a, 2), _take(b, 2))
 
 
@@ -224,7 +225,7 @@ def test_llama_layout_special_ids_weight_token_zero(tmp_path):
   out = tmp_path / 'out'
   prepare.prepare(str(src), str(out), tokenizer=str(model_path), val_fraction=0.2,
                   progress=False)
-  assert prepare.read_manifest(str(out))['special_ids'] == {'pad': -1, 'unk': 0, 'bos': 1,
+  assert layout.read_manifest(str(out))['special_ids'] == {'pad': -1, 'unk': 0, 'bos': 1,
                                                             'eos': 2}
   config = make_config(out)
   config.model.vocab_size = 64
@@ -271,12 +272,12 @@ def test_the_data_cache_prepares_the_embedded_corpus_once_for_every_workdir(tmp_
   config.data.update(val_works='tempest', max_docs=3)
   calls, real = [], prepare.prepare
   monkeypatch.setattr(prepare, 'prepare', lambda **kw: calls.append(kw) or real(**kw))
-  here = lambda name: data.prepared_dir(run_config(config).data, config.model.vocab_size,
-                                        str(tmp_path / name), True, lambda: None)
+  here = lambda name: provision.prepared_dir(run_config(config).data, config.model.vocab_size,
+                                             str(tmp_path / name), True, lambda: None)
   files = lambda d: {n: open(os.path.join(d, n), 'rb').read() for n in os.listdir(d)}
-  monkeypatch.delenv(data.DATA_CACHE_ENV, raising=False)  # conftest sets one for the session
+  monkeypatch.delenv(provision.DATA_CACHE_ENV, raising=False)  # conftest sets one for the session
   uncached = files(here('plain'))
-  monkeypatch.setenv(data.DATA_CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv(provision.DATA_CACHE_ENV, str(tmp_path / 'cache'))
   assert files(here('a')) == files(here('b')) == uncached and len(calls) == 2
   config.data.max_docs = 4  # other prepare arguments: prepared anew
   assert files(here('c')) != uncached and len(calls) == 3
@@ -298,7 +299,7 @@ def test_truncated_shard_is_named(prepared, tmp_path):
   import shutil
   copy = tmp_path / 'copy'
   shutil.copytree(prepared, copy)
-  shard = copy / prepare.read_manifest(str(copy))['splits']['train']['shards'][0]
+  shard = copy / layout.read_manifest(str(copy))['splits']['train']['shards'][0]
   shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
   with pytest.raises(DataError, match=rf'{shard}: not a readable ArrayRecord shard'):
     build(make_config(copy), '/unused')
@@ -323,27 +324,27 @@ def test_config_validation_names_data_fields():
     validate(config, 1)
 
 
-def test_split_batch_and_global_batch():
+def test_from_rows_and_global_batch():
   import jax
   rows = np.arange(8 * 33, dtype=np.int32).reshape(8, 33)
-  pair = data.split_batch(rows)
+  pair = batch_lib.from_rows(rows)
   np.testing.assert_array_equal(pair['inputs'][:, 1:], pair['targets'][:, :-1])
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  arrays = data.global_batch(pair, sharding)
+  arrays = batch_lib.global_batch(pair, sharding)
   np.testing.assert_array_equal(np.asarray(arrays['targets']), pair['targets'])
 
 
 def test_packing_dataclass_from_config():
   config = make_config('/x', attention='document', read_threads=1, prefetch=0, workers=0)
-  assert data.Packing.from_config(run_config(config).data) == dataclasses.replace(
-      data.Packing(32), document_attention=True, read_threads=1, prefetch=0)
+  assert stream.Packing.from_config(run_config(config).data) == dataclasses.replace(
+      stream.Packing(32), document_attention=True, read_threads=1, prefetch=0)
 
 
 def test_epochs_follow_the_iterator_position_and_survive_a_restore(prepared):
   """epochs = documents of the train split read / documents in it, from the grain state alone."""
   config = make_config(prepared)
-  manifest = prepare.read_manifest(str(prepared))
+  manifest = layout.read_manifest(str(prepared))
   it = build(config, '/unused').train
   assert it.epochs() == 0.0
   per_batch = config.train.batch_size * (config.data.seq_len + 1)
@@ -397,13 +398,13 @@ def test_shards_are_opened_in_parallel_and_read_lazily(tmp_path, tokenizer, monk
   out = tmp_path / 'prepared'
   prepare.prepare(str(src), str(out), tokenizer=tokenizer, val_fraction=0.1, progress=False,
                   records_per_shard=4)
-  manifest = prepare.read_manifest(str(out))
+  manifest = layout.read_manifest(str(out))
   n = len(manifest['splits']['train']['shards'])
   assert n >= 8
   for name, value in (('real', array_record_module.ArrayRecordReader), ('opens', 0), ('most', 0)):
     monkeypatch.setattr(_CountingReader, name, value)
   monkeypatch.setattr(array_record_module, 'ArrayRecordReader', _CountingReader)
-  source = data._source(str(out), manifest, 'train')
+  source = records.source(str(out), manifest, 'train')
   assert len(source) == manifest['splits']['train']['documents']
   assert _CountingReader.opens == n  # counted once each; the reader of a shard opens on a read
   assert _CountingReader.most > 1  # not one after another

@@ -13,8 +13,11 @@ from conftest import validate
 from idea_prune_jax.train.config import TrainConfig
 from idea_prune_jax import settings
 from idea_prune_jax import distill
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.model import model as model_lib
-from idea_prune_jax.train import train as train_lib
+from idea_prune_jax.train import optim
+from idea_prune_jax.train import state as state_lib
+from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.errors import PruneError
 
@@ -43,8 +46,8 @@ def _batch(seed=0, pad_tail=2):
   tokens = np.random.default_rng(seed).integers(1, V, size=(B, L + 1)).astype(np.int32)
   weights = np.ones((B, L), np.float32)
   weights[0, L - pad_tail:] = 0.0  # a padded tail on the first sequence
-  return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
-          'weights': jnp.asarray(weights)}
+  return batch_lib.make(jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]),
+                        jnp.asarray(weights))
 
 
 def _labels():
@@ -115,7 +118,7 @@ def test_padding_positions_do_not_matter():
 @functools.cache
 def _kd_grads(chunk):
   """Jitted (loss, aux), (d/d student, d/d teacher) of kd_loss_fn; cached: tests share compiles."""
-  fn = lambda p, batch, tp, alpha, tau: train_lib.kd_loss_fn(
+  fn = lambda p, batch, tp, alpha, tau: step_lib.kd_loss_fn(
       p, batch, tp, model=model_lib.Transformer(STUDENT),
       teacher_model=model_lib.Transformer(TEACHER), alpha=alpha, tau=tau, chunk=chunk)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 2), has_aux=True))
@@ -123,7 +126,7 @@ def _kd_grads(chunk):
 
 def test_alpha_zero_is_the_plain_lm_loss():
   params, batch = _params(STUDENT, 0), _batch()
-  lm, count = jax.jit(train_lib.lm_loss, static_argnums=2)(params, batch,
+  lm, count = jax.jit(step_lib.lm_loss, static_argnums=2)(params, batch,
                                                            model_lib.Transformer(STUDENT))
   (loss, aux), _ = _kd_grads(0)(params, batch, _params(TEACHER, 1), 0.0, 2.0)
   np.testing.assert_allclose(loss, lm, rtol=1e-6)
@@ -213,9 +216,9 @@ def test_bad_kd_schedule_fields_are_refused_naming_them(field, value):
 def _kd_train_step(chunk, lr=3e-3, donate=True):
   """train_step with KD from a wider teacher held in the state, jitted; (step, optimizer)."""
   schedule = optax.constant_schedule(lr)
-  optimizer = train_lib.make_optimizer(TrainConfig(), schedule)
-  kd = train_lib.KDOptions(model_lib.Transformer(TEACHER), alpha=0.5, tau=2.0, chunk=chunk)
-  step = jax.jit(functools.partial(train_lib.train_step, model=model_lib.Transformer(STUDENT),
+  optimizer = optim.make_optimizer(TrainConfig(), schedule)
+  kd = step_lib.KDOptions(model_lib.Transformer(TEACHER), alpha=0.5, tau=2.0, chunk=chunk)
+  step = jax.jit(functools.partial(step_lib.train_step, model=model_lib.Transformer(STUDENT),
                                    optimizer=optimizer, schedule=schedule, kd=kd),
                  donate_argnums=(0,) if donate else ())
   return step, optimizer
@@ -223,7 +226,7 @@ def _kd_train_step(chunk, lr=3e-3, donate=True):
 
 def _kd_state(optimizer, teacher_params):
   params = _params(STUDENT, 0)
-  return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=optimizer.init(params), teacher=teacher_params)
 
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idea_prune_jax.data import inputs, prepare
+from idea_prune_jax.data import inputs
+from idea_prune_jax.data import tokenizer as tokenizer_lib
 from idea_prune_jax.io import export
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.model.config import ModelConfig
@@ -60,7 +61,7 @@ def spm_model(tmp_path_factory):
   """A small SentencePiece model trained as the pipeline trains its own (PAD 0, BOS 2, EOS 3)."""
   text = next(iter(inputs.embedded_works().values()))[:100_000]
   path = tmp_path_factory.mktemp('tok') / 'spm.model'
-  path.write_bytes(prepare.train_spm(list(prepare.spm_chunks(text)), 512))
+  path.write_bytes(tokenizer_lib.train_spm(list(tokenizer_lib.spm_chunks(text)), 512))
   return str(path)
 
 
@@ -143,7 +144,7 @@ def test_hf_layout_and_config(tmp_path, spm_model):
   assert config['intermediate_size'] == 20 and config['num_key_value_heads'] == 2
   assert config['head_dim'] == 8 and config['rope_theta'] == 500.0
   assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (
-      prepare.BOS_ID, prepare.EOS_ID, prepare.PAD_ID)
+      tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, tokenizer_lib.PAD_ID)
   tied = export.save_hf(str(tmp_path / 'tied'), _params(TIED), TIED)
   assert 'lm_head.weight' not in load_file(os.path.join(tied, 'model.safetensors'))
 
@@ -194,13 +195,13 @@ def test_transformers_tokenizer_matches_sentencepiece(tmp_path, spm_model, trans
   out = export.save_hf(str(tmp_path / 'hf'), _params(CFG), CFG, tokenizer_path=spm_model)
   tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
   sp = spm.SentencePieceProcessor(model_file=spm_model)
-  assert (tok.eos_token_id, tok.pad_token_id) == (prepare.EOS_ID, prepare.PAD_ID)
+  assert (tok.eos_token_id, tok.pad_token_id) == (tokenizer_lib.EOS_ID, tokenizer_lib.PAD_ID)
   # Text starting with whitespace or a newline is where HF's converted tokenizer can differ.
   for text in ['First Citizen:\nBefore we proceed any further, hear me speak.',
                'Wherefore art thou Romeo?\n\nDeny thy father  and refuse thy name.',
                'ünï 日本 🙂']:
-    # BOS first, as training frames every document ([BOS] ids [EOS], data.document_ids).
-    assert tok(text)['input_ids'] == [prepare.BOS_ID] + sp.encode(text)
+    # BOS first, as training frames every document ([BOS] ids [EOS], tokenizer.document_ids).
+    assert tok(text)['input_ids'] == [tokenizer_lib.BOS_ID] + sp.encode(text)
     assert tok.decode(sp.encode(text)) == text
 
 

@@ -25,7 +25,8 @@ pytest.importorskip('transformers')
 
 from idea_prune_jax.io import export  # noqa: E402
 from idea_prune_jax.eval import harness, scoring  # noqa: E402
-from idea_prune_jax.data import inputs, prepare  # noqa: E402
+from idea_prune_jax.data import inputs  # noqa: E402
+from idea_prune_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from idea_prune_jax.model import model as model_lib  # noqa: E402
 from idea_prune_jax.model.config import ModelConfig  # noqa: E402
 
@@ -43,7 +44,7 @@ def make_export(directory, cfg=CFG, seed=0, spm_chars=100_000):
   tok = os.path.join(directory, 'spm.model')
   text = inputs.embedded_works()['hamlet'][:spm_chars]
   with open(tok, 'wb') as f:
-    f.write(prepare.train_spm(list(prepare.spm_chunks(text)), cfg.vocab_size))
+    f.write(tokenizer_lib.train_spm(list(tokenizer_lib.spm_chunks(text)), cfg.vocab_size))
   import sentencepiece as spm
   sp = spm.SentencePieceProcessor(model_file=tok)
   rng = np.random.default_rng(seed)
@@ -151,8 +152,8 @@ def test_tokenizer_matches_the_hf_export(exported):
   for row in map(json.loads, open(os.path.join(TASKS_DIR, 'shakespeare_mc.jsonl'))):
     for text in [row['context']] + [row['context'] + c for c in row['choices']]:
       assert lm.tok_encode(text) == tok(text)['input_ids']  # BOS first on both sides
-  assert lm.eot_token_id == tok.eos_token_id == prepare.EOS_ID
-  assert lm.prefix_token_id == tok.bos_token_id == prepare.BOS_ID  # the hf model's prefix too
+  assert lm.eot_token_id == tok.eos_token_id == tokenizer_lib.EOS_ID
+  assert lm.prefix_token_id == tok.bos_token_id == tokenizer_lib.BOS_ID  # the hf model's prefix too
 
 
 def _sp(exported):

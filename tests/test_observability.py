@@ -12,7 +12,8 @@ import jax
 import pytest
 
 from conftest import ROOT, run_config
-from idea_prune_jax.train import chips, pipeline
+from idea_prune_jax.train import chips
+from idea_prune_jax.train import plan as plan_lib
 
 
 @pytest.mark.parametrize('kind, tflops', [
@@ -45,7 +46,7 @@ def test_rows_carry_mfu_report_has_goodput_and_the_profile_is_written(tmp_path, 
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train] == list(range(6))
-  flops = pipeline.step_flops(run_config(config), pipeline.plan(run_config(config))[0])
+  flops = plan_lib.step_flops(run_config(config), plan_lib.plan(run_config(config))[0])
   peak = chips.peak_flops_per_device(jax.devices()[0])
   for r in train:
     assert r['tflops_per_device'] == pytest.approx(flops / r['step_s'] / jax.device_count() / 1e12)

@@ -11,14 +11,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, run_config
-from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.experiments import experiment
 from idea_prune_jax.io import export
 from idea_prune_jax import importance, masks as masks_lib
 from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
-from idea_prune_jax.train import train as train_lib
+from idea_prune_jax.train import optim
 from idea_prune_jax.prune.structure import FFN_STRUCTURE
 
 
@@ -102,7 +103,7 @@ def test_naive_rewarms_and_scratch_does_not(tiny_config, tmp_path):
 
 
 def test_shrink_at_t_end_keeps_logits_and_slices_optimizer_state(tiny_config):
-  phases = pipeline.plan(run_config(tiny_config))
+  phases = plan_lib.plan(run_config(tiny_config))
   prune, recovery = phases[1], phases[2]
   mesh = sharding_lib.make_mesh(run_config(tiny_config).mesh)
   p_prune = pipeline.parts(run_config(tiny_config), prune, mesh)
@@ -183,13 +184,13 @@ def test_naive_iterative_stays_inside_the_run_and_reports_the_executed_plan(tiny
   assert report['tokens'] == max(_rows(str(tmp_path), 'tokens_seen').values())
   assert report['tokens'] == tiny_config.train.steps * tokens_per_step
   run = run_config(tiny_config)
-  assert report['train_flops'] == pipeline.train_flops(run, pipeline.plan(run))
+  assert report['train_flops'] == plan_lib.train_flops(run, plan_lib.plan(run))
   assert summary['ffn_final'] == tiny_config.prune.target_ffn  # shrunk after the last step
 
 
 def test_oneshot_scoring_batches_count_in_train_flops(tiny_config):
   tiny_config.pipeline = 'naive'
-  phases = pipeline.plan(run_config(tiny_config))
+  phases = plan_lib.plan(run_config(tiny_config))
   enlarged, recovery = phases
   tokens = tiny_config.train.batch_size * tiny_config.data.seq_len
   per_token = lambda ffn: model_lib.flops_per_token(
@@ -197,7 +198,7 @@ def test_oneshot_scoring_batches_count_in_train_flops(tiny_config):
   steps = lambda ph: ph.end - ph.start
   want = tokens * (steps(enlarged) * per_token(96) + steps(recovery) * per_token(32)
                    + tiny_config.naive.score_batches * per_token(96))
-  assert pipeline.train_flops(run_config(tiny_config), phases) == pytest.approx(want, rel=1e-12)
+  assert plan_lib.train_flops(run_config(tiny_config), phases) == pytest.approx(want, rel=1e-12)
 
 
 def test_oneshot_scoring_runs_under_the_steps_mesh(tiny_config):
@@ -205,12 +206,12 @@ def test_oneshot_scoring_runs_under_the_steps_mesh(tiny_config):
   run = run_config(tiny_config)
   mesh = sharding_lib.make_mesh(run.mesh)
   fn = pipeline.oneshot_score_fn(run, run.model, mesh)
-  enlarged = pipeline.plan(run)[0]
+  enlarged = plan_lib.plan(run)[0]
   parts = pipeline.parts(run, enlarged, mesh)
   params = jax.eval_shape(lambda: parts.init_fn(jax.random.key(0)).params)
   scores = importance.init({'ffn': jnp.zeros((2, 96))}, run.prune.score)
-  batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in ('inputs', 'targets')}
-  batch['weights'] = jax.ShapeDtypeStruct((8, 32), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((8, 32), jnp.int32)
+  batch = batch_lib.make(tokens, tokens, jax.ShapeDtypeStruct((8, 32), jnp.float32))
   text = fn.lower(scores, params, batch).as_text()
   step_text = pipeline.step_fn(run, enlarged, parts, mesh).lower(
       jax.eval_shape(parts.init_fn, jax.random.key(0)), batch).as_text()
@@ -227,22 +228,22 @@ def test_applied_lr_at_phase_boundaries(tiny_config, name):
   tiny_config.naive.update(prune='iterative', window=0.25)
   run = run_config(tiny_config)
   mesh = sharding_lib.make_mesh(run.mesh)
-  enlarged, prune = pipeline.plan(run)[:2]
+  enlarged, prune = plan_lib.plan(run)[:2]
   p_enl, p_prune = pipeline.parts(run, enlarged, mesh), pipeline.parts(run, prune, mesh)
   state = p_enl.init_fn(jax.random.key(0))
   state = state.replace(step=jnp.asarray(prune.start), opt_state=jax.tree.map(
       lambda x: jnp.full_like(x, prune.start) if x.dtype == jnp.int32 else x, state.opt_state))
   new = pipeline.transition(None, run, enlarged, prune, state, p_prune)
-  count = int(train_lib.lr_count(new.opt_state))
+  count = int(optim.lr_count(new.opt_state))
   assert count == (prune.start if name == 'idea' else 0)
   x = np.random.RandomState(0).randint(4, 512, (8, 33)).astype(np.int32)
-  batch = data_lib.split_batch(x)
+  batch = batch_lib.from_rows(x)
   before = jax.tree.map(np.asarray, new.params)
   step = pipeline.step_fn(run_config(tiny_config), prune, p_prune, mesh)
   after, metrics = step(new, batch)
   lr = float(p_prune.schedule(count))
   assert float(metrics['lr']) == pytest.approx(lr)
-  assert int(train_lib.lr_count(after.opt_state)) == count + 1
+  assert int(optim.lr_count(after.opt_state)) == count + 1
   # AdamW's first step moves an un-decayed param (a norm scale) by lr·m̂/(√v̂+ε) ≈ lr·sign(g).
   if name == 'naive':
     moved = np.abs(np.asarray(after.params['final_norm']['scale']) - before['final_norm']['scale'])

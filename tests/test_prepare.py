@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from idea_prune_jax.data import inputs, prepare, split
-from idea_prune_jax.data.prepare import DataError
+from idea_prune_jax.data import inputs, layout, prepare, split
+from idea_prune_jax.data import records as records_lib
+from idea_prune_jax.data.inputs import DataError
 
 SMALL_VOCAB = 512
 
@@ -19,7 +20,7 @@ SMALL_VOCAB = 512
 def records(out, split):
   """Every record of a split, in manifest order, as int32 arrays."""
   from array_record.python import array_record_module
-  manifest = prepare.read_manifest(str(out))
+  manifest = layout.read_manifest(str(out))
   result = []
   for name in manifest['splits'][split]['shards']:
     reader = array_record_module.ArrayRecordReader(os.path.join(out, name))
@@ -30,7 +31,7 @@ def records(out, split):
 
 def texts(out, split):
   """The decoded documents of a split, checking every record is [bos] + ids + [eos]."""
-  manifest = prepare.read_manifest(str(out))
+  manifest = layout.read_manifest(str(out))
   sp = spm.SentencePieceProcessor(model_file=os.path.join(out, 'tokenizer.model'))
   ids = manifest['special_ids']
   decoded = []
@@ -85,7 +86,7 @@ def write_parquet(path, docs, key='text'):
 
 def test_embedded_records_decode_to_the_works_cut_into_scenes(embedded_out, works):
   out, manifest = embedded_out
-  assert prepare.read_manifest(str(out)) == manifest
+  assert layout.read_manifest(str(out)) == manifest
   assert manifest['special_ids'] == {'pad': 0, 'unk': 1, 'bos': 2, 'eos': 3}
   assert manifest['vocab_size'] == SMALL_VOCAB and manifest['parts'] == 1
   assert manifest['split'] == 'auto'
@@ -100,7 +101,7 @@ def test_embedded_records_decode_to_the_works_cut_into_scenes(embedded_out, work
   assert train['documents'] == len(texts(out, 'train'))
   assert train['mean_document_tokens'] == round(train['tokens'] / train['documents'], 1)
   model = (out / 'tokenizer.model').read_bytes()
-  assert manifest['tokenizer_digest'] == prepare._digest(model)
+  assert manifest['tokenizer_digest'] == layout.tokenizer_digest(model)
   assert sorted(os.listdir(out)) == sorted(['manifest.json', 'manifest-00000-of-00001.json',
                                             'tokenizer.model', *train['shards'],
                                             *manifest['splits']['validation']['shards']])
@@ -175,7 +176,7 @@ def test_tfds_mock_records_by_index(tmp_path, tokenizer, monkeypatch):
                       val_fraction=0.4, shard=(part, 2), progress=False)
     assert collections.Counter(texts(tmp_path / 'two', 'train')) == \
         collections.Counter(texts(tmp_path / 'one', 'train'))
-    assert prepare.read_manifest(str(tmp_path / 'two'))['splits']['train']['documents'] == \
+    assert layout.read_manifest(str(tmp_path / 'two'))['splits']['train']['documents'] == \
         whole['splits']['train']['documents']
     with pytest.raises(DataError, match=r"--text_key='body': not in the records of tfds:lm1b"):
       prepare.prepare('tfds:lm1b', str(tmp_path / 'x'), tokenizer=tokenizer, text_key='body',
@@ -219,14 +220,14 @@ def test_shard_union_equals_the_one_machine_run(tmp_path, tokenizer, works, n_fi
     if part:  # before the last part: no manifest.json, and read_manifest says what is missing
       with pytest.raises(DataError, match=rf'parts \[{", ".join(map(str, range(part, parts)))}\]'
                          rf' of {parts} are missing'):
-        prepare.read_manifest(str(tmp_path / 'many'))
+        layout.read_manifest(str(tmp_path / 'many'))
     merged = prepare.prepare(spec, str(tmp_path / 'many'), shard=(part, parts), **kw)
-  assert merged == prepare.read_manifest(str(tmp_path / 'many'))
-  for split in prepare.SPLITS:
-    assert collections.Counter(texts(tmp_path / 'many', split)) == \
-        collections.Counter(texts(tmp_path / 'one', split))
-    assert {k: merged['splits'][split][k] for k in ('documents', 'tokens')} == \
-        {k: one['splits'][split][k] for k in ('documents', 'tokens')}
+  assert merged == layout.read_manifest(str(tmp_path / 'many'))
+  for name in layout.SPLITS:
+    assert collections.Counter(texts(tmp_path / 'many', name)) == \
+        collections.Counter(texts(tmp_path / 'one', name))
+    assert {k: merged['splits'][name][k] for k in ('documents', 'tokens')} == \
+        {k: one['splits'][name][k] for k in ('documents', 'tokens')}
   assert len(merged['splits']['train']['shards']) > parts  # rolled every 4 records
   assert merged['parts'] == parts
   assert {k: v for k, v in merged.items() if k not in ('parts', 'splits')} == \
@@ -278,7 +279,7 @@ def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenize
   write_jsonl(tmp_path / 'a.jsonl', docs)
   out, kw = tmp_path / 'out', dict(tokenizer=tokenizer, val_fraction=0.2, records_per_shard=3,
                                    progress=False)
-  real_add, added = prepare._SplitWriter.add, []
+  real_add, added = records_lib.SplitWriter.add, []
 
   def failing_add(self, record):  # dies mid-shard, after some shards were completed
     if len(added) == 10:
@@ -286,9 +287,9 @@ def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenize
     added.append(1)
     real_add(self, record)
   with monkeypatch.context() as patch:
-    patch.setattr(prepare._SplitWriter, 'add', failing_add)
+    patch.setattr(records_lib.SplitWriter, 'add', failing_add)
     if killed:
-      patch.setattr(prepare._SplitWriter, 'abort', lambda self: None)
+      patch.setattr(records_lib.SplitWriter, 'abort', lambda self: None)
     with pytest.raises(KeyboardInterrupt):
       prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
   shards = sorted(n for n in os.listdir(out) if n.endswith('.array_record'))
@@ -299,7 +300,7 @@ def test_a_failed_prepare_leaves_no_final_named_partial_shard(tmp_path, tokenize
   assert bool(temps) == killed  # the shard open at the kill, under its temporary name
   kw['records_per_shard'] = 100  # fewer shards than before: the old ones must go
   manifest = prepare.prepare(str(tmp_path / 'a.jsonl'), str(out), **kw)
-  listed = {n for s in prepare.SPLITS for n in manifest['splits'][s]['shards']}
+  listed = {n for s in layout.SPLITS for n in manifest['splits'][s]['shards']}
   assert set(os.listdir(out)) - listed == {'tokenizer.model', 'manifest.json',
                                            'manifest-00000-of-00001.json'}  # stale ones removed
   assert sorted(texts(out, 'train') + texts(out, 'validation')) == sorted(docs)
@@ -413,7 +414,7 @@ def test_malformed_shard_names_the_flag(text):
 def test_read_manifest_errors(tmp_path, embedded_out):
   with pytest.raises(DataError, match=r'no manifest\.json; prepare it with idea-prune '
                      r'prepare-data'):
-    prepare.read_manifest(str(tmp_path))
+    layout.read_manifest(str(tmp_path))
   out, manifest = embedded_out
   copy = tmp_path / 'copy'
   copy.mkdir()
@@ -422,16 +423,16 @@ def test_read_manifest_errors(tmp_path, embedded_out):
       (copy / name).write_bytes((out / name).read_bytes())
   with pytest.raises(DataError, match=r'1 file\(s\) of manifest\.json are missing \(first: '
                      r'validation-00000-of-00001-00000\.array_record\)'):
-    prepare.read_manifest(str(copy))
+    layout.read_manifest(str(copy))
 
 
 def test_check_vocab(embedded_out):
   manifest = embedded_out[1]
-  prepare.check_vocab(manifest, SMALL_VOCAB)
-  prepare.check_vocab(manifest, SMALL_VOCAB + 128)  # padding the embedding is fine
+  layout.check_vocab(manifest, SMALL_VOCAB)
+  layout.check_vocab(manifest, SMALL_VOCAB + 128)  # padding the embedding is fine
   with pytest.raises(DataError, match=r'^config\.model\.vocab_size=256: the prepared tokenizer '
                      r'has 512 pieces; set model\.vocab_size >= 512$'):
-    prepare.check_vocab(manifest, 256)
+    layout.check_vocab(manifest, 256)
 
 
 def test_cli_prepare_data(tmp_path, tokenizer):
@@ -496,7 +497,7 @@ def test_gcs_output_against_a_fake_server(tmp_path, tokenizer, works, monkeypatc
                                'gs://bkt/data/c4', tokenizer='gs://bkt/tok/tokenizer.model',
                                val_fraction=0.3, shard=(part, 2), records_per_shard=2,
                                progress=False)
-    assert prepare.read_manifest('gs://bkt/data/c4') == merged
+    assert layout.read_manifest('gs://bkt/data/c4') == merged
     root = epath.Path('gs://bkt/data/c4')
     names = sorted(p.name for p in root.iterdir())
     assert not [n for n in names if '.tmp' in n]

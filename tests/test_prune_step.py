@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from conftest import run_config
-from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.train import pipeline, sharding
+from idea_prune_jax.train import plan as plan_lib
 
 
 def test_prune_step_compiles_once_while_k_moves(tiny_config):
   tiny_config.train.steps = 40
   tiny_config.prune.update(t_start=0.25, t_end=0.75, every=2)
   mesh = sharding.make_mesh(run_config(tiny_config).mesh)
-  phase = pipeline.plan(run_config(tiny_config))[1]
+  phase = plan_lib.plan(run_config(tiny_config))[1]
   parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
   step = pipeline.step_fn(run_config(tiny_config), phase, parts, mesh)
@@ -22,7 +23,7 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
   widths, ks = [], []
   for t in range(phase.start, phase.end):
     x = rng.randint(4, 512, (tiny_config.train.batch_size, tiny_config.data.seq_len + 1))
-    batch = data_lib.split_batch(x.astype(np.int32))
+    batch = batch_lib.from_rows(x.astype(np.int32))
     state, metrics = step(state, batch)
     widths.append(int(np.asarray(state.masks['ffn']).sum(-1).max()))
     assert np.all(np.asarray(state.masks['ffn']).sum(-1) == widths[-1])  # every layer: exact k
@@ -42,7 +43,7 @@ def _batches(config, n, seed=0):
   rng = np.random.RandomState(seed)
   for _ in range(n):
     x = rng.randint(4, 512, (config.train.batch_size, config.data.seq_len + 1)).astype(np.int32)
-    yield data_lib.split_batch(x)
+    yield batch_lib.from_rows(x)
 
 
 @pytest.mark.parametrize('kind', ['magnitude', 'sensitivity_ema', 'activation', 'activation_kd'])
@@ -52,7 +53,7 @@ def test_every_score_kind_runs_in_the_trainers_prune_step(tiny_config, kind):
   if kd:
     tiny_config.distill.update(alpha=0.5, phases='prune')
   mesh = sharding.make_mesh(run_config(tiny_config).mesh)
-  phase = pipeline.plan(run_config(tiny_config))[1]
+  phase = plan_lib.plan(run_config(tiny_config))[1]
   assert phase.kd == kd
   parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.key(0))
@@ -69,7 +70,7 @@ def test_every_score_kind_runs_in_the_trainers_prune_step(tiny_config, kind):
 
 def test_the_trainer_drops_the_lowest_scoring_neurons(tiny_config):
   mesh = sharding.make_mesh(run_config(tiny_config).mesh)
-  phase = pipeline.plan(run_config(tiny_config))[1]
+  phase = plan_lib.plan(run_config(tiny_config))[1]
   parts = pipeline.parts(run_config(tiny_config), phase, mesh)
   state = parts.init_fn(jax.random.key(0))
   n_layers, width = state.masks['ffn'].shape

@@ -11,7 +11,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, checkpoint_state as _state, logged_losses as _losses, run_config

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_config, validate
 from idea_prune_jax import settings
-from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.settings import ConfigError
 from idea_prune_jax.train.config import prune_schedule
 from idea_prune_jax.prune.errors import PruneError
@@ -151,7 +151,7 @@ def test_every_accepted_config_plans_inside_the_run_and_reaches_target(name):
           validate(c, 1)
         except ConfigError:
           continue
-        phases = pipeline.plan(run_config(c))
+        phases = plan_lib.plan(run_config(c))
         assert phases[0].start == 0 and phases[-1].end == steps, phases
         assert all(p.end == q.start for p, q in zip(phases, phases[1:])), phases
         assert all(p.start <= p.end for p in phases), phases

@@ -171,3 +171,54 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   again = _sweep(c, workdir)
   assert [r['val_loss'] for r in again['runs']] == [r['val_loss'] for r in saved['runs']]
   assert all(os.path.getmtime(os.path.join(d, 'report.json')) == t for d, t in mtimes.items())
+
+
+def test_ablation_axes_vary_one_field_each_around_the_config():
+  c = _config(budgets='1', pipelines='idea,naive,scratch', lrs='1e-3', seeds=2,
+              enlarge='2,4', t_starts='0.3', windows='0.4')
+  c.prune.update(t_start=0.5, t_end=0.7)
+  plan = _runs(c, '/s')
+  by_label = {}
+  for r in plan:
+    by_label.setdefault(r['pipeline'], []).append(r)
+  assert sorted(by_label) == ['idea', 'idea@e2', 'idea@e4', 'idea@ts0.3', 'idea@w0.4', 'naive',
+                              'naive@e2', 'naive@e4', 'scratch']
+  assert all(len(rs) == 2 for rs in by_label.values())  # every label on both seeds
+  cfg = lambda label: by_label[label][0]['config']
+  target = cfg('idea').prune.target_ffn  # 32 in micro:test
+  assert cfg('idea@e2').model.ffn_dim == cfg('naive@e2').model.ffn_dim == 2 * target
+  assert cfg('idea@e4').model.ffn_dim == 4 * target
+  assert cfg('idea@e2').prune == cfg('idea').prune  # only the enlargement moved
+  assert (cfg('idea@ts0.3').prune.t_start, cfg('idea@ts0.3').prune.t_end) == pytest.approx(
+      (0.3, 0.5))  # the window length kept
+  assert (cfg('idea@w0.4').prune.t_start, cfg('idea@w0.4').prune.t_end) == pytest.approx(
+      (0.5, 0.9))
+  assert cfg('idea@w0.4').model == cfg('idea').model
+  assert len({r['dir'] for r in plan}) == len(plan)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('enlarge', '1,2', r'config.sweep.enlarge=.*leaves nothing to prune'),
+    ('windows', '0.6', r'config.sweep.windows: the w0.6 variant is not a valid run'),
+    ('t_starts', 'x', r'config.sweep.t_starts')])
+def test_bad_ablation_values_name_their_field(field, value, match):
+  c = _config(budgets='1', pipelines='idea,naive,scratch', seeds=1, **{field: value})
+  with pytest.raises(ConfigError, match=match):
+    _runs(c, '/s')
+
+
+def test_table_gaps_each_ablation_against_scratch_and_its_naive(tmp_path):
+  results = [_result(1, 'scratch', 1e-3, s, 3.0 + s * 0.1) for s in (0, 1)]
+  results += [_result(1, 'idea@e2', 1e-3, s, 2.9 + s * 0.1) for s in (0, 1)]
+  results += [_result(1, 'naive@e2', 1e-3, s, 2.95 + s * 0.12) for s in (0, 1)]
+  results += [_result(1, 'idea@ts0.3', 1e-3, s, 3.05 + s * 0.1) for s in (0, 1)]
+  (row,) = sweep.table(results, params_target=100)
+  gaps = row['ablations']
+  assert gaps['idea@e2']['scratch']['gap'] == pytest.approx(-0.1)
+  assert gaps['idea@e2']['naive']['gap'] == pytest.approx(-0.06)  # -0.05 and -0.07
+  assert gaps['idea@ts0.3']['scratch']['gap'] == pytest.approx(0.05)
+  assert 'naive' not in gaps['idea@ts0.3']  # no naive@ts0.3: naive has no window to move
+  assert gaps['naive@e2']['scratch']['gap'] == pytest.approx(-0.04)
+  sweep.write(str(tmp_path), {'params_target': 100, 'runs': results, 'budgets': [row]})
+  md = (tmp_path / 'sweep.md').read_text()
+  assert '| 1× | idea@e2 | 2.9500 ± 0.0707 | -0.1000 ± 0.0000 | -0.0600 ± 0.0141 | 2 |' in md

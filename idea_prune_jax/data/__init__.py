@@ -1,1 +1,1 @@
-"""Input sources, prepare-data, the grain stream, storage (local or gs://); the embedded corpus."""
+"""Input sources, prepare-data, the grain stream, the batch, storage (local or gs://); the corpus."""

@@ -23,7 +23,7 @@ class DataConfig:
   split: str = 'auto'  # texts/records into documents: auto | file | paragraphs | chunk:N (split.py)
   seq_len: int = 128
   attention: str = 'document'  # document: masked per document | causal: one sequence per row
-  shards: int = 0  # document shards of the train stream; 0 = one per process (see data.py)
+  shards: int = 0  # document shards of the train stream; 0 = one per process (see stream.py)
   read_threads: int = 2  # grain threads reading records
   prefetch: int = 2  # batches prefetched by a thread (0: none)
   workers: int = 0  # grain worker processes (0: read in the training process)

@@ -8,18 +8,20 @@ generation) is added here.
 
 import numpy as np
 
-from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.data import batch as batch_lib
+from idea_prune_jax.data import tokenizer as tokenizer_lib
+from idea_prune_jax.data.inputs import DataError
 from idea_prune_jax.eval import scoring
 from idea_prune_jax.model.config import ModelConfig
 
 
 def start_id(sp) -> int:
   """The id a request's context follows: the tokenizer's BOS, which training puts before every
-  document (`data.document_ids`); without one, its EOS, which ends the document before."""
+  document (`tokenizer.document_ids`); without one, its EOS, which ends the document before."""
   start = sp.bos_id() if sp.bos_id() >= 0 else sp.eos_id()
   if start < 0:
-    raise data_lib.DataError('the tokenizer has neither BOS nor EOS, so a context has no start; '
-                             'use a SentencePiece model with bos_id or eos_id set')
+    raise DataError('the tokenizer has neither BOS nor EOS, so a context has no start; '
+                    'use a SentencePiece model with bos_id or eos_id set')
   return start
 
 
@@ -38,10 +40,10 @@ def perplexity(params, model_cfg: ModelConfig, sp, texts: list[str], seq_len: in
                batch_size: int = 8) -> dict:
   """Token-level loss and perplexity of texts, framed as training frames documents and packed
   into seq_len windows (the ragged tail is dropped)."""
-  tokens = np.asarray([i for text in texts for i in data_lib.document_ids(sp, text)], np.int32)
-  windows = data_lib.windows(tokens, seq_len)
+  tokens = np.asarray([i for text in texts for i in tokenizer_lib.document_ids(sp, text)], np.int32)
+  windows = batch_lib.windows(tokens, seq_len)
   if len(windows) == 0:
-    raise data_lib.DataError(f'--files: fewer than {seq_len + 1} tokens; pass more text')
+    raise DataError(f'--files: fewer than {seq_len + 1} tokens; pass more text')
   return scorer(params, model_cfg, batch_size, seq_len).perplexity(windows)
 
 

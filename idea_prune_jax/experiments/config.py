@@ -25,3 +25,9 @@ class SweepConfig:
   kd_alphas: str = ''  # e.g. '0.1,0.3,0.5,0.9:0.5'
   kd_taus: str = ''  # e.g. '1,2'
   kd_phases: str = ''  # e.g. 'prune,recovery,both'
+  # The paper's ablations, each axis varied alone around the config (empty: not varied). idea and
+  # naive run once per value, labelled idea@e2.6, naive@e2.6, idea@ts0.3, idea@w0.4; scratch
+  # (and scratch_flops) once, as without them.
+  enlarge: str = ''  # enlarged FFN / target FFN, e.g. '1.3,2,2.6,4,5.3' (model.ffn_dim rounded)
+  t_starts: str = ''  # prune.t_start fractions, e.g. '0.3,0.5,0.7' (the window kept)
+  windows: str = ''  # window lengths t_end - t_start as fractions, e.g. '0.1,0.2,0.4'

@@ -6,10 +6,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.data import provision
 from idea_prune_jax.io import export
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
 from idea_prune_jax.experiments.config import IDEA_KD_ALPHA, CompareConfig
@@ -69,8 +70,8 @@ def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict
       'params_final': model_lib.param_count(model_cfg),
       'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
       # From the executed plan, which is what ran (and what train_flops counts).
-      'tokens': pipeline.plan_tokens(run, out['phases']), 'steps': int(state.step),
-      'train_flops': pipeline.train_flops(run, out['phases']),
+      'tokens': plan_lib.plan_tokens(run, out['phases']), 'steps': int(state.step),
+      'train_flops': plan_lib.train_flops(run, out['phases'], pipeline.teacher_config(run)),
       'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
       'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}
                  for ph in out['phases']],
@@ -121,8 +122,8 @@ def variant(run: RunConfig, name: str, seed: int, steps: int | None = None) -> R
 def flops_matched_steps(run: RunConfig) -> int:
   """Steps of the target model that cost what run's idea run costs (scratch_flops)."""
   idea, scratch = variant(run, 'idea', run.seed), variant(run, 'scratch', run.seed)
-  ratio = (pipeline.train_flops(idea, pipeline.plan(idea))
-           / pipeline.train_flops(scratch, pipeline.plan(scratch)))
+  ratio = (plan_lib.train_flops(idea, plan_lib.plan(idea))
+           / plan_lib.train_flops(scratch, plan_lib.plan(scratch)))
   return int(round(run.train.steps * ratio))
 
 
@@ -130,7 +131,7 @@ def prepared_once(run: RunConfig, workdir: str) -> RunConfig:
   """run reading its data prepared once into workdir/data, so every run it spawns shares it."""
   if run.data.source == 'prepared':
     return run
-  prepared = data_lib.prepared_dir(
+  prepared = provision.prepared_dir(
       run.data, run.model.vocab_size, workdir, jax.process_index() == 0,
       lambda: multihost_utils.sync_global_devices('idea_prune_jax:shared_data'))
   return override(run, {'data.prepared_dir': prepared, 'data.source': 'prepared'})

@@ -4,7 +4,9 @@ Where does enlarge-and-prune pay off? A budget multiplies train.steps; `scratch_
 target model trained on as many FLOPs as idea spends at that budget. A pipeline's figure at a
 budget is its best peak LR (lowest mean validation loss over seeds), so one shared peak cannot
 decide the ranking. `idea_kd` runs once per KD setting of sweep.kd_alphas × kd_taus × kd_phases
-and each is tabled against idea. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps
+and each is tabled against idea. The paper's ablations (sweep.enlarge, sweep.t_starts,
+sweep.windows) add idea (and naive, for the enlargement) variants, each tabled against scratch
+and naive at the same tag. Writes sweep.json, sweep.md and sweep.png (the val-loss gaps
 idea − scratch, idea − scratch_flops and idea − naive, seed by seed, against tokens per target
 parameter). A rerun skips finished runs.
 """
@@ -21,7 +23,7 @@ from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax.prune import distill
 from idea_prune_jax.experiments import experiment
 from idea_prune_jax.model import model as model_lib
-from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
 from idea_prune_jax.experiments.config import SweepConfig
@@ -84,6 +86,37 @@ def kd_settings(sw: SweepConfig, k: DistillConfig) -> list[tuple[str, dict]]:
   return out
 
 
+def ablations(run: RunConfig, sw: SweepConfig) -> list[tuple[str, dict, tuple[str, ...]]]:
+  """(tag, field changes, the pipelines it applies to) for each value of sweep.enlarge,
+  sweep.t_starts and sweep.windows, each axis varied alone around run."""
+  p = run.prune
+  window = p.t_end - p.t_start
+  out = []
+  for ratio in (_numbers('sweep.enlarge', sw.enlarge, 1.0) if sw.enlarge.strip() else []):
+    ffn = max(int(round(ratio * p.target_ffn / p.round_to)), 1) * p.round_to
+    if ffn <= p.target_ffn:
+      raise ConfigError(f'config.sweep.enlarge={sw.enlarge!r}: {ratio:g} x prune.target_ffn='
+                        f'{p.target_ffn} leaves nothing to prune; use ratios above 1')
+    out.append((f'e{ratio:g}', {'model.ffn_dim': ffn}, ('idea', 'naive')))
+  for t_start in (_numbers('sweep.t_starts', sw.t_starts, 1.0) if sw.t_starts.strip() else []):
+    out.append((f'ts{t_start:g}', {'prune.t_start': t_start, 'prune.t_end': t_start + window},
+                ('idea',)))
+  for length in (_numbers('sweep.windows', sw.windows, 1.0) if sw.windows.strip() else []):
+    out.append((f'w{length:g}', {'prune.t_end': p.t_start + length}, ('idea',)))
+  return out
+
+
+def _ablation(c: RunConfig, tag: str, changes: dict, field_name: str) -> RunConfig:
+  try:
+    return override(c, changes)
+  except ConfigError as e:
+    raise ConfigError(f'config.sweep.{field_name}: the {tag} variant is not a valid run: {e}'
+                      ) from None
+
+
+_AXIS_FIELDS = {'e': 'enlarge', 'ts': 't_starts', 'w': 'windows'}
+
+
 def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
   """Every run of the sweep, in execution order, each with its pipeline's RunConfig ('config'),
   checked."""
@@ -95,6 +128,7 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
   if sw.seeds < 1:
     raise ConfigError(f'config.sweep.seeds={sw.seeds}: must be >= 1')
   kd = kd_settings(sw, run.distill) if 'idea_kd' in names else []
+  variants = ablations(run, sw)
   # idea_kd is idea until t_start (no KD phase starts earlier): each idea_kd run starts from
   # its idea run's checkpoint at t_start, which that run keeps, so idea must run first.
   branched = 'idea' in names and 'idea_kd' in names
@@ -119,11 +153,22 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
                      'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
                      'dir': run_dir}
             if branched and name == 'idea':
-              source = {'dir': run_dir, 'step': pipeline.plan(c)[0].end}  # t_start
+              source = {'dir': run_dir, 'step': plan_lib.plan(c)[0].end}  # t_start
               c = override(c, {'train.keep_steps': str(source['step'])})
             elif branched and name == 'idea_kd' and source:
               entry['start_from'] = dict(source)
             out.append(entry | {'config': c})
+          for tag, changes, applies_to in variants:
+            if name not in applies_to:
+              continue
+            axis = _AXIS_FIELDS[tag.rstrip('0123456789.')]
+            c = _ablation(override(experiment.variant(base, name, seed), {'train.lr': lr}), tag,
+                          changes, axis)
+            label = f'{name}@{tag}'
+            out.append({'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
+                        'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
+                        'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
+                                            f'seed{seed}'), 'config': c})
   return out
 
 
@@ -205,6 +250,18 @@ def table(results: list[dict], params_target: int) -> list[dict]:
     for a, b in GAPS:  # each at its best LR, seed by seed: a seed fixes the batches for both
       if a in p and b in p:
         row[f'{a}-{b}'] = _paired(at, a, b, p[a]['best_lr'], p[b]['best_lr'])
+    ablated = {}  # idea@tag − scratch and − naive@tag; naive@tag − scratch
+    for name in (n for n in p if '@' in n):
+      base, tag = name.split('@')
+      gaps = {}
+      if 'scratch' in p:
+        gaps['scratch'] = _paired(at, name, 'scratch', p[name]['best_lr'], p['scratch']['best_lr'])
+      if base == 'idea' and f'naive@{tag}' in p:
+        gaps['naive'] = _paired(at, name, f'naive@{tag}', p[name]['best_lr'],
+                                p[f'naive@{tag}']['best_lr'])
+      ablated[name] = gaps
+    if ablated:
+      row['ablations'] = ablated
     if 'idea' in p:  # what each KD setting adds to idea (negative: KD helps)
       row['kd-idea'] = {n: _paired(at, n, 'idea', p[n]['best_lr'], p[n]['best_lr'])
                         for n in p if n.startswith('idea_kd')}
@@ -284,5 +341,19 @@ def write(workdir: str, out: dict) -> None:
       lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
                    f'{p["val_loss_std"]:.4f} | {g["gap"]:+.4f} ± {g["spread"]:.4f} | '
                    f'{g["seeds"]} | {kd} |')
+  ab_rows = [(row, n, g) for row in out['budgets'] for n, g in row.get('ablations', {}).items()]
+  if ab_rows:
+    lines += ['', 'Ablations (sweep.enlarge, sweep.t_starts, sweep.windows; each axis alone): '
+              'the variant minus scratch at equal tokens, and idea@tag minus naive@tag (the '
+              'same enlargement, pruned at the end), seed by seed, mean ± std (negative: the '
+              'variant better).', '',
+              '| budget | variant | val loss | − scratch | − naive (same tag) | seeds |',
+              '|---|---|---|---|---|---|']
+    cell = lambda g: f'{g["gap"]:+.4f} ± {g["spread"]:.4f}' if g else '—'
+    for row, name, g in ab_rows:
+      p = row['pipelines'][name]
+      lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
+                   f'{p["val_loss_std"]:.4f} | {cell(g.get("scratch"))} | '
+                   f'{cell(g.get("naive"))} | {len(p["val_loss"])} |')
   lines += ['', '![sweep](sweep.png)']
   storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')

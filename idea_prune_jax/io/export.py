@@ -183,7 +183,7 @@ def save_hf(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str 
     sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer_path))
     special = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'pad': sp.pad_id(), 'unk': sp.unk_id()}
     ids = {f'{k}_token_id': (i if i >= 0 else None) for k, i in special.items() if k != 'unk'}
-    # Training frames every document as [BOS] ids [EOS] (data.document_ids), so a prompt starts
+    # Training frames every document as [BOS] ids [EOS] (tokenizer.document_ids), so a prompt starts
     # with BOS; EOS ends a document, never a prompt. Without a BOS the model saw none.
     tok_config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': sp.bos_id() >= 0,
                   'add_eos_token': False, 'legacy': False,

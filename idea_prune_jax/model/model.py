@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from idea_prune_jax.data.batch import PACKING_KEYS, Batch
 from idea_prune_jax.model import attention as attention_lib
 from idea_prune_jax.model.config import ModelConfig
 
@@ -123,9 +124,9 @@ class Block(nn.Module):
     return x_BxLxD, None
 
 
-def batch_inputs(batch) -> dict:
-  """The model's keyword inputs from a batch dict: the packing fields when present."""
-  return {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
+def batch_inputs(batch: Batch) -> dict:
+  """The model's keyword inputs from a batch: its packing keys (segment_ids, positions), if any."""
+  return {k: batch[k] for k in PACKING_KEYS if k in batch}
 
 
 class Transformer(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.model import attention as attention_lib
 from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax.tools import hlo_cost
@@ -30,9 +31,10 @@ from idea_prune_jax.prune import importance
 from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.prune import structure
-from idea_prune_jax.train import train as train_lib
+from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.experiments.config import IDEA_KD_ALPHA
 from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, override
 
@@ -74,14 +76,13 @@ def kd_run(run: RunConfig) -> RunConfig:
   return override(run, changes)
 
 
-def abstract_batch(run: RunConfig, mesh):
+def abstract_batch(run: RunConfig, mesh) -> batch_lib.Batch:
   shape = (run.train.batch_size, run.data.seq_len)
   leaf = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
   weights = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=leaf.sharding)
-  batch = {'inputs': leaf, 'targets': leaf, 'weights': weights}
   if run.data.attention == 'document':  # packed documents: segment ids and positions
-    batch.update(segment_ids=leaf, positions=leaf)
-  return batch
+    return batch_lib.make(leaf, leaf, weights, segment_ids=leaf, positions=leaf)
+  return batch_lib.make(leaf, leaf, weights)
 
 
 def _name(path) -> str:
@@ -134,7 +135,7 @@ def _tokens(run: RunConfig) -> int:
   return run.train.batch_size * run.data.seq_len
 
 
-def _train_flops(run: RunConfig, phase: pipeline.Phase) -> float:
+def _train_flops(run: RunConfig, phase: plan_lib.Phase) -> float:
   """Model FLOPs of one step: 6N per token (+ the KD teacher's forward, 2N per token)."""
   seq = run.data.seq_len
   per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
@@ -164,7 +165,7 @@ def _train_passes(run: RunConfig) -> float:
   return 3.0 + recompute
 
 
-def train_program(run: RunConfig, phase: pipeline.Phase, mesh, name: str | None = None) -> Step:
+def train_program(run: RunConfig, phase: plan_lib.Phase, mesh, name: str | None = None) -> Step:
   """The phase's jitted, donated train step (`pipeline.step_fn`)."""
   p = pipeline.parts(run, phase, mesh)
   fn = pipeline.step_fn(run, phase, p, mesh)
@@ -178,7 +179,7 @@ def train_program(run: RunConfig, phase: pipeline.Phase, mesh, name: str | None 
 
 def naive_score_program(run: RunConfig, mesh) -> Step:
   """naive one-shot's scoring step at the enlarged width (`pipeline.oneshot_score_fn`)."""
-  phase = pipeline.plan(run)[0]
+  phase = plan_lib.plan(run)[0]
   p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
   kind = run.prune.score
@@ -194,17 +195,17 @@ def naive_score_program(run: RunConfig, mesh) -> Step:
 
 def eval_program(run: RunConfig, mesh) -> Step:
   """The evaluation forward at the enlarged width (the wider of the two models)."""
-  phase = pipeline.plan(run)[0]
+  phase = plan_lib.plan(run)[0]
   p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
-  fn = train_lib.jit_eval(p.model, p.shardings.params, mesh)
+  fn = step_lib.jit_eval(p.model, p.shardings.params, mesh)
   return Step('eval', fn, (params, abstract_batch(run, mesh)), _train_flops(run, phase) / 3,
               {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
                **_state_bytes(params)}, _splash_flops(run, mesh, 1.0))
 
 
 def _kd_phase(run: RunConfig, name):
-  return next(ph for ph in pipeline.plan(run) if ph.name == name)
+  return next(ph for ph in plan_lib.plan(run) if ph.name == name)
 
 
 def prune_nokd_program(run: RunConfig, mesh) -> Step:

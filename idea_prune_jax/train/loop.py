@@ -1,24 +1,24 @@
-"""The host loop: batches in, steps dispatched, metrics out, eval, checkpoints, preemption."""
+"""The host loop: batches in, steps dispatched, metrics out, eval, checkpoints, preemption, and
+resuming from the newest readable checkpoint of the same model and plan."""
 
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import sys
 import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
 from idea_prune_jax.io import checkpoint as ckpt_lib
 from idea_prune_jax.train import chips
+from idea_prune_jax.train import metrics as metrics_lib
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.data import data as data_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.data import storage
@@ -36,31 +36,6 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was saved at the step boundary."""
 
 
-class Clock:
-  """Where one process's wall time went; goodput is the share spent in training steps."""
-  KINDS = ('train', 'compile', 'data', 'eval', 'checkpoint', 'restore')
-
-  def __init__(self):
-    self.start = time.perf_counter()
-    self.seconds = dict.fromkeys(self.KINDS, 0.0)
-
-  @contextlib.contextmanager
-  def timing(self, kind: str):
-    t = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.seconds[kind] += time.perf_counter() - t
-
-  def summary(self) -> dict:
-    """{'goodput', 'wall_s', '<kind>_s', 'other_s'} (other: setup, data prep, export, ...)."""
-    wall = time.perf_counter() - self.start
-    out = {f'{k}_s': round(v, 3) for k, v in self.seconds.items()}
-    out['other_s'] = round(wall - sum(self.seconds.values()), 3)
-    return {'goodput': round(self.seconds['train'] / max(wall, 1e-9), 4), 'wall_s': round(wall, 3),
-            **out}
-
-
 @dataclasses.dataclass
 class RunContext:
   """What stays fixed across the phases of one run: config, mesh, data, checkpoints."""
@@ -69,8 +44,8 @@ class RunContext:
   mesh: Any
   data: Any
   ckpt: Any
-  writer: 'MetricsWriter'
-  clock: Clock
+  writer: metrics_lib.MetricsWriter
+  clock: metrics_lib.Clock
   peak_flops: float  # per device, for MFU
   # Seconds, for train.ckpt_minutes: injectable so tests run on a fake clock.
   wall_clock: Callable[[], float] = time.monotonic
@@ -81,79 +56,13 @@ class RunContext:
     return jax.process_index() == 0
 
 
-class MetricsWriter:
-  """metrics.jsonl plus TensorBoard event files, written by process 0 only.
-
-  GCS objects cannot be appended to, so with a gs:// workdir both are written in a local twin
-  directory and uploaded whole by `sync` (at checkpoints, at close, and SYNC_S apart otherwise).
-  """
-  SYNC_S = 60.0
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.enabled, self.workdir, self.remote = enabled, workdir, storage.is_url(workdir)
-    self._jsonl = self._tb = None
-    if not enabled:
-      return
-    self._local = storage.local_twin(workdir, 'metrics') if self.remote else workdir
-    os.makedirs(self._local, exist_ok=True)
-    jsonl = os.path.join(self._local, 'metrics.jsonl')
-    if self.remote:  # carry on from the bucket's copy; this attempt's events go to a new file
-      remote = storage.path(workdir) / 'metrics.jsonl'
-      with open(jsonl, 'wb') as f:
-        f.write(remote.read_bytes() if remote.exists() else b'')
-      shutil.rmtree(os.path.join(self._local, 'tb'), ignore_errors=True)
-    self._jsonl = open(jsonl, 'a')
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(self._local, 'tb'))
-    self._synced = time.monotonic()
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not self.enabled:
-      return
-    row = {'step': int(step), **{k: _py(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
-    for k, v in row.items():
-      if isinstance(v, (int, float)) and k != 'step':
-        self._tb.add_scalar(k, v, step)
-    if self.remote and time.monotonic() - self._synced > self.SYNC_S:
-      self.sync()
-
-  def sync(self) -> None:
-    """Uploads metrics.jsonl and the event files (gs:// workdirs; a no-op locally)."""
-    if not (self.enabled and self.remote):
-      return
-    self._jsonl.flush()
-    self._tb.flush()
-    self._upload()
-
-  def _upload(self) -> None:
-    for rel in ['metrics.jsonl'] + [os.path.join('tb', f)
-                                    for f in os.listdir(os.path.join(self._local, 'tb'))]:
-      with open(os.path.join(self._local, rel), 'rb') as f:
-        storage.write_bytes(storage.join(self.workdir, rel), f.read())
-    self._synced = time.monotonic()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-      if self.remote:
-        self._upload()
-
-
-def _py(v):
-  v = np.asarray(v)
-  return v.item() if v.size == 1 else v.tolist()
-
-
 def setup(run: RunConfig, workdir: str,
           wall_clock: Callable[[], float] = time.monotonic) -> RunContext:
   """Checks the devices, builds the mesh and data, opens checkpoints; no model compute yet.
 
   workdir may be local or gs://; it is checked (bucket, credentials, not a file) up front.
   """
-  clock = Clock()
+  clock = metrics_lib.Clock()
   storage.check_workdir(workdir)
   check_devices(run, jax.device_count())
   mesh = sharding_lib.make_mesh(run.mesh)
@@ -165,7 +74,7 @@ def setup(run: RunConfig, workdir: str,
   ckpt = ckpt_lib.manager(workdir, run.train.keep_ckpts, async_save=run.train.async_ckpt,
                           keep_steps=keep_steps(run.train))
   return RunContext(run, workdir, mesh, data, ckpt,
-                    MetricsWriter(workdir, jax.process_index() == 0), clock,
+                    metrics_lib.MetricsWriter(workdir, jax.process_index() == 0), clock,
                     chips.peak_flops_per_device(jax.devices()[0]), wall_clock, wall_clock())
 
 
@@ -174,7 +83,7 @@ def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
   sharding = sharding_lib.batch_sharding(ctx.mesh)
   total = count = 0.0
   for local in ctx.data.val:
-    batch = data_lib.global_batch(local, sharding)
+    batch = batch_lib.global_batch(local, sharding)
     nll, n = eval_fn(params, batch)
     total, count = total + float(nll), count + float(n)
   val_loss = total / max(count, 1.0)
@@ -242,39 +151,6 @@ def _non_finite(ctx: RunContext, step: int, phase: str, loss: float, position: d
       'check that batch')
 
 
-class _Profiler:
-  """A jax.profiler trace of steps [start_step, start_step + steps) into W/profile."""
-
-  def __init__(self, ctx: RunContext):
-    cfg = ctx.run.profile
-    self.start, self.end = cfg.start_step, cfg.start_step + cfg.steps
-    self.target = storage.join(ctx.workdir, 'profile')
-    # The profiler writes local files; a bucket gets a copy when the trace stops.
-    self.local = (storage.local_twin(ctx.workdir, 'profile') if storage.is_url(ctx.workdir)
-                  else self.target)
-    self.on = False
-
-  def at(self, step: int, state) -> None:
-    if step == self.start and self.start >= 0 and not self.on:
-      jax.profiler.start_trace(self.local)
-      self.on = True
-    elif self.on and step >= self.end:
-      self.stop(state)
-
-  def stop(self, state) -> None:
-    if not self.on:
-      return
-    jax.block_until_ready(state)
-    jax.profiler.stop_trace()
-    self.on = False
-    if self.local != self.target:
-      for root, _, files in os.walk(self.local):
-        for f in files:
-          rel = os.path.relpath(os.path.join(root, f), self.local)
-          with open(os.path.join(root, f), 'rb') as fh:
-            storage.write_bytes(storage.join(self.target, rel), fh.read())
-
-
 def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str, eval_fn: Callable,
               meta: dict, flops_per_step: float = 0.0):
   """Runs steps state.step .. end-1 and returns the final state.
@@ -288,92 +164,46 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
   cfg = ctx.run.train
   sharding = sharding_lib.batch_sharding(ctx.mesh)
   start = int(state.step)
-  tokens_per_step = cfg.batch_size * ctx.run.data.seq_len
-  n_devices = jax.device_count()
-  # A progress bar on a terminal; plain lines every log_every steps in log files (pods, CI).
-  plain = ctx.is_main and not sys.stderr.isatty()
-  bar = tqdm.tqdm(total=end - start, desc=phase, disable=plain or not ctx.is_main or start >= end,
-                  dynamic_ncols=True, mininterval=1.0)
-  profiler = _Profiler(ctx)
+  log = metrics_lib.StepLog(ctx, phase, start, end, flops_per_step)
+  profiler = metrics_lib.Profiler(ctx.run.profile, ctx.workdir)
   clock = ctx.clock
   before = dict(clock.seconds)
   loop_start = time.perf_counter()
-  pending, t_last = None, time.perf_counter()
-  # Passes over the train split, from the data position (restored with every checkpoint).
-  epoch = math.floor(ctx.data.train.epochs())
-
-  def flush():
-    nonlocal pending, t_last, epoch
-    step, metrics, position = pending
-    pending = None
-    metrics = {k: _py(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(metrics['loss']):
-      _non_finite(ctx, step, phase, metrics['loss'], position)
-    now = time.perf_counter()
-    step_s = max(now - t_last, 1e-9)
-    tflops = flops_per_step / step_s / n_devices / 1e12
-    metrics.update(step_s=step_s, tokens_per_s=tokens_per_step / step_s,
-                   tflops_per_device=tflops, mfu=tflops * 1e12 / ctx.peak_flops, phase=phase,
-                   tokens_seen=(step + 1) * tokens_per_step,
-                   epochs=ctx.data.train.epochs(position))  # read before this step's batch
-    if math.floor(metrics['epochs']) > epoch:
-      epoch = math.floor(metrics['epochs'])
-      logging.info('data: epoch %d of the train split began by step %d (%.4f epochs read)',
-                   epoch + 1, step, metrics['epochs'])
-    t_last = now
-    if step % cfg.log_every == 0 or step == end - 1:
-      ctx.writer.write(step, metrics)
-      if plain:
-        print(f'{phase} step {step + 1}/{end} loss {metrics["loss"]:.4f} '
-              f'tok/s {metrics["tokens_per_s"]:.0f} step_s {step_s:.3f} '
-              f'TFLOP/s/device {tflops:.3g} MFU {metrics["mfu"]:.1%}', file=sys.stderr,
-              flush=True)
-    bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{metrics["tokens_per_s"]:.0f}',
-                    mfu=f'{metrics["mfu"]:.1%}')
-    bar.update(1)
-
   try:
     for step in range(start, end):
       profiler.at(step, state)
       with clock.timing('data'):
         position = ctx.data.train.get_state()
-        batch = data_lib.global_batch(next(ctx.data.train), sharding)
+        batch = batch_lib.global_batch(next(ctx.data.train), sharding)
       # The first call of a step function traces and compiles it (or loads it from the cache).
       with clock.timing('compile') if step == start else contextlib.nullcontext():
         state, metrics = step_fn(state, batch)
-      if pending is not None:
-        flush()
-      pending = (step, metrics, position)
+      log.add(step, metrics, position)
       if step == start:
-        flush()  # the first step's time is its compile's; the rest time only themselves
+        log.flush()  # the first step's time is its compile's; the rest time only themselves
       done = step + 1
       if done % cfg.eval_every == 0 or done == end:
-        if pending is not None:
-          flush()
+        log.flush()
         with clock.timing('eval'):
-          val = evaluate(ctx, eval_fn, state.params)
-        ctx.writer.write(step, {**val, 'phase': phase, 'tokens_seen': done * tokens_per_step})
-        if plain:
-          print(f'{phase} step {done}/{end} val_loss {val["val_loss"]:.4f}', file=sys.stderr,
-                flush=True)
-        t_last = time.perf_counter()
+          log.validation(done, evaluate(ctx, eval_fn, state.params))
+        log.restart_timer()
       stop = _preempted(done)
       by_clock = _save_due_by_clock(ctx, done)  # before any `or`: every host joins its broadcast
       if stop or by_clock or done % cfg.ckpt_every == 0 or done == end:
-        if pending is not None:
-          flush()  # a non-finite loss must stop before it is saved
+        log.flush()  # a non-finite loss must stop before it is saved
         save(ctx, state, {**meta, 'phase': phase})
         if cfg.ckpt_minutes:
           ctx.last_save_s = ctx.wall_clock()
-        t_last = time.perf_counter()
+        log.restart_timer()
         if stop:
-          bar.close()
           raise Preempted(f'SIGTERM: saved step {done} in {ctx.workdir}; rerun to resume')
-    if pending is not None:
-      flush()
+    log.flush()
+  except metrics_lib.NonFiniteMetrics as e:
+    step, loss, position = e.args
+    _non_finite(ctx, step, phase, loss, position)
   finally:
     profiler.stop(state)
-    bar.close()
+    log.close()
     spent = sum(clock.seconds[k] - before[k] for k in clock.KINDS)
     clock.seconds['train'] += time.perf_counter() - loop_start - spent
   return state

@@ -1,8 +1,6 @@
-"""The pipelines as phase plans over the same step: scratch, naive enlarge-and-prune, idea.
-
-A plan is a tuple of `Phase`s. Each phase boundary is a checkpoint; a restart reads the phase
-from the latest checkpoint, rebuilds that phase's state shapes, restores, and carries on.
-"""
+"""A plan executed (`plan`): each phase's model, optimizer and jitted step, the transitions
+between phases (teacher snapshot, shrink of params and optimizer state, one-shot scoring), and
+the run end to end, resuming from the latest checkpoint."""
 
 import dataclasses
 import io
@@ -15,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from idea_prune_jax.io import checkpoint as ckpt_lib
-from idea_prune_jax.data import data as data_lib
+from idea_prune_jax.data import batch as batch_lib
 from idea_prune_jax.prune import distill
 from idea_prune_jax.io import export
 from idea_prune_jax.prune import importance
@@ -24,79 +22,14 @@ from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.data import storage
-from idea_prune_jax.train import train as train_lib
+from idea_prune_jax.train import optim
+from idea_prune_jax.train import state as state_lib
+from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.model.config import ModelConfig
-from idea_prune_jax.train.config import ConfigError, RunConfig, field, prune_schedule
+from idea_prune_jax.train.config import ConfigError, RunConfig
+from idea_prune_jax.train.plan import Phase, plan, plan_fields, step_flops
 from idea_prune_jax.prune.prune_optax import PruneState
-from idea_prune_jax.prune.schedules import PruneSchedule
 from idea_prune_jax.prune.structure import FFN_STRUCTURE
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  name: str  # enlarged | prune | recovery | scratch | train
-  start: int
-  end: int  # exclusive
-  ffn_dim: int
-  prune: PruneSchedule | None = None
-  lr_start: int = 0  # the step this phase's LR schedule counts from (naive re-warms)
-  lr_steps: int = 0  # that schedule's length
-  kd: bool = False  # distils from TrainState.teacher
-  teacher: bool = False  # holds a teacher in its state (this or a later phase distils)
-  fresh_optimizer: bool = False  # naive: a new run's optimizer at this phase's start
-
-
-def plan(run: RunConfig) -> tuple[Phase, ...]:
-  """The phases of run.pipeline (or 'train': dense run.model for all steps)."""
-  phases = _phases(run)
-  # The teacher is snapshotted when the first phase after the enlarged one starts, and carried
-  # while any later phase distils: idea's KD-in-recovery still uses the model at t_s.
-  return tuple(dataclasses.replace(ph, teacher=i > 0 and any(q.kd for q in phases[i:]))
-               for i, ph in enumerate(phases))
-
-
-def _phases(run: RunConfig) -> tuple[Phase, ...]:
-  T, f_e, f_t = run.train.steps, run.model.ffn_dim, run.prune.target_ffn
-  kd_on = run.distill.alpha > 0
-  kd_prune = kd_on and run.distill.phases in ('prune', 'both')
-  kd_recovery = kd_on and run.distill.phases in ('recovery', 'both')
-  name = run.pipeline
-  if name == 'train':
-    return (Phase('train', 0, T, f_e, lr_steps=T),)
-  if name == 'scratch':
-    return (Phase('scratch', 0, T, f_t, lr_steps=T),)
-  ps = prune_schedule(run)  # t_end clamped to the last step: never past the run
-  if name == 'idea':
-    return (Phase('enlarged', 0, ps.t_start, f_e, lr_steps=T),
-            Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=ps, lr_steps=T, kd=kd_prune),
-            Phase('recovery', ps.t_end + 1, T, f_t, lr_steps=T, kd=kd_recovery))
-  split = int(round(run.naive.split * T))
-  enlarged = Phase('enlarged', 0, split, f_e, lr_steps=split)
-  rec = dict(lr_start=split, lr_steps=T - split)
-  if run.naive.prune == 'oneshot':
-    return (enlarged, Phase('recovery', split, T, f_t, kd=kd_recovery, fresh_optimizer=True, **rec))
-  return (enlarged,
-          Phase('prune', split, ps.t_end + 1, f_e, prune=ps, kd=kd_prune, fresh_optimizer=True,
-                **rec),
-          Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
-
-
-def plan_fields(run: RunConfig) -> dict:
-  """{'prune.t_end': 0.7, ...}: the config fields run.pipeline's phases, pruning window and
-  schedules come from. A checkpoint records them; resuming under other values is refused.
-  (Not the peak LR, KD or cadences: runs may change those and still share a checkpoint.)"""
-  fields = ['train.steps', 'train.warmup_steps', 'train.min_lr_ratio']
-  prune = ['prune.target_ffn', 'prune.score', 'prune.beta1', 'prune.beta2']
-  window = ['prune.every', 'prune.schedule']
-  if run.pipeline == 'scratch':
-    fields += ['prune.target_ffn']
-  elif run.pipeline == 'idea':
-    fields += prune + ['prune.t_start', 'prune.t_end'] + window
-  elif run.pipeline == 'naive':
-    fields += prune + ['naive.split', 'naive.prune']
-    fields += (['naive.window'] + window if run.naive.prune == 'iterative'
-               else ['naive.score_batches'])
-  return {f: field(run, f) for f in fields}
 
 
 def teacher_config(run: RunConfig) -> ModelConfig:
@@ -114,31 +47,6 @@ def teacher_config(run: RunConfig) -> ModelConfig:
   return teacher
 
 
-def step_flops(run: RunConfig, phase: Phase) -> float:
-  """Analytical FLOPs of one training step of `phase` (a KD teacher forward: a third of its 6N)."""
-  seq = run.data.seq_len
-  per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
-  if phase.kd:
-    per_token += model_lib.flops_per_token(teacher_config(run), seq) / 3
-  return run.train.batch_size * seq * per_token
-
-
-def plan_tokens(run: RunConfig, phases) -> int:
-  """Training tokens of a plan: the steps it executes times the global batch's tokens."""
-  steps = sum(ph.end - ph.start for ph in phases)
-  return steps * run.train.batch_size * run.data.seq_len
-
-
-def train_flops(run: RunConfig, phases) -> float:
-  """Analytical training FLOPs of a plan, with the naive one-shot's scoring batches (a forward
-  and backward of the enlarged model each)."""
-  total = sum((ph.end - ph.start) * step_flops(run, ph) for ph in phases)
-  for prev, nxt in zip(phases, phases[1:]):
-    if prev.ffn_dim != nxt.ffn_dim and prev.prune is None:  # a one-shot prune at this boundary
-      total += run.naive.score_batches * step_flops(run, dataclasses.replace(prev, kd=False))
-  return total
-
-
 @dataclasses.dataclass
 class Parts:
   """What one phase compiles: its model, optimizer, LR schedule and state shardings."""
@@ -148,39 +56,39 @@ class Parts:
   inner: object  # the dense AdamW
   schedule: object
   init_fn: object  # key -> TrainState of this phase (shapes; values only for the first phase)
-  shardings: train_lib.TrainState
+  shardings: state_lib.TrainState
 
 
 def parts(run: RunConfig, phase: Phase, mesh) -> Parts:
   model_cfg = dataclasses.replace(run.model, ffn_dim=phase.ffn_dim)
   teacher_cfg = teacher_config(run)
-  schedule = train_lib.lr_schedule(run.train, phase.lr_steps)
-  inner = optimizer = train_lib.make_optimizer(run.train, schedule)
+  schedule = optim.lr_schedule(run.train, phase.lr_steps)
+  inner = optimizer = optim.make_optimizer(run.train, schedule)
   if phase.prune:
-    optimizer = train_lib.prune_tx(inner, prune_options(run, phase))
+    optimizer = optim.prune_tx(inner, prune_options(run, phase))
 
   def init_fn(key):
     params = nn.unbox(model_lib.init_params(model_cfg, key))
     opt_state = optimizer.init(params)
     if phase.prune:  # the schedule counts global steps
       opt_state = opt_state._replace(count=jnp.asarray(phase.start, jnp.int32))
-    state = train_lib.TrainState(step=jnp.asarray(phase.start, jnp.int32), params=params,
+    state = state_lib.TrainState(step=jnp.asarray(phase.start, jnp.int32), params=params,
                                  opt_state=opt_state)
     if phase.teacher:
       state = state.replace(teacher=nn.unbox(model_lib.init_params(teacher_cfg, key)))
     return state
 
-  params_sharding = sharding_lib.param_shardings(train_lib.abstract_params(model_cfg), mesh)
-  teacher_sharding = (sharding_lib.param_shardings(train_lib.abstract_params(teacher_cfg), mesh)
+  params_sharding = sharding_lib.param_shardings(state_lib.abstract_params(model_cfg), mesh)
+  teacher_sharding = (sharding_lib.param_shardings(state_lib.abstract_params(teacher_cfg), mesh)
                       if phase.teacher else None)
-  shardings = train_lib.state_shardings(jax.eval_shape(init_fn, jax.random.key(0)),
+  shardings = state_lib.state_shardings(jax.eval_shape(init_fn, jax.random.key(0)),
                                         params_sharding, inner, mesh, teacher_sharding)
   return Parts(model_cfg, model_lib.Transformer(model_cfg), optimizer, inner, schedule, init_fn,
                shardings)
 
 
-def prune_options(run: RunConfig, phase: Phase) -> train_lib.PruneOptions:
-  return train_lib.PruneOptions(phase.prune, run.prune.score, run.prune.beta1,
+def prune_options(run: RunConfig, phase: Phase) -> optim.PruneOptions:
+  return optim.PruneOptions(phase.prune, run.prune.score, run.prune.beta1,
                                 run.prune.beta2, FFN_STRUCTURE)
 
 
@@ -199,10 +107,10 @@ def step_fn(run: RunConfig, phase: Phase, p: Parts, mesh):
   kd = None
   if phase.kd:
     alpha, tau = kd_weights(run)
-    kd = train_lib.KDOptions(model_lib.Transformer(teacher_config(run)), alpha, tau,
+    kd = step_lib.KDOptions(model_lib.Transformer(teacher_config(run)), alpha, tau,
                              run.distill.chunk)
   want_acts = phase.prune is not None and run.prune.score == 'activation'
-  return train_lib.jit_step(train_lib.train_step, p.shardings, mesh, model=p.model,
+  return step_lib.jit_step(step_lib.train_step, p.shardings, mesh, model=p.model,
                             optimizer=p.optimizer, schedule=p.schedule, kd=kd, want_acts=want_acts)
 
 
@@ -218,14 +126,14 @@ def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh):
   model = model_lib.Transformer(model_cfg)
 
   def accumulate(scores, params, batch):
-    (_, aux), grads = jax.value_and_grad(train_lib.loss_and_aux, has_aux=True)(
+    (_, aux), grads = jax.value_and_grad(step_lib.loss_and_aux, has_aux=True)(
         params, batch, None, model=model, kd=None, want_acts=want_acts)
     acts = {'ffn': aux['ffn_act']} if want_acts else None
     return importance.update(scores, kind, params=params, grads=grads, activations=acts,
                              structure=FFN_STRUCTURE, beta1=run.prune.beta1,
                              beta2=run.prune.beta2)
 
-  params_sharding = sharding_lib.param_shardings(train_lib.abstract_params(model_cfg), mesh)
+  params_sharding = sharding_lib.param_shardings(state_lib.abstract_params(model_cfg), mesh)
   ffn = sharding_lib.named(mesh, 'layers', 'mlp')
   scores_sharding = {f: {'ffn': ffn} for f in importance.init({'ffn': 0.0}, kind)}
   jitted = jax.jit(accumulate, out_shardings=scores_sharding, in_shardings=(
@@ -238,10 +146,10 @@ def _oneshot_masks(ctx, run: RunConfig, state, model_cfg: ModelConfig):
   masks = masks_lib.init(state.params, FFN_STRUCTURE)
   scores = importance.init(masks, run.prune.score)
   accumulate = oneshot_score_fn(run, model_cfg, ctx.mesh)
-  stream = ctx.data.train.fork()  # scoring must not move the training data order
+  stream = ctx.data.train.copy()  # scoring must not move the training data order
   sharding = sharding_lib.batch_sharding(ctx.mesh)
   for _ in range(run.naive.score_batches):
-    batch = data_lib.global_batch(next(stream), sharding)
+    batch = batch_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
   final = importance.scores(scores, run.prune.score, params=state.params,
                             structure=FFN_STRUCTURE)
@@ -278,7 +186,7 @@ def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Part
     # A copy of the step: one buffer cannot be donated twice (as step and count).
     opt_state = PruneState(count=jnp.copy(state.step), masks=masks,
                            importance=importance.init(masks, run.prune.score), inner=opt_state)
-  new = train_lib.TrainState(step=state.step, params=params, opt_state=opt_state,
+  new = state_lib.TrainState(step=state.step, params=params, opt_state=opt_state,
                              teacher=teacher)
   return jax.device_put(new, p_next.shardings)
 
@@ -348,9 +256,9 @@ def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
     if int(state.step) >= phase.end:
       continue
     fn = step_fn(run, phase, p, ctx.mesh)
-    eval_fn = train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh)
+    eval_fn = step_lib.jit_eval(p.model, p.shardings.params, ctx.mesh)
     kwargs = dict(phase=phase.name, eval_fn=eval_fn, meta=meta,
-                  flops_per_step=step_flops(run, phase))
+                  flops_per_step=step_flops(run, phase, teacher_config(run)))
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
       state = loop.run_steps(ctx, state, fn, phase.start + 1, **kwargs)
@@ -359,7 +267,7 @@ def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
     if phase.prune:
       _save_importance(ctx.workdir, 't_end', state, run)
   with ctx.clock.timing('eval'):
-    result = loop.evaluate(ctx, train_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
+    result = loop.evaluate(ctx, step_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                            state.params)
   return state, p, result
 

@@ -1,101 +1,24 @@
-"""TrainState, the optimizer and its LR schedules, the losses, the one jitted train step (dense,
-pruning, or fused KD with `kd=KDOptions(...)`), and sharded state construction."""
+"""The losses and the one train step (dense, pruning while the optimizer is a `prune_optimizer`,
+or fused KD with `kd=KDOptions(...)`), the eval step, and both jitted with shardings."""
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune import chunked
 from idea_prune_jax.prune import distill
 from idea_prune_jax.prune import masks as masks_lib
-from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.prune.prune_optax import find as find_prune_state
 from idea_prune_jax.train import sharding as sharding_lib
-from idea_prune_jax.prune import structure as structure_lib
-from idea_prune_jax.model.config import ModelConfig
-from idea_prune_jax.prune.prune_optax import PruneState, find as find_prune_state, prune_optimizer
-from idea_prune_jax.prune.schedules import PruneSchedule
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that is sharded, donated, checkpointed and restored as one unit.
-
-  While pruning, opt_state is a `prune_optax.PruneState`: the FFN masks and importance state
-  live in it (read them as `state.masks`, `state.importance`).
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  teacher: Any = None  # frozen teacher params while distilling
-
-  @property
-  def masks(self):
-    """FFN masks while pruning; None for a dense model."""
-    prune = find_prune_state(self.opt_state)
-    return None if prune is None else prune.masks
-
-  @property
-  def importance(self):
-    """The importance state while pruning (`importance.scores` of it ranks neurons); None for a
-    dense model."""
-    prune = find_prune_state(self.opt_state)
-    return None if prune is None else prune.importance
-
-
-def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.1) -> optax.Schedule:
-  """Linear warmup to peak, cosine decay to min_lr_ratio·peak at total_steps, flat after."""
-  warmup_steps = max(int(warmup_steps), 0)
-  decay_steps = max(int(total_steps) - warmup_steps, 1)
-  end_lr = peak_lr * min_lr_ratio
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
-    p = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1 + jnp.cos(jnp.pi * p))
-    return jnp.where(step < warmup_steps, warm, cosine)
-
-  return schedule
-
-
-def lr_schedule(train_config, total_steps: int | None = None) -> optax.Schedule:
-  """The run's schedule from config.train; total_steps overrides train.steps (naive phases)."""
-  t = train_config
-  return warmup_cosine(t.lr, t.warmup_steps, t.steps if total_steps is None else total_steps,
-                       t.min_lr_ratio)
-
-
-def lr_count(opt_state) -> jax.Array:
-  """The count the optimizer's LR schedule reads (optax's ScaleByScheduleState): the LR that
-  `schedule(lr_count(opt_state))` gives is the one the next update applies."""
-  counts = [s.count for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-            if isinstance(s, optax.ScaleByScheduleState)]
-  if len(counts) != 1:
-    raise ValueError(f'the optimizer state holds {len(counts)} LR schedule counts, want 1')
-  return counts[0]
-
-
-def _decays(path, leaf) -> bool:
-  # Norm scales and the token embedding stay un-decayed (LLaMA / nanoGPT practice).
-  names = [getattr(k, 'key', getattr(k, 'name', '')) for k in path]
-  return leaf.ndim >= 2 and 'embed' not in names and not any('norm' in str(n) for n in names)
-
-
-def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; weight decay only on matrices."""
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.clip_norm),
-      optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                  weight_decay=train_cfg.weight_decay,
-                  mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
+from idea_prune_jax.train.optim import lr_count
+from idea_prune_jax.train.state import TrainState
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
@@ -103,12 +26,10 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
-
 def forward(params, batch, model: nn.Module, **kwargs):
   """The model on a batch dict (packing fields passed when the batch has them)."""
   return model.apply({'params': params}, batch['inputs'], **model_lib.batch_inputs(batch),
                      **kwargs)
-
 
 def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg: ModelConfig,
                           chunk: int | None = None):
@@ -122,7 +43,6 @@ def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg:
   token_sums = lambda h_BxCxD, targets_BxC, weights_BxC: cross_entropy(
       model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
   return chunked.sum_over_chunks(token_sums, (hidden_BxLxD, targets_BxL, weights_BxL), chunk)
-
 
 def _forward_sums(params, batch, model: nn.Module, mutable):
   """(summed NLL, token count) of model on batch, and the mutated collections if mutable.
@@ -139,27 +59,9 @@ def _forward_sums(params, batch, model: nn.Module, mutable):
     sums = cross_entropy(out, batch['targets'], batch['weights'])
   return sums, inter
 
-
 def lm_loss(params, batch, model: nn.Module):
   (total, count), _ = _forward_sums(params, batch, model, False)
   return total / jnp.maximum(count, 1.0), count
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneOptions:
-  """How the prune phase scores and prunes; `prune_tx` turns it into the optimizer."""
-  schedule: PruneSchedule
-  score: str = 'platon'
-  beta1: float = 0.85
-  beta2: float = 0.95
-  structure: Any = structure_lib.FFN_STRUCTURE
-
-
-def prune_tx(inner: optax.GradientTransformation, prune: PruneOptions):
-  """The prune phase's optimizer: `inner` wrapped by `prune_optimizer` (the one implementation)."""
-  return prune_optimizer(inner, prune.structure, prune.schedule, prune.score, beta1=prune.beta1,
-                         beta2=prune.beta2)
-
 
 @dataclasses.dataclass(frozen=True)
 class KDOptions:
@@ -176,7 +78,6 @@ class KDOptions:
     """alpha and tau as values at `step` (scheduled ones traced; numbers stay static)."""
     value = lambda v: v(step) if callable(v) else v
     return dataclasses.replace(self, alpha=value(self.alpha), tau=value(self.tau))
-
 
 def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, tau, chunk=0,
                intermediates: bool = False):
@@ -204,7 +105,6 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
     aux['intermediates'] = extra['intermediates']
   return loss, aux
 
-
 def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
   """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
   mutable = ['intermediates'] if want_acts else False
@@ -218,7 +118,6 @@ def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_ac
   if want_acts:
     aux['ffn_act'] = inter['intermediates']['layers']['mlp']['ffn_act']
   return loss, aux
-
 
 def train_step(state: TrainState, batch, *, model, optimizer, schedule,
                kd: KDOptions | None = None, want_acts: bool = False):
@@ -248,52 +147,9 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
-
 def eval_step(params, batch, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
   return _forward_sums(params, batch, model, False)[0]
-
-
-def abstract_params(model_cfg: ModelConfig):
-  """Boxed ShapeDtypeStructs: shapes plus logical axis names, no memory."""
-  return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), jax.random.key(0))
-
-
-def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh,
-                    teacher_sharding=None) -> TrainState:
-  """Opt moments follow their params; masks and the importance state shard like the FFN axis;
-  everything else (counts, step) is replicated. optimizer: the dense one (inside the prune
-  wrapper, if any)."""
-  replicated = sharding_lib.replicated(mesh)
-  moments = lambda opt_state: optax.tree_map_params(
-      optimizer, lambda _, s: s, opt_state, params_sharding,
-      transform_non_params=lambda _: replicated)
-  opt_state = abstract_state.opt_state
-  if isinstance(opt_state, PruneState):
-    ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-    per_ffn = lambda tree: jax.tree.map(lambda _: ffn, tree)
-    opt_sharding = PruneState(count=replicated, masks=per_ffn(opt_state.masks),
-                              importance=per_ffn(opt_state.importance),
-                              inner=moments(opt_state.inner))
-  else:
-    opt_sharding = moments(opt_state)
-  return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                    teacher=teacher_sharding)
-
-
-def init_state(model_cfg: ModelConfig, optimizer, mesh, key):
-  """Dense state built already sharded: shapes first, then one jitted init with out_shardings."""
-  boxed = abstract_params(model_cfg)
-  params_sharding = sharding_lib.param_shardings(boxed, mesh)
-
-  def _init(k):
-    params = nn.unbox(model_lib.init_params(model_cfg, k))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
-  shardings = state_shardings(jax.eval_shape(_init, key), params_sharding, optimizer, mesh)
-  return jax.jit(_init, out_shardings=shardings)(key), shardings
-
 
 def jit_step(step_fn, shardings: TrainState, mesh, **static):
   """Jits a (state, batch) -> (state, metrics) step with shardings and a donated state."""
@@ -301,7 +157,6 @@ def jit_step(step_fn, shardings: TrainState, mesh, **static):
                    in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
   return sharding_lib.MeshJit(jitted, mesh)
-
 
 def jit_eval(model, params_sharding, mesh):
   jitted = jax.jit(functools.partial(eval_step, model=model),
