@@ -24,10 +24,17 @@ class Settings:
   sweep: SweepConfig
 
 
+def _defaults(cls) -> dict:
+  """cls's field defaults as written (not as an instance resolves them: model.head_dim stays 0,
+  'd_model / n_heads', rather than the default model's 32)."""
+  return {f.name: _defaults(type(f.default)) if dataclasses.is_dataclass(f.default) else f.default
+          for f in dataclasses.fields(cls)}
+
+
 def base() -> ml_collections.ConfigDict:
   """Every field the project reads, with its default."""
-  defaults = dataclasses.asdict(Settings(RunConfig(), CompareConfig(), SweepConfig()))
-  return ml_collections.ConfigDict({**defaults.pop('run'), **defaults})
+  return ml_collections.ConfigDict({**_defaults(RunConfig), 'compare': _defaults(CompareConfig),
+                                    'sweep': _defaults(SweepConfig)})
 
 
 def _build(cls, values: dict, prefix: str):

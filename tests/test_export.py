@@ -24,6 +24,8 @@ from idea_prune_jax.model.config import ModelConfig
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=20,
                   tie_embeddings=False, rope_theta=500.0, norm_eps=1e-5)
 TIED = dataclasses.replace(CFG, tie_embeddings=True)
+# head_dim 16 != d_model / n_heads = 8: MaxText's 16B and Llama-style shapes decouple them.
+WIDE_HEADS = dataclasses.replace(CFG, head_dim=16)
 
 
 def _params(cfg, seed=0):
@@ -118,7 +120,7 @@ def test_loaders_reject_directories_that_are_not_their_export(tmp_path):
   assert '\n' not in str(e.value)
 
 
-@pytest.mark.parametrize('cfg', [CFG, TIED], ids=['untied', 'tied'])
+@pytest.mark.parametrize('cfg', [CFG, TIED, WIDE_HEADS], ids=['untied', 'tied', 'head_dim16'])
 def test_hf_round_trip_is_exact(tmp_path, cfg):
   params, tokens = _params(cfg), _tokens(cfg)
   out = export.save_hf(str(tmp_path / 'hf'), params, cfg)
@@ -157,7 +159,7 @@ def test_load_hf_refuses_what_our_model_cannot_represent(tmp_path):
   for change, match in [({'rope_parameters': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_type'),
                         ({'mlp_bias': True}, 'mlp_bias'),
                         ({'hidden_act': 'gelu'}, 'hidden_act'),
-                        ({'head_dim': 16}, 'head_dim')]:
+                        ({'head_dim': 15}, 'head_dim')]:
     with open(path, 'w') as f:
       json.dump({**good, **change}, f)
     with pytest.raises(export.ExportError, match=match):
@@ -172,7 +174,7 @@ def transformers(monkeypatch):
   return pytest.importorskip('transformers')
 
 
-@pytest.mark.parametrize('cfg', [CFG, TIED], ids=['untied', 'tied'])
+@pytest.mark.parametrize('cfg', [CFG, TIED, WIDE_HEADS], ids=['untied', 'tied', 'head_dim16'])
 def test_transformers_llama_loads_the_export_with_our_logits(tmp_path, cfg, transformers):
   import torch
   params, tokens = _params(cfg), _tokens(cfg)

@@ -114,3 +114,13 @@ def test_packed_document_logits_equal_the_document_alone(remat):
   # Without segment ids the second document attends to the first: the logits differ.
   causal = model.apply({'params': params}, row)[0]
   assert float(jnp.abs(causal[len(docs[0]):] - packed[len(docs[0]):]).max()) > 1e-3
+
+
+def test_head_dim_can_differ_from_d_model_over_heads():
+  wide = dataclasses.replace(TINY, head_dim=2 * TINY.head_dim)
+  params = nn.unbox(model_lib.init_params(wide, jax.random.key(0)))
+  q, o = params['layers']['attn']['q'], params['layers']['attn']['o']
+  assert q.shape[-1] == o.shape[-2] == wide.n_heads * wide.head_dim != wide.d_model
+  assert sum(x.size for x in jax.tree.leaves(params)) == model_lib.param_count(wide)
+  logits = model_lib.Transformer(wide).apply({'params': params}, jnp.zeros((1, 8), jnp.int32))
+  assert logits.shape == (1, 8, wide.vocab_size)

@@ -48,6 +48,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path):
 
 @pytest.mark.parametrize('override, field', [
     ({'model.d_model': 30}, 'model.d_model'),
+    ({'model.d_model': 30, 'model.head_dim': 7}, 'model.head_dim'),  # explicit: d_model free
     ({'model.n_kv_heads': 4, 'model.n_heads': 6, 'model.d_model': 48}, 'model.n_heads'),
     ({'mesh.data': 3}, 'mesh'),
     ({'train.batch_size': 7, 'mesh.data': 2, 'mesh.fsdp': 1}, None),

@@ -223,7 +223,7 @@ def load_hf(directory: str, param_dtype: str | None = None):
   """(params, model_cfg) from a local HF Llama directory (safetensors, one file or sharded).
 
   param_dtype: cast the weights to this (default: keep the stored dtype). Refuses, with the reason,
-  what our model cannot represent: RoPE scaling, biases, another activation or head_dim.
+  what our model cannot represent: RoPE scaling, biases, another activation, an odd head_dim.
   """
   from safetensors.numpy import load, load_file  # the `hf` extra
   info = export_info(directory)
@@ -242,9 +242,8 @@ def load_hf(directory: str, param_dtype: str | None = None):
       _hf_config_error(directory, key, info[key], f'only {key}={ok[0]!r} is supported')
   heads = info['num_attention_heads']
   head_dim = info.get('head_dim') or info['hidden_size'] // heads
-  if head_dim * heads != info['hidden_size']:
-    _hf_config_error(directory, 'head_dim', head_dim,
-                     'must equal hidden_size / num_attention_heads here')
+  if head_dim % 2:
+    _hf_config_error(directory, 'head_dim', head_dim, 'must be even (RoPE rotates pairs)')
   files = sorted(p.name for p in storage.path(directory).glob('*.safetensors'))
   if not files:
     raise ExportError(f'{directory}: no *.safetensors weights (only safetensors are read; '
@@ -258,7 +257,7 @@ def load_hf(directory: str, param_dtype: str | None = None):
       vocab_size=info['vocab_size'], d_model=info['hidden_size'],
       n_layers=info['num_hidden_layers'], n_heads=heads,
       n_kv_heads=info.get('num_key_value_heads') or heads, ffn_dim=info['intermediate_size'],
-      tie_embeddings=bool(info.get('tie_word_embeddings', False)),
+      head_dim=head_dim, tie_embeddings=bool(info.get('tie_word_embeddings', False)),
       rope_theta=float(rope.get('rope_theta', info.get('rope_theta', 10000.0))),
       norm_eps=float(info.get('rms_norm_eps', 1e-6)),
       param_dtype=param_dtype or (stored if stored in _DTYPES else 'float32'))

@@ -21,13 +21,17 @@ class ModelConfig:
   remat_policy: str = 'none'
   loss_chunk: int = 0
   unroll_layers: bool = False
+  # Per attention head; 0: d_model / n_heads. Explicit for shapes where it is not (MaxText's 16B,
+  # Llama configs with head_dim 128 at any width) and fixed while d_model is pruned.
+  head_dim: int = 0
 
   # How the model computes, not what it is: a checkpoint resumes under other values of these.
   COMPUTE_FIELDS = ('attention', 'remat_policy', 'loss_chunk', 'unroll_layers')
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def __post_init__(self):
+    # Left at 0 when d_model does not divide: validation then names the field.
+    if not self.head_dim and self.n_heads > 0 and self.d_model % self.n_heads == 0:
+      object.__setattr__(self, 'head_dim', self.d_model // self.n_heads)
 
   @classmethod
   def from_dict(cls, values, **overrides) -> 'ModelConfig':

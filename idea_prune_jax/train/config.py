@@ -233,10 +233,12 @@ def validate_model(m: ModelConfig) -> None:
   for f in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim'):
     if getattr(m, f) < 1:
       _fail(f'model.{f}', getattr(m, f), 'must be a positive integer')
-  if m.d_model % m.n_heads:
-    _fail('model.d_model', m.d_model, f'not divisible by model.n_heads={m.n_heads}')
-  if (m.d_model // m.n_heads) % 2:
-    _fail('model.d_model', m.d_model, 'head_dim = d_model / n_heads must be even for RoPE')
+  if m.head_dim == 0:  # not given, and d_model / n_heads is not an integer
+    _fail('model.d_model', m.d_model, f'not divisible by model.n_heads={m.n_heads} (or set '
+          'model.head_dim)')
+  if m.head_dim < 0 or m.head_dim % 2:
+    _fail('model.head_dim', m.head_dim, 'must be even and >= 0 (RoPE rotates pairs; 0: '
+          'd_model / n_heads)')
   if m.n_heads % m.n_kv_heads:
     _fail('model.n_heads', m.n_heads, f'not a multiple of model.n_kv_heads={m.n_kv_heads}')
   for f in ('dtype', 'param_dtype'):
