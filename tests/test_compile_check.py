@@ -95,3 +95,13 @@ def test_calibration_config_is_llama31_8b_at_maxtexts_benchmark_shape():
   # Llama 3.1 8B's published parameter count; 4 sequences of 8192 on each of 256 chips.
   assert model_lib.param_count(run_config(config).model) == 8_030_261_248
   assert (config.data.seq_len, config.train.batch_size) == (8192, 4 * 256)
+
+
+def test_second_calibration_config_is_maxtexts_16b_at_its_v5e_shape():
+  from idea_prune_jax import settings
+  from idea_prune_jax.model import model as model_lib
+  run = run_config(settings.load(os.path.join(ROOT, 'configs/maxtext_16b.py:v5e256')))
+  # 64 heads of 128 on a 4096 model: head_dim is not d_model / n_heads.
+  assert run.model.n_heads * run.model.head_dim == 8192 != run.model.d_model
+  assert model_lib.param_count(run.model) == 15_831_666_688  # MaxText's "16B"
+  assert (run.data.seq_len, run.train.batch_size) == (2048, 6 * 256)
