@@ -47,7 +47,7 @@ def _cfgs(vocab, student_ffn=768, ratio=3):
 
 
 def _optimizer():
-  """(AdamW as in train.py, its schedule); a constant LR: only speed and memory are measured."""
+  """(AdamW as in train/optim.py, its schedule); a constant LR: only speed and memory are measured."""
   schedule = optax.constant_schedule(1e-3)
   return optim.make_optimizer(TrainConfig(), schedule), schedule
 
