@@ -7,8 +7,10 @@ Part of the entry point: compile-check and the training commands call `process` 
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
+from typing import Callable
 
 from idea_prune_jax import process
 from idea_prune_jax.settings import Settings
@@ -165,3 +167,51 @@ def offline_for_lm_eval() -> None:
   from idea_prune_jax.eval import harness
   for var, value in harness.OFFLINE_ENV.items():
     os.environ.setdefault(var, value)
+
+
+def fail(message: str) -> None:
+  """The one line a user sees for a mistake of theirs, and exit status 2."""
+  print(f'idea-prune: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def report_errors(command: Callable[[], None], wants_lm_eval: bool) -> None:
+  """Runs command; a user's mistake (bad config, data, export, ...) ends as one line, and a
+  preemption as a warning (the rerun resumes)."""
+  from absl import logging
+  from idea_prune_jax.data.inputs import DataError
+  from idea_prune_jax.data.storage import StorageError
+  from idea_prune_jax.io.export import ExportError
+  from idea_prune_jax.prune.errors import PruneError
+  from idea_prune_jax.train import loop
+  errors = (UsageError, ConfigError, DataError, ExportError, PruneError, StorageError,
+            loop.NonFiniteLoss)
+  if wants_lm_eval:
+    try:  # lm-eval is an optional extra
+      from idea_prune_jax.eval.harness import HarnessError
+    except ImportError as e:
+      fail(f"lm-eval tasks need the `eval` extra ({e}); pip install 'idea-prune-jax[eval]'")
+    offline_for_lm_eval()
+    errors += (HarnessError,)
+  try:
+    command()
+  except loop.Preempted as e:
+    logging.warning('%s', e)
+  except errors as e:
+    fail(str(e))
+
+
+def flag_error(e: Exception, argv: list[str]) -> str:
+  """absl's or ml_collections' complaint about the command line, as one line naming the flag."""
+  text = str(e.args[0] if e.args else e)
+  message = text.splitlines()[0].strip('"\'')
+  if isinstance(e, (KeyError, AttributeError)):  # an unknown --config.a.b
+    found = re.search(r"'([A-Za-z0-9_]+)", text)
+    key = found.group(1) if found else message
+    bad = [a.split('=')[0] for a in argv
+           if a.startswith('--config.') and key in a.split('=')[0].split('.')]
+    hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
+    message = (f'unknown config field {bad[0] if bad else key!r}'
+               f'{f" (did you mean {hint.group(1)!r}?)" if hint else ""}; '
+               'settings.py says where the fields are defined')
+  return message

@@ -22,8 +22,6 @@
 """
 
 import json
-import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -121,30 +119,9 @@ def _main(argv):
 
 
 def _guarded(argv):
-  from idea_prune_jax.data.inputs import DataError
-  from idea_prune_jax.data.storage import StorageError
-  from idea_prune_jax.io.export import ExportError
-  from idea_prune_jax.prune.errors import PruneError
-  from idea_prune_jax.train import loop
-  errors = (commands.UsageError, settings.ConfigError, DataError, ExportError, PruneError,
-            StorageError, loop.NonFiniteLoss)
   config = _CONFIG.value
-  if _TASKS.value or (config is not None and config.get('eval', {}).get('tasks')):
-    try:  # lm-eval is an optional extra
-      from idea_prune_jax.eval.harness import HarnessError
-    except ImportError as e:
-      print(f'idea-prune: error: lm-eval tasks need the `eval` extra ({e}); '
-            "pip install 'idea-prune-jax[eval]'", file=sys.stderr)
-      sys.exit(2)
-    commands.offline_for_lm_eval()
-    errors += (HarnessError,)
-  try:
-    _main(argv)
-  except loop.Preempted as e:
-    logging.warning('%s', e)
-  except errors as e:
-    print(f'idea-prune: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  wants_lm_eval = bool(_TASKS.value or (config is not None and config.get('eval', {}).get('tasks')))
+  commands.report_errors(lambda: _main(argv), wants_lm_eval)
 
 
 def _parse(argv):
@@ -152,19 +129,7 @@ def _parse(argv):
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     # Unknown config keys and bad override types surface here, before any compute.
-    text = str(e.args[0] if e.args else e)
-    msg = text.splitlines()[0].strip('"\'')
-    if isinstance(e, (KeyError, AttributeError)):
-      found = re.search(r"'([A-Za-z0-9_]+)", text)
-      key = found.group(1) if found else msg
-      bad = [a.split('=')[0] for a in argv
-             if a.startswith('--config.') and key in a.split('=')[0].split('.')]
-      hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
-      msg = (f'unknown config field {bad[0] if bad else key!r}'
-             f'{f" (did you mean {hint.group(1)!r}?)" if hint else ""}; '
-             'settings.py says where the fields are defined')
-    print(f'idea-prune: error: {msg}', file=sys.stderr)
-    sys.exit(2)
+    commands.fail(commands.flag_error(e, argv))
 
 
 def cli():
