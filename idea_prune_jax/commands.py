@@ -1,18 +1,17 @@
 """The CLI's commands, each from plain values (`main` reads the flags and settles the config).
 
-Part of the entry point: compile-check and the training commands call `process` (libtpu args,
+Part of the entry point: compile-check and the training commands call `cli` (libtpu args,
 `jax.distributed`, fake devices) before any compute.
 """
 
 import dataclasses
 import json
-import os
 import re
 import shlex
 import sys
 from typing import Callable
 
-from idea_prune_jax import process
+from idea_prune_jax import cli
 from idea_prune_jax.settings import Settings
 from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices
 
@@ -33,10 +32,10 @@ def train(command: str, s: Settings, workdir: str) -> str:
   from idea_prune_jax.data import storage
   from idea_prune_jax.experiments import experiment, sweep
   from idea_prune_jax.train import pipeline
-  process.install_sigterm_handler()  # before jax.distributed, which replaces it (see there)
-  process.set_libtpu_args(s.run.mesh)
-  process.initialize_distributed(s.run.mesh)
-  process.use_compilation_cache(s.run.train.compilation_cache, workdir)
+  cli.install_sigterm_handler()  # before jax.distributed, which replaces it (see there)
+  cli.set_libtpu_args(s.run.mesh)
+  cli.initialize_distributed(s.run.mesh)
+  cli.use_compilation_cache(s.run.train.compilation_cache, workdir)
   if command == 'train':
     return json.dumps(pipeline.train_dense(s.run, workdir))
   if command == 'run':
@@ -67,15 +66,15 @@ def compile_check(run: RunConfig, n_devices: int | None, topology: str | None,
                       'the chip count of the slice, e.g. --devices 64')
   check_devices(check.kd_run(run), n_devices)  # a bad mesh fails before the devices start
   if tpu_slice is not None and check.libtpu_available():
-    process.set_libtpu_args(run.mesh)  # the run's XLA:TPU flags: the programs it runs
-    process.use_tpu_compiler()
+    cli.set_libtpu_args(run.mesh)  # the run's XLA:TPU flags: the programs it runs
+    cli.use_tpu_compiler()
     devices = chips.topology_devices(tpu_slice)
   else:
     if tpu_slice is not None:
       print(f'idea-prune: libtpu is not installed (pip install -e ".[tpu]"); compiling for '
             f'{n_devices} fake CPU devices instead, with {chip.name} HBM and peaks',
             file=sys.stderr)
-    devices = process.use_host_devices(n_devices)
+    devices = cli.use_host_devices(n_devices)
   only = tuple(name.strip() for name in steps.split(',') if name.strip())
   report = check.compile_check(run, devices, hbm_gib, chip, only)
   if tpu_slice is not None:
@@ -162,13 +161,6 @@ def eval_tasks(checkpoint: str | None, tasks: str, include_path: str | None,
   return harness.summary(results)
 
 
-def offline_for_lm_eval() -> None:
-  """Nothing is downloaded at run time: the hub libraries' offline switches, where unset."""
-  from idea_prune_jax.eval import harness
-  for var, value in harness.OFFLINE_ENV.items():
-    os.environ.setdefault(var, value)
-
-
 def fail(message: str) -> None:
   """The one line a user sees for a mistake of theirs, and exit status 2."""
   print(f'idea-prune: error: {message}', file=sys.stderr)
@@ -191,7 +183,7 @@ def report_errors(command: Callable[[], None], wants_lm_eval: bool) -> None:
       from idea_prune_jax.eval.harness import HarnessError
     except ImportError as e:
       fail(f"lm-eval tasks need the `eval` extra ({e}); pip install 'idea-prune-jax[eval]'")
-    offline_for_lm_eval()
+    cli.use_offline_hubs()
     errors += (HarnessError,)
   try:
     command()

@@ -21,7 +21,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler  # noqa: E402
 from idea_prune_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.train import loop, pipeline  # noqa: E402
-from idea_prune_jax import process  # noqa: E402
+from idea_prune_jax import cli  # noqa: E402
 
 TERM_AFTER = 4  # the step whose save is followed by the SIGTERM
 
@@ -50,7 +50,7 @@ def main():
 
   json_checkpoint_handler.JsonCheckpointHandler._save_fn = stalling_write
   ckpt_lib.save = save_then_term
-  process.install_sigterm_handler()
+  cli.install_sigterm_handler()
   try:
     pipeline.run_pipeline(settings.read(config).run, workdir)
   except loop.Preempted:

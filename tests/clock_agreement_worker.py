@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from idea_prune_jax import settings  # noqa: E402
-from idea_prune_jax.process import initialize_distributed  # noqa: E402
+from idea_prune_jax.cli import initialize_distributed  # noqa: E402
 from idea_prune_jax.train import loop  # noqa: E402
 
 STEPS = 45

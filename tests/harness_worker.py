@@ -18,7 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.eval import harness  # noqa: E402
-from idea_prune_jax.process import initialize_distributed  # noqa: E402
+from idea_prune_jax.cli import initialize_distributed  # noqa: E402
 
 CONTEXTS = ['To be, or not to be', 'Good night, sweet prince', 'O, what a rogue',
             'Frailty, thy name is woman', 'The rest is', '', 'Something is rotten in the state']

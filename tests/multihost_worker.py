@@ -31,7 +31,7 @@ from idea_prune_jax import settings  # noqa: E402
 from idea_prune_jax.data import batch as batch_lib  # noqa: E402
 from idea_prune_jax.experiments import experiment  # noqa: E402
 from idea_prune_jax.train import loop  # noqa: E402
-from idea_prune_jax.process import initialize_distributed  # noqa: E402
+from idea_prune_jax.cli import initialize_distributed  # noqa: E402
 
 NOTICE_S = 2.5  # > the notifier's 1 s poll plus a round trip through the coordinator
 

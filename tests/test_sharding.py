@@ -41,7 +41,7 @@ def test_state_shards_follow_the_rules(results):
 def test_libtpu_args_go_to_the_environment_before_jax_starts(monkeypatch, tiny_config):
   from jax._src import xla_bridge
 
-  from idea_prune_jax.process import set_libtpu_args
+  from idea_prune_jax.cli import set_libtpu_args
   from idea_prune_jax.settings import ConfigError
   flag = '--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000'
   monkeypatch.setenv('LIBTPU_INIT_ARGS', '--xla_tpu_enable_latency_hiding_scheduler=true')

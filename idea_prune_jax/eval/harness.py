@@ -355,6 +355,6 @@ def _flag(argv, name):
 model_registry.register(MODEL_NAME, target='idea_prune_jax.eval.harness:IdeaPruneLM')
 
 if __name__ == '__main__':
-  for _var, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_var, _value)
+  from idea_prune_jax import cli as entry_point
+  entry_point.use_offline_hubs()
   cli()

@@ -59,7 +59,8 @@ class MeshConfig:
   data: int = -1  # -1: whatever is left of the devices
   fsdp: int = 1
   tensor: int = 1
-  distributed: bool = False  # jax.distributed.initialize(); also IDEA_PRUNE_DISTRIBUTED=1
+  # Join the other hosts (cli.initialize_distributed); also with IDEA_PRUNE_DISTRIBUTED=1.
+  distributed: bool = False
   # XLA:TPU flags for this run (and compile-check), added to LIBTPU_INIT_ARGS by the entry point
   # before libtpu starts
   libtpu_args: str = ''

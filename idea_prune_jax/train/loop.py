@@ -24,7 +24,7 @@ from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.data import storage
 from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, keep_steps
 
-# Set by the SIGTERM handler the entry point installs (`process.install_sigterm_handler`).
+# Set by the SIGTERM handler the entry point installs (`cli.install_sigterm_handler`).
 SIGTERM = threading.Event()
 
 
@@ -106,8 +106,8 @@ def finish_saves(ctx: RunContext) -> None:
 def _preempted(step: int) -> bool:
   """True at the step every host stops at after a SIGTERM reached any of them.
 
-  Multi-host, JAX's preemption service (started by jax.distributed.initialize, whose handler
-  catches SIGTERM) agrees through the coordinator on one step just past every host's current
+  Multi-host, JAX's preemption service (started when the entry point initializes
+  jax.distributed; its handler catches SIGTERM) agrees through the coordinator on one step just past every host's current
   one; each host calls this every step and all return True at that step. One process: the flag.
   """
   if jax.distributed.is_initialized():

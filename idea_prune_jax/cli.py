@@ -1,6 +1,8 @@
-"""Process-wide setup, for entry points only (`main`, and test workers standing in for it): env
-vars, `jax.config`, `jax.distributed`, re-exec. No library module calls these; library calls
-change no process-wide state.
+"""The entry point's process-wide setup: env vars, `jax.config`, `jax.distributed`, re-exec.
+
+`main` (the flags) and `commands` (what each command does) call these before any compute, as do
+the test workers that stand in for `main`; no library module does, so library calls change no
+process-wide state.
 """
 
 import os
@@ -91,3 +93,10 @@ def use_tpu_compiler() -> None:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   jax.config.update('jax_platforms', os.environ['JAX_PLATFORMS'])
+
+
+def use_offline_hubs() -> None:
+  """Nothing is downloaded at run time: the hub libraries' offline switches, where unset."""
+  from idea_prune_jax.eval import harness
+  for var, value in harness.OFFLINE_ENV.items():
+    os.environ.setdefault(var, value)
