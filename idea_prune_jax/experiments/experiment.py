@@ -112,7 +112,8 @@ def pipeline_names(field: str, text: str) -> list[str]:
 
 def variant(run: RunConfig, name: str, seed: int, steps: int | None = None) -> RunConfig:
   """One compare entry as a plain pipeline run; only idea_kd distils."""
-  changes = {'seed': seed, 'pipeline': {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name),
+  pipeline_name = {'idea_kd': 'idea', 'scratch_flops': 'scratch'}.get(name, name)
+  changes = {'seed': seed, 'pipeline': pipeline_name,
              'distill.alpha': (run.distill.alpha or IDEA_KD_ALPHA) if name == 'idea_kd' else 0.0}
   if steps is not None:
     changes['train.steps'] = steps

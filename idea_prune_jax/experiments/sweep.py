@@ -86,9 +86,9 @@ def kd_settings(sw: SweepConfig, k: DistillConfig) -> list[tuple[str, dict]]:
   return out
 
 
-def ablations(run: RunConfig, sw: SweepConfig) -> list[tuple[str, dict, tuple[str, ...]]]:
-  """(tag, field changes, the pipelines it applies to) for each value of sweep.enlarge,
-  sweep.t_starts and sweep.windows, each axis varied alone around run."""
+def ablations(run: RunConfig, sw: SweepConfig) -> list[tuple[str, str, dict, tuple[str, ...]]]:
+  """(tag, the sweep field it comes from, field changes, the pipelines it applies to) for each
+  value of sweep.enlarge, sweep.t_starts and sweep.windows, each axis varied alone around run."""
   p = run.prune
   window = p.t_end - p.t_start
   out = []
@@ -97,12 +97,12 @@ def ablations(run: RunConfig, sw: SweepConfig) -> list[tuple[str, dict, tuple[st
     if ffn <= p.target_ffn:
       raise ConfigError(f'config.sweep.enlarge={sw.enlarge!r}: {ratio:g} x prune.target_ffn='
                         f'{p.target_ffn} leaves nothing to prune; use ratios above 1')
-    out.append((f'e{ratio:g}', {'model.ffn_dim': ffn}, ('idea', 'naive')))
+    out.append((f'e{ratio:g}', 'enlarge', {'model.ffn_dim': ffn}, ('idea', 'naive')))
   for t_start in (_numbers('sweep.t_starts', sw.t_starts, 1.0) if sw.t_starts.strip() else []):
-    out.append((f'ts{t_start:g}', {'prune.t_start': t_start, 'prune.t_end': t_start + window},
-                ('idea',)))
+    out.append((f'ts{t_start:g}', 't_starts',
+                {'prune.t_start': t_start, 'prune.t_end': t_start + window}, ('idea',)))
   for length in (_numbers('sweep.windows', sw.windows, 1.0) if sw.windows.strip() else []):
-    out.append((f'w{length:g}', {'prune.t_end': p.t_start + length}, ('idea',)))
+    out.append((f'w{length:g}', 'windows', {'prune.t_end': p.t_start + length}, ('idea',)))
   return out
 
 
@@ -112,9 +112,6 @@ def _ablation(c: RunConfig, tag: str, changes: dict, field_name: str) -> RunConf
   except ConfigError as e:
     raise ConfigError(f'config.sweep.{field_name}: the {tag} variant is not a valid run: {e}'
                       ) from None
-
-
-_AXIS_FIELDS = {'e': 'enlarge', 'ts': 't_starts', 'w': 'windows'}
 
 
 def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
@@ -138,6 +135,10 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
     steps = max(1, int(round(run.train.steps * budget)))
     base = override(run, {'train.steps': steps})
     flops_steps = experiment.flops_matched_steps(base)  # FLOPs do not depend on the LR
+    at = lambda label, lr, seed: {  # what every run of this budget records, and where
+        'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
+        'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
+        'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}', f'seed{seed}')}
     for lr in lrs:
       for seed in range(run.seed, run.seed + sw.seeds):
         source = None  # this LR and seed's idea run, the one its idea_kd runs start from
@@ -148,27 +149,18 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
             c = experiment.variant(base, name, seed,
                                    flops_steps if name == 'scratch_flops' else None)
             c = override(c, {'train.lr': lr, **distill_changes})
-            run_dir = os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}', f'seed{seed}')
-            entry = {'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
-                     'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
-                     'dir': run_dir}
+            entry = at(label, lr, seed)
             if branched and name == 'idea':
-              source = {'dir': run_dir, 'step': plan_lib.plan(c)[0].end}  # t_start
+              source = {'dir': entry['dir'], 'step': plan_lib.plan(c)[0].end}  # t_start
               c = override(c, {'train.keep_steps': str(source['step'])})
             elif branched and name == 'idea_kd' and source:
               entry['start_from'] = dict(source)
             out.append(entry | {'config': c})
-          for tag, changes, applies_to in variants:
-            if name not in applies_to:
-              continue
-            axis = _AXIS_FIELDS[tag.rstrip('0123456789.')]
-            c = _ablation(override(experiment.variant(base, name, seed), {'train.lr': lr}), tag,
-                          changes, axis)
-            label = f'{name}@{tag}'
-            out.append({'budget': budget, 'pipeline': label, 'lr': lr, 'seed': seed,
-                        'budget_tokens': steps * run.train.batch_size * run.data.seq_len,
-                        'dir': os.path.join(workdir, f'x{budget:g}', label, f'lr{lr:g}',
-                                            f'seed{seed}'), 'config': c})
+          for tag, axis, changes, applies_to in variants:
+            if name in applies_to:
+              c = _ablation(override(experiment.variant(base, name, seed), {'train.lr': lr}),
+                            tag, changes, axis)
+              out.append(at(f'{name}@{tag}', lr, seed) | {'config': c})
   return out
 
 

@@ -136,12 +136,8 @@ def _tokens(run: RunConfig) -> int:
 
 
 def _train_flops(run: RunConfig, phase: plan_lib.Phase) -> float:
-  """Model FLOPs of one step: 6N per token (+ the KD teacher's forward, 2N per token)."""
-  seq = run.data.seq_len
-  per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
-  if phase.kd:
-    per_token += model_lib.flops_per_token(pipeline.teacher_config(run), seq) / 3
-  return per_token * _tokens(run)
+  """Model FLOPs of one step, as the run's own logs count them (`plan.step_flops`)."""
+  return plan_lib.step_flops(run, phase, pipeline.teacher_config(run))
 
 
 def _splash_flops(run: RunConfig, mesh, passes: float, teacher: bool = False) -> float:
