@@ -125,7 +125,7 @@ def test_negative_ckpt_minutes_is_a_one_line_error():
 
 class _FakeState:
   def __init__(self, step):
-    self.step, self.params = step, None
+    self.step, self.params, self.hidden_kept = step, None, None
 
 
 def test_a_clock_of_one_minute_per_step_saves_every_ckpt_minutes_steps(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_a_clock_of_one_minute_per_step_saves_every_ckpt_minutes_steps(tmp_path,
 
   saved = []
   monkeypatch.setattr(loop, 'save', lambda ctx, state, meta: saved.append(state.step))
-  eval_fn = lambda params, batch: (0.0, 1.0)  # noqa: E731  (each call's end evaluates)
+  eval_fn = lambda *_: (0.0, 1.0)  # noqa: E731  (each call's end evaluates)
   loop.run_steps(ctx, _FakeState(0), step_fn, 8, phase='scratch', eval_fn=eval_fn, meta={})
   loop.run_steps(ctx, _FakeState(8), step_fn, 13, phase='scratch', eval_fn=eval_fn, meta={})
   # 8 and 13 end the two calls (phases); every save, those too, restarts the count.

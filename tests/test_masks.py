@@ -48,7 +48,7 @@ def test_init_shapes_and_errors():
     masks.init(our_params(), bad_path)
   bad_axis = (structure.Unit('ffn', (structure.Slice(('mlp', 'gate'), -1),
                                      structure.Slice(('mlp', 'down'), -1))),)
-  with pytest.raises(ValueError, match='sizes disagree'):
+  with pytest.raises(ValueError, match='shapes disagree'):
     masks.init(our_params(), bad_axis)
 
 

@@ -157,8 +157,8 @@ def test_every_accepted_config_plans_inside_the_run_and_reaches_target(name):
         assert all(p.start <= p.end for p in phases), phases
         for ph in phases:
           if ph.prune:
-            last = ph.end - 1
-            assert ph.prune.t_end == last and bool(ph.prune.is_refresh(last))
-            assert int(ph.prune.keep_k(last)) == 32
+            last, ffn = ph.end - 1, ph.prune['ffn']
+            assert ffn.t_end == last and bool(ffn.is_refresh(last))
+            assert int(ffn.keep_k(last)) == 32
         checked += 1
   assert checked > 10

@@ -73,7 +73,7 @@ def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict
       'tokens': plan_lib.plan_tokens(run, out['phases']), 'steps': int(state.step),
       'train_flops': plan_lib.train_flops(run, out['phases'], pipeline.teacher_config(run)),
       'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'wall_s': out['wall_s'],
-      'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.ffn_dim}
+      'phases': [{'name': ph.name, 'start': ph.start, 'end': ph.end, 'ffn_dim': ph.model.ffn_dim}
                  for ph in out['phases']],
       'distill_alpha': run.distill.alpha,
   }

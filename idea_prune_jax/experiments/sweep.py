@@ -11,7 +11,6 @@ idea − scratch, idea − scratch_flops and idea − naive, seed by seed, again
 parameter). A rerun skips finished runs.
 """
 
-import dataclasses
 import json
 import os
 
@@ -28,7 +27,7 @@ from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
 from idea_prune_jax.experiments.config import SweepConfig
 from idea_prune_jax.train.config import (ConfigError, DistillConfig, RunConfig, check_devices,
-                                         override)
+                                         override, target_model)
 
 GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'), ('idea', 'naive'))
 
@@ -207,7 +206,7 @@ def sweep(run: RunConfig, sw: SweepConfig, workdir: str) -> dict:
     results.append({k: v for k, v in r.items() if k != 'config'} | {
         k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps', 'wall_s',
                                 'params_final', 'kd_means') if k in summary})
-  target = model_lib.param_count(dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn))
+  target = model_lib.param_count(target_model(run))
   out = {'params_target': target, 'runs': results, 'budgets': table(results, target)}
   if jax.process_index() == 0:
     write(workdir, out)

@@ -26,11 +26,17 @@ class RMSNorm(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, hidden_kept=None):
+    """hidden_kept: how many d_model channels are alive (hidden-size pruning keeps the others at
+    0); the mean square is over those only, so a masked model equals its shrunk one."""
     scale = _param(self, 'scale', nn.initializers.ones, (x_BxLxD.shape[-1],), ('norm',),
                    self.cfg.param_dtype)
     x = x_BxLxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    if hidden_kept is None:
+      mean_square = jnp.mean(x * x, axis=-1, keepdims=True)
+    else:
+      mean_square = jnp.sum(x * x, axis=-1, keepdims=True) / hidden_kept
+    x = x * jax.lax.rsqrt(mean_square + self.cfg.norm_eps)
     return (x * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
@@ -117,10 +123,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, hidden_kept):
     x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(
-        RMSNorm(self.cfg, name='attn_norm')(x_BxLxD), segment_ids_BxL, positions_BxL)
-    x_BxLxD = x_BxLxD + SwiGLU(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_BxLxD))
+        RMSNorm(self.cfg, name='attn_norm')(x_BxLxD, hidden_kept), segment_ids_BxL,
+        positions_BxL)
+    x_BxLxD = x_BxLxD + SwiGLU(self.cfg, name='mlp')(
+        RMSNorm(self.cfg, name='mlp_norm')(x_BxLxD, hidden_kept))
     return x_BxLxD, None
 
 
@@ -134,10 +142,12 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, segment_ids=None, positions=None, return_hidden: bool = False):
+  def __call__(self, tokens_BxL, segment_ids=None, positions=None, return_hidden: bool = False,
+               hidden_kept=None):
     """segment_ids/positions [B, L]: packed documents (attention within a document, RoPE from
     each document's start); None is one causal sequence per row. return_hidden: the final-norm
-    output [B, L, D] instead of logits, for chunked heads."""
+    output [B, L, D] instead of logits, for chunked heads. hidden_kept: the alive d_model
+    channels while the hidden size is pruned by masks (a traced int is fine; see RMSNorm)."""
     cfg = self.cfg
     embedding = _param(self, 'embed', nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                        ('vocab', 'embed'), cfg.param_dtype)
@@ -146,11 +156,11 @@ class Transformer(nn.Module):
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, prevent_cse=False, policy=remat_policy(cfg.remat_policy))
     layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
-                     split_rngs={'params': True}, in_axes=(nn.broadcast, nn.broadcast),
+                     split_rngs={'params': True}, in_axes=(nn.broadcast,) * 3,
                      length=cfg.n_layers, unroll=cfg.n_layers if cfg.unroll_layers else 1,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, segment_ids, positions)
-    x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD)
+    x_BxLxD, _ = layers(cfg, name='layers')(x_BxLxD, segment_ids, positions, hidden_kept)
+    x_BxLxD = RMSNorm(cfg, name='final_norm')(x_BxLxD, hidden_kept)
     if not cfg.tie_embeddings:
       _param(self, 'lm_head', nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
              ('embed', 'vocab'), cfg.param_dtype)

@@ -38,7 +38,7 @@ def check_kind(kind: str) -> None:
 
 
 def coupled_norm(tree_a: Any, tree_b: Any, structure: Structure) -> dict[str, jax.Array]:
-  """name -> [n_layers, width] float32: s_j = sqrt(sum over the unit's slices of (A⊙B)[j]²).
+  """name -> mask-shaped float32: s_j = sqrt(sum over the unit's slices of (A⊙B)[j]²).
 
   (params, grads): sensitivity; (params, None): the L2 norm of the weights themselves.
   """
@@ -57,6 +57,10 @@ def coupled_norm(tree_a: Any, tree_b: Any, structure: Structure) -> dict[str, ja
     sq = jnp.sum(prod * prod, axis=tuple(i for i in range(prod.ndim) if i not in kept_axes))
     if m.layer_axis is not None and m.neuron_axis < m.layer_axis:
       sq = sq.T  # always [layers, neurons]
+    # The axis is [groups, width, inner]: a neuron's entries are summed, groups kept apart.
+    sq = sq.reshape(sq.shape[:-1] + (m.unit.groups, m.width, m.inner)).sum(-1)
+    if m.unit.groups == 1:
+      sq = sq[..., 0, :]
     sumsq[m.unit.name] = sumsq.get(m.unit.name, 0.0) + sq
   return {name: jnp.sqrt(v) for name, v in sumsq.items()}
 

@@ -28,14 +28,25 @@ Masks = dict[str, jax.Array]
 
 
 def init(params: Any, structure: Structure) -> Masks:
-  """All-ones float32 masks, [n_layers, width] per unit ([width] for layer_axis None)."""
-  _, _, _, dims = locate(params, structure, one_leaf_per_slice=True, what='params')
-  return {name: jnp.ones(tuple(d for d in dims[name] if d is not None), jnp.float32)
-          for name in dims}
+  """All-ones float32 masks, [n_layers, width] per unit ([width] for layer_axis None,
+  [n_layers, groups, width] for a grouped unit)."""
+  _, _, _, shapes = locate(params, structure, one_leaf_per_slice=True, what='params')
+  return {name: jnp.ones(shape, jnp.float32) for name, shape in shapes.items()}
+
+
+def _expand(mask, match):
+  """A unit's mask [.., (groups,) width] as one entry per element of the leaf's neuron axis:
+  [.., groups · width · inner], the axis's [groups, width, inner] layout flattened."""
+  xp = np if isinstance(mask, np.ndarray) else jnp
+  if match.inner > 1:
+    mask = xp.repeat(mask, match.inner, axis=-1)
+  if match.unit.groups > 1:
+    mask = mask.reshape(mask.shape[:-2] + (-1,))
+  return mask
 
 
 def _broadcast(mask, match, ndim):
-  """The unit's mask reshaped to broadcast against a leaf of rank ndim."""
+  """A [layers, neurons] (or [neurons]) array reshaped to broadcast against a leaf of rank ndim."""
   axes = (match.neuron_axis,) if match.layer_axis is None else (match.layer_axis,
                                                                  match.neuron_axis)
   if len(axes) == 2 and axes[1] < axes[0]:
@@ -59,7 +70,7 @@ def apply(tree: Any, masks: Masks, structure: Structure) -> Any:
   leaves = list(leaves)
   for m in matches:
     leaf = leaves[m.index]
-    mask = _broadcast(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m, leaf.ndim)
+    mask = _broadcast(_expand(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m), m, leaf.ndim)
     leaves[m.index] = leaf * mask.astype(leaf.dtype)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -79,7 +90,9 @@ def zero_pruned(updates: Any, params: Any, masks: Masks, structure: Structure) -
                      'pass the params the updates are for')
   leaves = list(leaves)
   for m in matches:
-    mask = _broadcast(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m, leaves[m.index].ndim)
+    mask = _expand(jnp.asarray(_unit(masks, m.unit.name, 'masks')), m)
+    mask = _broadcast(mask, m, leaves[m.index].ndim)
+    # Sequential over units: an entry pruned by any unit of its leaf ends at −param.
     leaves[m.index] = jnp.where(mask > 0, leaves[m.index], -params_leaves[m.index])
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -182,9 +195,20 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
   indices = kept_indices(masks)
   leaves, treedef, matches, _ = locate(tree, structure)
   leaves = list(leaves)
+  on_axis = {}  # several units may cut one axis of one leaf (KV groups and query heads of q)
   for m in matches:
-    leaf = leaves[m.index]
-    leaves[m.index] = _take(leaf, _broadcast(indices[m.unit.name], m, leaf.ndim), m.neuron_axis)
+    on_axis.setdefault((m.index, m.neuron_axis), []).append(m)
+  for (i, axis), ms in on_axis.items():
+    keep = np.ones((), bool)
+    for m in ms:
+      keep = keep & _expand(np.asarray(masks[m.unit.name]) > 0, m)
+    ref = next((m for m in ms if m.layer_axis is not None), ms[0])
+    if len({m.layer_axis for m in ms if m.layer_axis is not None}) > 1:
+      raise PruneError(f'leaf {ref.path}: units {[m.unit.name for m in ms]} stack layers on '
+                       'different axes')
+    keep_rows = keep.reshape(-1, keep.shape[-1])
+    idx = np.stack([np.flatnonzero(row) for row in keep_rows]).reshape(keep.shape[:-1] + (-1,))
+    leaves[i] = _take(leaves[i], _broadcast(idx, ref, leaves[i].ndim), axis)
   tree = jax.tree_util.tree_unflatten(treedef, leaves)
 
   def take(tree_by_unit):
@@ -204,9 +228,17 @@ def shrink_params(params: Any, masks: Masks, structure: Structure):
 
 
 def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
-  """(shrunk params, dataclasses.replace(model_config, ffn_dim=kept width)); one width overall."""
-  kept = {name: idx.shape[-1] for name, idx in kept_indices(masks).items()}
-  if len(set(kept.values())) != 1:
+  """(shrunk params, model_config at the kept widths) for units named as `structure.llama`
+  names them: ffn -> ffn_dim, kv_groups -> n_kv_heads, heads -> heads per group (n_heads),
+  hidden -> d_model; any other unit name counts as an FFN (one width overall)."""
+  kept = {name: int(idx.shape[-1]) for name, idx in kept_indices(masks).items()}
+  ffn = {kept[n] for n in kept if n not in ('kv_groups', 'heads', 'hidden')}
+  if len(ffn) > 1:
     raise PruneError(f'units keep different widths {kept}; ffn_dim needs one')
-  return shrink(params, masks, structure), dataclasses.replace(
-      model_config, ffn_dim=next(iter(kept.values())))
+  cfg = model_config
+  groups = cfg.n_heads // cfg.n_kv_heads
+  kv_heads = kept.get('kv_groups', cfg.n_kv_heads)
+  fields = {'n_kv_heads': kv_heads, 'n_heads': kv_heads * kept.get('heads', groups),
+            'd_model': kept.get('hidden', cfg.d_model),
+            'ffn_dim': ffn.pop() if ffn else cfg.ffn_dim}  # head_dim is explicit: it stays
+  return shrink(params, masks, structure), dataclasses.replace(cfg, **fields)

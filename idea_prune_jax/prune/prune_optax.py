@@ -30,7 +30,7 @@ from idea_prune_jax.prune import importance
 from idea_prune_jax.prune import masks as masks_lib
 from idea_prune_jax.prune.errors import PruneError
 from idea_prune_jax.prune.schedules import PruneSchedule
-from idea_prune_jax.prune.structure import Structure, locate
+from idea_prune_jax.prune.structure import Structure
 
 
 class PruneState(NamedTuple):
@@ -47,29 +47,38 @@ class PruneState(NamedTuple):
 
 
 def prune_optimizer(inner: optax.GradientTransformation, structure: Structure,
-                    schedule: PruneSchedule, score: str = 'platon', *, beta1: float = 0.85,
+                    schedule: PruneSchedule | dict[str, PruneSchedule], score: str = 'platon',
+                    *, beta1: float = 0.85,
                     beta2: float = 0.95) -> optax.GradientTransformationExtraArgs:
-  """`inner` with masks, importance scores and the width schedule in its state; see the module."""
+  """`inner` with masks, importance scores and the width schedule in its state; see the module.
+
+  schedule: one for every unit, or {unit name: schedule} (each axis its own widths, and window)."""
   if score not in importance.KINDS:
     raise PruneError(f"prune_optimizer: unknown score {score!r}; use one of "
                      f"{', '.join(importance.KINDS)}")
-  if not isinstance(schedule, PruneSchedule):
-    raise PruneError(f'prune_optimizer: schedule must be a schedules.PruneSchedule, got '
-                     f'{type(schedule).__name__}')
+  names = [u.name for u in structure]
+  schedules = schedule if isinstance(schedule, dict) else {n: schedule for n in names}
+  if sorted(schedules) != sorted(names):
+    raise PruneError(f'prune_optimizer: schedules for units {sorted(schedules)}, the structure '
+                     f'has {sorted(names)}; give one schedule per unit')
+  for sched in schedules.values():
+    if not isinstance(sched, PruneSchedule):
+      raise PruneError(f'prune_optimizer: schedule must be a schedules.PruneSchedule, got '
+                       f'{type(sched).__name__}')
   for name, beta in (('beta1', beta1), ('beta2', beta2)):
     if not 0 <= beta < 1:
       raise PruneError(f'prune_optimizer: {name}={beta} must lie in [0, 1)')
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
-    ffn_masks = masks_lib.init(params, structure)
-    _, _, _, dims = locate(params, structure)
-    for name, (_, width) in dims.items():
-      if width != schedule.ffn_enlarged:
+    unit_masks = masks_lib.init(params, structure)
+    for name, mask in unit_masks.items():
+      width = mask.shape[-1]
+      if width != schedules[name].ffn_enlarged:
         raise PruneError(f"unit '{name}' has width {width} in params but the schedule's "
-                         f'ffn_enlarged={schedule.ffn_enlarged}; build the schedule for the '
-                         'model you prune')
-    return PruneState(jnp.zeros((), jnp.int32), ffn_masks, importance.init(ffn_masks, score),
+                         f'ffn_enlarged={schedules[name].ffn_enlarged}; build the schedule for '
+                         'the model you prune')
+    return PruneState(jnp.zeros((), jnp.int32), unit_masks, importance.init(unit_masks, score),
                       inner.init(params))
 
   def update(grads, state: PruneState, params=None, *, activations=None, **extra):
@@ -80,11 +89,16 @@ def prune_optimizer(inner: optax.GradientTransformation, structure: Structure,
                                          activations=activations, structure=structure,
                                          beta1=beta1, beta2=beta2)
     step = state.count
-    new_masks = jax.lax.cond(
-        schedule.is_refresh(step),
-        lambda: masks_lib.refresh(state.masks, importance.scores(
-            importance_state, score, params=params, structure=structure), schedule.keep_k(step)),
-        lambda: state.masks)
+    refreshing = {n: sched.is_refresh(step) for n, sched in schedules.items()}
+
+    def refresh():
+      scores = importance.scores(importance_state, score, params=params, structure=structure)
+      new = masks_lib.refresh(state.masks, scores,
+                              {n: sched.keep_k(step) for n, sched in schedules.items()})
+      return {n: jnp.where(refreshing[n], new[n], state.masks[n]) for n in new}
+
+    any_refresh = jnp.any(jnp.stack(list(refreshing.values())))
+    new_masks = jax.lax.cond(any_refresh, refresh, lambda: state.masks)
     updates, inner_state = inner.update(grads, state.inner, params, **extra)
     updates = masks_lib.zero_pruned(updates, params, new_masks, structure)
     return updates, PruneState(step + 1, new_masks, importance_state, inner_state)

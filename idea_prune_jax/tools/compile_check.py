@@ -34,9 +34,11 @@ from idea_prune_jax.train import pipeline
 from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.train import sharding as sharding_lib
 from idea_prune_jax.prune import structure
+from idea_prune_jax.train import state as state_lib
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.experiments.config import IDEA_KD_ALPHA
-from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, override
+from idea_prune_jax.train.config import (ConfigError, RunConfig, check_devices, override,
+                                         prune_structure, target_model)
 
 GIB = 2 ** 30
 
@@ -165,7 +167,7 @@ def train_program(run: RunConfig, phase: plan_lib.Phase, mesh, name: str | None 
   """The phase's jitted, donated train step (`pipeline.step_fn`)."""
   p = pipeline.parts(run, phase, mesh)
   fn = pipeline.step_fn(run, phase, p, mesh)
-  info = {'ffn_dim': phase.ffn_dim, 'kd': phase.kd, 'teacher': phase.teacher,
+  info = {'ffn_dim': phase.model.ffn_dim, 'kd': phase.kd, 'teacher': phase.teacher,
           'masks': phase.prune is not None}
   state = _abstract_state(p, mesh)
   return Step(name or phase.name, fn, (state, abstract_batch(run, mesh)),
@@ -179,13 +181,13 @@ def naive_score_program(run: RunConfig, mesh) -> Step:
   p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
   kind = run.prune.score
-  scores = jax.eval_shape(lambda ps: importance.init(masks_lib.init(ps, structure.FFN_STRUCTURE),
-                                                     kind), params)
-  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-  scores = ckpt_lib.abstract_like(scores, jax.tree.map(lambda _: ffn, scores))
+  unit_structure = prune_structure(run, p.model_cfg)
+  scores = jax.eval_shape(lambda ps: importance.init(masks_lib.init(ps, unit_structure), kind),
+                          params)
+  scores = ckpt_lib.abstract_like(scores, state_lib.unit_shardings(scores, mesh))
   return Step('naive_score', pipeline.oneshot_score_fn(run, p.model_cfg, mesh),
               (scores, params, abstract_batch(run, mesh)), _train_flops(run, phase),
-              {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
+              {'ffn_dim': phase.model.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
                **_state_bytes(scores)}, _splash_flops(run, mesh, _train_passes(run)))
 
 
@@ -195,8 +197,9 @@ def eval_program(run: RunConfig, mesh) -> Step:
   p = pipeline.parts(run, phase, mesh)
   params = _abstract_state(p, mesh).params
   fn = step_lib.jit_eval(p.model, p.shardings.params, mesh)
-  return Step('eval', fn, (params, abstract_batch(run, mesh)), _train_flops(run, phase) / 3,
-              {'ffn_dim': phase.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
+  return Step('eval', fn, (params, abstract_batch(run, mesh), None),
+              _train_flops(run, phase) / 3,
+              {'ffn_dim': phase.model.ffn_dim, 'kd': False, 'teacher': False, 'masks': False,
                **_state_bytes(params)}, _splash_flops(run, mesh, 1.0))
 
 
@@ -372,8 +375,7 @@ def compile_check(run: RunConfig, devices, hbm_gib: float | None = None, chip=No
           'distill_alpha': run.distill.alpha, 'distill_phases': run.distill.phases,
           'distill_chunk': run.distill.chunk,
           'params_enlarged': model_lib.param_count(run.model),
-          'params_target': model_lib.param_count(
-              dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn)),
+          'params_target': model_lib.param_count(target_model(run)),
           'jax': jax.__version__},
       'chip': dataclasses.asdict(chip) if chip else None,
       'hbm_gib': hbm_gib,

@@ -15,6 +15,7 @@ from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.distill import SCHEDULES as KD_SCHEDULES
 from idea_prune_jax.prune.importance import KINDS as SCORE_KINDS
 from idea_prune_jax.prune.schedules import WIDTH_SCHEDULES, PruneSchedule
+from idea_prune_jax.prune import structure as structure_lib
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,10 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
   target_ffn: int = 384
+  # The target's other widths (0: the enlarged model's, that axis not pruned); head_dim stays.
+  target_kv_heads: int = 0  # whole KV groups, each with its query heads
+  target_heads_per_group: int = 0  # query heads kept in every KV group
+  target_d_model: int = 0  # hidden size (a multiple of round_to)
   t_start: float = 0.5  # fraction of train.steps
   t_end: float = 0.7
   every: int = 10  # ΔT: mask refresh cadence inside the window
@@ -187,6 +192,53 @@ def prune_schedule(run: RunConfig) -> PruneSchedule | None:
                        kind=p.schedule)
 
 
+# Unit kind (`structure.llama`) -> the PruneConfig field of its target width.
+TARGET_FIELDS = {'ffn': 'target_ffn', 'kv_groups': 'target_kv_heads',
+                 'heads': 'target_heads_per_group', 'hidden': 'target_d_model'}
+
+
+def widths(m: ModelConfig) -> dict[str, int]:
+  """The model's width on each prunable axis, by unit kind."""
+  return {'ffn': m.ffn_dim, 'kv_groups': m.n_kv_heads, 'heads': m.n_heads // m.n_kv_heads,
+          'hidden': m.d_model}
+
+
+def target_widths(run: RunConfig) -> dict[str, int]:
+  enlarged = widths(run.model)
+  return {u: getattr(run.prune, f) or enlarged[u] for u, f in TARGET_FIELDS.items()}
+
+
+def target_model(run: RunConfig) -> ModelConfig:
+  """The model the pipeline ends with (scratch trains it from the start); head_dim stays."""
+  w = target_widths(run)
+  return dataclasses.replace(run.model, ffn_dim=w['ffn'], n_kv_heads=w['kv_groups'],
+                             n_heads=w['kv_groups'] * w['heads'], d_model=w['hidden'])
+
+
+def pruned_units(run: RunConfig) -> tuple[str, ...]:
+  """The unit kinds the pipeline prunes: the FFN always, the other axes where the target is
+  narrower than the enlarged model."""
+  enlarged, target = widths(run.model), target_widths(run)
+  return ('ffn',) + tuple(u for u in TARGET_FIELDS if u != 'ffn' and target[u] < enlarged[u])
+
+
+def prune_structure(run: RunConfig, m: ModelConfig) -> structure_lib.Structure:
+  """The units `pruned_units` names, on model `m` (`structure.FFN_STRUCTURE` for FFN only)."""
+  return structure_lib.llama(n_kv_heads=m.n_kv_heads, heads_per_group=m.n_heads // m.n_kv_heads,
+                             head_dim=m.head_dim, tie_embeddings=m.tie_embeddings,
+                             units=pruned_units(run))
+
+
+def prune_schedules(run: RunConfig) -> dict[str, PruneSchedule] | None:
+  """One width schedule per pruned unit over `prune_schedule`'s window (None without one)."""
+  ps = prune_schedule(run)
+  if ps is None:
+    return None
+  enlarged, target = widths(run.model), target_widths(run)
+  return {u: dataclasses.replace(ps, ffn_enlarged=enlarged[u], ffn_target=target[u])
+          for u in pruned_units(run)}
+
+
 def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor), with one -1 filled from the device count."""
   dims = [mesh.data, mesh.fsdp, mesh.tensor]
@@ -227,6 +279,16 @@ def check_devices(run: RunConfig, n_devices: int) -> tuple[int, int, int]:
             f'not a multiple of the tensor-parallel degree {tensor}')
     if m.ffn_dim % tensor:
       _fail('model.ffn_dim', m.ffn_dim, f'not a multiple of the tensor-parallel degree {tensor}')
+    target, units = target_model(run), pruned_units(run)
+    if ({'kv_groups', 'heads'} & set(units)) and (target.n_kv_heads % tensor
+                                                  or target.n_heads % tensor):
+      name = 'target_kv_heads' if 'kv_groups' in units else 'target_heads_per_group'
+      _fail(f'prune.{name}', getattr(run.prune, name),
+            f'the target has {target.n_kv_heads} KV heads, {target.n_heads} query heads: both '
+            f'must divide by the tensor-parallel degree {tensor}')
+    if 'hidden' in units and target.d_model % fsdp:
+      _fail('prune.target_d_model', run.prune.target_d_model,
+            f'not a multiple of mesh.fsdp={fsdp} (d_model is sharded over it)')
   return shape
 
 
@@ -349,6 +411,16 @@ def validate_prune(run: RunConfig) -> None:
     _fail('prune.round_to', p.round_to, 'must be >= 1')
   if p.target_ffn % p.round_to:
     _fail('prune.target_ffn', p.target_ffn, f'not a multiple of prune.round_to={p.round_to}')
+  enlarged = widths(run.model)
+  for unit, f in TARGET_FIELDS.items():
+    value = getattr(p, f)
+    if unit != 'ffn' and (isinstance(value, bool) or not isinstance(value, int)
+                          or not 0 <= value <= enlarged[unit]):
+      _fail(f'prune.{f}', value, f'must be 0 (not pruned) or an integer in [1, {enlarged[unit]}] '
+            'of the enlarged model')
+  if p.target_d_model % p.round_to:
+    _fail('prune.target_d_model', p.target_d_model,
+          f'not a multiple of prune.round_to={p.round_to}')
   if not 0 <= p.t_start < p.t_end <= 1:
     name = 'prune.t_start' if not 0 <= p.t_start < 1 else 'prune.t_end'
     _fail(name, field(run, name),

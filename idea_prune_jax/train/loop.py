@@ -78,13 +78,14 @@ def setup(run: RunConfig, workdir: str,
                     chips.peak_flops_per_device(jax.devices()[0]), wall_clock, wall_clock())
 
 
-def evaluate(ctx: RunContext, eval_fn: Callable, params) -> dict:
-  """Validation loss and perplexity over the fixed held-out batches."""
+def evaluate(ctx: RunContext, eval_fn: Callable, params, hidden_kept=None) -> dict:
+  """Validation loss and perplexity over the fixed held-out batches (hidden_kept: see
+  `TrainState.hidden_kept`)."""
   sharding = sharding_lib.batch_sharding(ctx.mesh)
   total = count = 0.0
   for local in ctx.data.val:
     batch = batch_lib.global_batch(local, sharding)
-    nll, n = eval_fn(params, batch)
+    nll, n = eval_fn(params, batch, hidden_kept)
     total, count = total + float(nll), count + float(n)
   val_loss = total / max(count, 1.0)
   return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50.0))}
@@ -185,7 +186,7 @@ def run_steps(ctx: RunContext, state, step_fn: Callable, end: int, *, phase: str
       if done % cfg.eval_every == 0 or done == end:
         log.flush()
         with clock.timing('eval'):
-          log.validation(done, evaluate(ctx, eval_fn, state.params))
+          log.validation(done, evaluate(ctx, eval_fn, state.params, state.hidden_kept))
         log.restart_timer()
       stop = _preempted(done)
       by_clock = _save_due_by_clock(ctx, done)  # before any `or`: every host joins its broadcast

@@ -26,10 +26,9 @@ from idea_prune_jax.train import optim
 from idea_prune_jax.train import state as state_lib
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.model.config import ModelConfig
-from idea_prune_jax.train.config import ConfigError, RunConfig
+from idea_prune_jax.train.config import ConfigError, RunConfig, prune_structure, target_widths
 from idea_prune_jax.train.plan import Phase, plan, plan_fields, step_flops
 from idea_prune_jax.prune.prune_optax import PruneState
-from idea_prune_jax.prune.structure import FFN_STRUCTURE
 
 
 def teacher_config(run: RunConfig) -> ModelConfig:
@@ -60,7 +59,7 @@ class Parts:
 
 
 def parts(run: RunConfig, phase: Phase, mesh) -> Parts:
-  model_cfg = dataclasses.replace(run.model, ffn_dim=phase.ffn_dim)
+  model_cfg = phase.model
   teacher_cfg = teacher_config(run)
   schedule = optim.lr_schedule(run.train, phase.lr_steps)
   inner = optimizer = optim.make_optimizer(run.train, schedule)
@@ -88,8 +87,8 @@ def parts(run: RunConfig, phase: Phase, mesh) -> Parts:
 
 
 def prune_options(run: RunConfig, phase: Phase) -> optim.PruneOptions:
-  return optim.PruneOptions(phase.prune, run.prune.score, run.prune.beta1,
-                                run.prune.beta2, FFN_STRUCTURE)
+  return optim.PruneOptions(phase.prune, run.prune.score, run.prune.beta1, run.prune.beta2,
+                            prune_structure(run, phase.model))
 
 
 def kd_weights(run: RunConfig):
@@ -124,26 +123,30 @@ def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh):
   (so the model's activation batch sharding applies, as in the train step)."""
   kind, want_acts = run.prune.score, run.prune.score == 'activation'
   model = model_lib.Transformer(model_cfg)
+  structure = prune_structure(run, model_cfg)
 
   def accumulate(scores, params, batch):
     (_, aux), grads = jax.value_and_grad(step_lib.loss_and_aux, has_aux=True)(
         params, batch, None, model=model, kd=None, want_acts=want_acts)
     acts = {'ffn': aux['ffn_act']} if want_acts else None
     return importance.update(scores, kind, params=params, grads=grads, activations=acts,
-                             structure=FFN_STRUCTURE, beta1=run.prune.beta1,
+                             structure=structure, beta1=run.prune.beta1,
                              beta2=run.prune.beta2)
 
-  params_sharding = sharding_lib.param_shardings(state_lib.abstract_params(model_cfg), mesh)
-  ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-  scores_sharding = {f: {'ffn': ffn} for f in importance.init({'ffn': 0.0}, kind)}
+  abstract_params = state_lib.abstract_params(model_cfg)
+  params_sharding = sharding_lib.param_shardings(abstract_params, mesh)
+  scores_sharding = state_lib.unit_shardings(jax.eval_shape(lambda: importance.init(
+      masks_lib.init(nn.unbox(abstract_params), structure), kind)), mesh)
   jitted = jax.jit(accumulate, out_shardings=scores_sharding, in_shardings=(
       scores_sharding, params_sharding, sharding_lib.batch_sharding(mesh)))
   return sharding_lib.MeshJit(jitted, mesh)
 
 
 def _oneshot_masks(ctx, run: RunConfig, state, model_cfg: ModelConfig):
-  """Naive one-shot: scores over a few batches at the final enlarged params, top f_T kept."""
-  masks = masks_lib.init(state.params, FFN_STRUCTURE)
+  """Naive one-shot: scores over a few batches at the final enlarged params, each unit's top
+  target width kept."""
+  structure = prune_structure(run, model_cfg)
+  masks = masks_lib.init(state.params, structure)
   scores = importance.init(masks, run.prune.score)
   accumulate = oneshot_score_fn(run, model_cfg, ctx.mesh)
   stream = ctx.data.train.copy()  # scoring must not move the training data order
@@ -151,9 +154,9 @@ def _oneshot_masks(ctx, run: RunConfig, state, model_cfg: ModelConfig):
   for _ in range(run.naive.score_batches):
     batch = batch_lib.global_batch(next(stream), sharding)
     scores = accumulate(scores, state.params, batch)
-  final = importance.scores(scores, run.prune.score, params=state.params,
-                            structure=FFN_STRUCTURE)
-  return masks_lib.refresh(masks, final, run.prune.target_ffn)
+  final = importance.scores(scores, run.prune.score, params=state.params, structure=structure)
+  targets = target_widths(run)
+  return masks_lib.refresh(masks, final, {u: targets[u] for u in masks})
 
 
 def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Parts):
@@ -170,19 +173,19 @@ def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Part
     masks, opt_state = opt_state.masks, opt_state.inner
   else:
     masks = None
-  if prev.ffn_dim != nxt.ffn_dim:
+  if prev.model != nxt.model:
     if masks is None:
-      masks = _oneshot_masks(ctx, run, state,
-                             dataclasses.replace(run.model, ffn_dim=prev.ffn_dim))
+      masks = _oneshot_masks(ctx, run, state, prev.model)
     masks = _host(masks)
-    params = masks_lib.shrink(params, masks, FFN_STRUCTURE)
-    opt_state = masks_lib.shrink(opt_state, masks, FFN_STRUCTURE)
+    structure = prune_structure(run, prev.model)
+    params = masks_lib.shrink(params, masks, structure)
+    opt_state = masks_lib.shrink(opt_state, masks, structure)
   if nxt.fresh_optimizer:
     opt_state = p_next.inner.init(params)
   if nxt.prune:
     # prune_optimizer's init state around the carried (or fresh) AdamW state; the schedule
     # counts global steps.
-    masks = masks_lib.init(params, FFN_STRUCTURE)
+    masks = masks_lib.init(params, prune_structure(run, nxt.model))
     # A copy of the step: one buffer cannot be donated twice (as step and count).
     opt_state = PruneState(count=jnp.copy(state.step), masks=masks,
                            importance=importance.init(masks, run.prune.score), inner=opt_state)
@@ -191,9 +194,9 @@ def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Part
   return jax.device_put(new, p_next.shardings)
 
 
-def _save_importance(workdir, tag, state, run: RunConfig):
+def _save_importance(workdir, tag, state, run: RunConfig, model_cfg: ModelConfig):
   scores = importance.scores(state.importance, run.prune.score, params=state.params,
-                             structure=FFN_STRUCTURE)
+                             structure=prune_structure(run, model_cfg))
   scores, masks = _host(scores), _host(state.masks)
   if jax.process_index() == 0:
     name, buf = next(iter(scores)), io.BytesIO()
@@ -262,10 +265,10 @@ def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
     if phase.prune and int(state.step) == phase.start:
       # One step in, so the t_start histogram shows real sensitivities rather than zeros.
       state = loop.run_steps(ctx, state, fn, phase.start + 1, **kwargs)
-      _save_importance(ctx.workdir, 't_start', state, run)
+      _save_importance(ctx.workdir, 't_start', state, run, phase.model)
     state = loop.run_steps(ctx, state, fn, phase.end, **kwargs)
     if phase.prune:
-      _save_importance(ctx.workdir, 't_end', state, run)
+      _save_importance(ctx.workdir, 't_end', state, run, phase.model)
   with ctx.clock.timing('eval'):
     result = loop.evaluate(ctx, step_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                            state.params)

@@ -10,7 +10,8 @@ import dataclasses
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.schedules import PruneSchedule
-from idea_prune_jax.train.config import RunConfig, field, prune_schedule
+from idea_prune_jax.train.config import (RunConfig, TARGET_FIELDS, field, prune_schedule,
+                                         prune_schedules, pruned_units, target_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +19,8 @@ class Phase:
   name: str  # enlarged | prune | recovery | scratch | train
   start: int
   end: int  # exclusive
-  ffn_dim: int
-  prune: PruneSchedule | None = None
+  model: ModelConfig  # the model this phase trains (enlarged, or the target after the shrink)
+  prune: dict[str, PruneSchedule] | None = None  # unit kind -> its width schedule
   lr_start: int = 0  # the step this phase's LR schedule counts from (naive re-warms)
   lr_steps: int = 0  # that schedule's length
   kd: bool = False  # distils from TrainState.teacher
@@ -37,7 +38,7 @@ def plan(run: RunConfig) -> tuple[Phase, ...]:
 
 
 def _phases(run: RunConfig) -> tuple[Phase, ...]:
-  T, f_e, f_t = run.train.steps, run.model.ffn_dim, run.prune.target_ffn
+  T, f_e, f_t = run.train.steps, run.model, target_model(run)
   kd_on = run.distill.alpha > 0
   kd_prune = kd_on and run.distill.phases in ('prune', 'both')
   kd_recovery = kd_on and run.distill.phases in ('recovery', 'both')
@@ -47,9 +48,10 @@ def _phases(run: RunConfig) -> tuple[Phase, ...]:
   if name == 'scratch':
     return (Phase('scratch', 0, T, f_t, lr_steps=T),)
   ps = prune_schedule(run)  # t_end clamped to the last step: never past the run
+  widths = prune_schedules(run)
   if name == 'idea':
     return (Phase('enlarged', 0, ps.t_start, f_e, lr_steps=T),
-            Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=ps, lr_steps=T, kd=kd_prune),
+            Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=widths, lr_steps=T, kd=kd_prune),
             Phase('recovery', ps.t_end + 1, T, f_t, lr_steps=T, kd=kd_recovery))
   split = int(round(run.naive.split * T))
   enlarged = Phase('enlarged', 0, split, f_e, lr_steps=split)
@@ -57,8 +59,8 @@ def _phases(run: RunConfig) -> tuple[Phase, ...]:
   if run.naive.prune == 'oneshot':
     return (enlarged, Phase('recovery', split, T, f_t, kd=kd_recovery, fresh_optimizer=True, **rec))
   return (enlarged,
-          Phase('prune', split, ps.t_end + 1, f_e, prune=ps, kd=kd_prune, fresh_optimizer=True,
-                **rec),
+          Phase('prune', split, ps.t_end + 1, f_e, prune=widths, kd=kd_prune,
+                fresh_optimizer=True, **rec),
           Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
 
 
@@ -67,10 +69,11 @@ def plan_fields(run: RunConfig) -> dict:
   schedules come from. A checkpoint records them; resuming under other values is refused.
   (Not the peak LR, KD or cadences: runs may change those and still share a checkpoint.)"""
   fields = ['train.steps', 'train.warmup_steps', 'train.min_lr_ratio']
-  prune = ['prune.target_ffn', 'prune.score', 'prune.beta1', 'prune.beta2']
+  targets = [f'prune.{TARGET_FIELDS[u]}' for u in pruned_units(run)]
+  prune = targets + ['prune.score', 'prune.beta1', 'prune.beta2']
   window = ['prune.every', 'prune.schedule']
   if run.pipeline == 'scratch':
-    fields += ['prune.target_ffn']
+    fields += targets
   elif run.pipeline == 'idea':
     fields += prune + ['prune.t_start', 'prune.t_end'] + window
   elif run.pipeline == 'naive':
@@ -84,7 +87,7 @@ def step_flops(run: RunConfig, phase: Phase, teacher: ModelConfig | None = None)
   """Analytical FLOPs of one training step of `phase` (a KD teacher forward: a third of its 6N;
   teacher: the teacher's model, default the enlarged one)."""
   seq = run.data.seq_len
-  per_token = model_lib.flops_per_token(dataclasses.replace(run.model, ffn_dim=phase.ffn_dim), seq)
+  per_token = model_lib.flops_per_token(phase.model, seq)
   if phase.kd:
     per_token += model_lib.flops_per_token(teacher or run.model, seq) / 3
   return run.train.batch_size * seq * per_token
@@ -101,6 +104,6 @@ def train_flops(run: RunConfig, phases, teacher: ModelConfig | None = None) -> f
   and backward of the enlarged model each)."""
   total = sum((ph.end - ph.start) * step_flops(run, ph, teacher) for ph in phases)
   for prev, nxt in zip(phases, phases[1:]):
-    if prev.ffn_dim != nxt.ffn_dim and prev.prune is None:  # a one-shot prune at this boundary
+    if prev.model != nxt.model and prev.prune is None:  # a one-shot prune at this boundary
       total += run.naive.score_batches * step_flops(run, dataclasses.replace(prev, kd=False))
   return total

@@ -20,7 +20,7 @@ from idea_prune_jax.train import sharding as sharding_lib
 class TrainState:
   """Everything that is sharded, donated, checkpointed and restored as one unit.
 
-  While pruning, opt_state is a `prune_optax.PruneState`: the FFN masks and importance state
+  While pruning, opt_state is a `prune_optax.PruneState`: the masks and importance state
   live in it (read them as `state.masks`, `state.importance`).
   """
   step: jax.Array
@@ -30,7 +30,7 @@ class TrainState:
 
   @property
   def masks(self):
-    """FFN masks while pruning; None for a dense model."""
+    """The masks while pruning ({unit: mask}); None for a dense model."""
     prune = find_prune_state(self.opt_state)
     return None if prune is None else prune.masks
 
@@ -41,13 +41,36 @@ class TrainState:
     prune = find_prune_state(self.opt_state)
     return None if prune is None else prune.importance
 
+  @property
+  def hidden_kept(self):
+    """The alive d_model channels while the hidden size is masked (the model's RMSNorm averages
+    over them), else None."""
+    masks = self.masks
+    return None if masks is None or 'hidden' not in masks else jnp.sum(masks['hidden'])
+
 def abstract_params(model_cfg: ModelConfig):
   """Boxed ShapeDtypeStructs: shapes plus logical axis names, no memory."""
   return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), jax.random.key(0))
 
+# The logical axes of each unit's masks and importance (`structure.llama`'s units): sharded like
+# the axis they describe. 'heads' is [layers, KV groups, heads per group] ([layers, heads] when
+# there is one group).
+UNIT_AXES = {'ffn': ('layers', 'mlp'), 'kv_groups': ('layers', 'kv_heads'),
+             'heads': ('layers', 'kv_heads', None), 'hidden': ('embed',)}
+
+
+def unit_shardings(tree_by_unit, mesh):
+  """Shardings for a tree whose leaves sit under unit names ({unit: array}, or nested in fields
+  as the importance state is)."""
+  def sharding(path, leaf):
+    axes = UNIT_AXES[path[-1].key]
+    return sharding_lib.named(mesh, *(axes if len(axes) == len(leaf.shape) else ('layers', None)))
+  return jax.tree_util.tree_map_with_path(sharding, tree_by_unit)
+
+
 def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh,
                     teacher_sharding=None) -> TrainState:
-  """Opt moments follow their params; masks and the importance state shard like the FFN axis;
+  """Opt moments follow their params; masks and the importance state shard like their axes;
   everything else (counts, step) is replicated. optimizer: the dense one (inside the prune
   wrapper, if any)."""
   replicated = sharding_lib.replicated(mesh)
@@ -56,10 +79,8 @@ def state_shardings(abstract_state: TrainState, params_sharding, optimizer, mesh
       transform_non_params=lambda _: replicated)
   opt_state = abstract_state.opt_state
   if isinstance(opt_state, PruneState):
-    ffn = sharding_lib.named(mesh, 'layers', 'mlp')
-    per_ffn = lambda tree: jax.tree.map(lambda _: ffn, tree)
-    opt_sharding = PruneState(count=replicated, masks=per_ffn(opt_state.masks),
-                              importance=per_ffn(opt_state.importance),
+    opt_sharding = PruneState(count=replicated, masks=unit_shardings(opt_state.masks, mesh),
+                              importance=unit_shardings(opt_state.importance, mesh),
                               inner=moments(opt_state.inner))
   else:
     opt_sharding = moments(opt_state)

@@ -44,13 +44,14 @@ def chunked_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, cfg:
       model_lib.logits(h_BxCxD, head_DxV, cfg), targets_BxC, weights_BxC)
   return chunked.sum_over_chunks(token_sums, (hidden_BxLxD, targets_BxL, weights_BxL), chunk)
 
-def _forward_sums(params, batch, model: nn.Module, mutable):
+def _forward_sums(params, batch, model: nn.Module, mutable, hidden_kept=None):
   """(summed NLL, token count) of model on batch, and the mutated collections if mutable.
 
   With model.cfg.loss_chunk the head runs chunk by chunk on the final hidden states.
   """
   chunked = bool(model.cfg.loss_chunk)
-  out = forward(params, batch, model, mutable=mutable, return_hidden=chunked)
+  out = forward(params, batch, model, mutable=mutable, return_hidden=chunked,
+                hidden_kept=hidden_kept)
   out, inter = out if mutable else (out, None)
   if chunked:
     sums = chunked_cross_entropy(out, model_lib.head(params, model.cfg), batch['targets'],
@@ -80,7 +81,7 @@ class KDOptions:
     return dataclasses.replace(self, alpha=value(self.alpha), tau=value(self.tau))
 
 def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, tau, chunk=0,
-               intermediates: bool = False):
+               intermediates: bool = False, hidden_kept=None):
   """(loss, aux) of `model.Transformer` student params against a teacher; for jax.value_and_grad.
 
   model / teacher_model: `model.Transformer(cfg)`s sharing vocab (ffn_dim etc. may differ).
@@ -93,9 +94,9 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
   t_hidden_BxLxD = forward(teacher_params, batch, teacher_model, return_hidden=True)
   if intermediates:
     s_hidden_BxLxD, extra = forward(params, batch, model, return_hidden=True,
-                                    mutable=['intermediates'])
+                                    mutable=['intermediates'], hidden_kept=hidden_kept)
   else:
-    s_hidden_BxLxD = forward(params, batch, model, return_hidden=True)
+    s_hidden_BxLxD = forward(params, batch, model, return_hidden=True, hidden_kept=hidden_kept)
   loss, aux = distill.chunked_kd_loss(
       s_hidden_BxLxD, model_lib.head(params, model.cfg), t_hidden_BxLxD,
       model_lib.head(teacher_params, teacher_model.cfg), batch['targets'], batch['weights'],
@@ -105,15 +106,18 @@ def kd_loss_fn(params, batch, teacher_params, *, model, teacher_model, alpha, ta
     aux['intermediates'] = extra['intermediates']
   return loss, aux
 
-def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool):
-  """Training loss at `params`, with metrics and (optionally) sowed FFN activations."""
+def loss_and_aux(params, batch, teacher, *, model, kd: KDOptions | None, want_acts: bool,
+                 hidden_kept=None):
+  """Training loss at `params`, with metrics and (optionally) sowed FFN activations.
+  hidden_kept: the alive d_model channels while the hidden size is masked."""
   mutable = ['intermediates'] if want_acts else False
   if kd is None:
-    (total, count), inter = _forward_sums(params, batch, model, mutable)
+    (total, count), inter = _forward_sums(params, batch, model, mutable, hidden_kept)
     loss, aux = total / jnp.maximum(count, 1.0), {'tokens': count}
   else:
     loss, aux = kd_loss_fn(params, batch, teacher, model=model, teacher_model=kd.teacher_model,
-                           alpha=kd.alpha, tau=kd.tau, chunk=kd.chunk, intermediates=want_acts)
+                           alpha=kd.alpha, tau=kd.tau, chunk=kd.chunk, intermediates=want_acts,
+                           hidden_kept=hidden_kept)
     inter = {'intermediates': aux.pop('intermediates')} if want_acts else None
   if want_acts:
     aux['ffn_act'] = inter['intermediates']['layers']['mlp']['ffn_act']
@@ -130,7 +134,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   """
   kd = None if kd is None else kd.at(state.step)
   (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-      state.params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts)
+      state.params, batch, state.teacher, model=model, kd=kd, want_acts=want_acts,
+      hidden_kept=state.hidden_kept)
   # The LR logged is the one this update applies: the schedule at the optimizer's own count.
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'lr': schedule(lr_count(state.opt_state)), **aux}
@@ -141,15 +146,15 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   prune = find_prune_state(opt_state)
-  if prune is not None:
-    metrics['ffn_width'] = jnp.mean(jnp.stack(
-        [jnp.mean(w.astype(jnp.float32)) for w in masks_lib.widths(prune.masks).values()]))
+  if prune is not None:  # ffn_width, and kv_groups_width, heads_width, hidden_width if pruned
+    for unit, kept in masks_lib.widths(prune.masks).items():
+      metrics[f'{unit}_width'] = jnp.mean(kept.astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
-def eval_step(params, batch, *, model):
+def eval_step(params, batch, hidden_kept=None, *, model):
   """(summed NLL, token count); the caller sums over batches for perplexity."""
-  return _forward_sums(params, batch, model, False)[0]
+  return _forward_sums(params, batch, model, False, hidden_kept)[0]
 
 def jit_step(step_fn, shardings: TrainState, mesh, **static):
   """Jits a (state, batch) -> (state, metrics) step with shardings and a donated state."""
@@ -159,7 +164,9 @@ def jit_step(step_fn, shardings: TrainState, mesh, **static):
   return sharding_lib.MeshJit(jitted, mesh)
 
 def jit_eval(model, params_sharding, mesh):
+  """(params, batch[, hidden_kept]) -> (summed NLL, token count), jitted."""
   jitted = jax.jit(functools.partial(eval_step, model=model),
-                   in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+                   in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh),
+                                 sharding_lib.replicated(mesh)),
                    out_shardings=sharding_lib.replicated(mesh))
   return sharding_lib.MeshJit(jitted, mesh)

@@ -1,0 +1,147 @@
+"""Every width axis pruned inside one run: idea and naive to an explicit target shape, exact
+resume mid-window and after the shrink, the export, one-line errors for bad targets."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import ROOT, checkpoint_state, logged_losses, run_config, validate
+from idea_prune_jax import masks, prune_optimizer, schedules, settings, structure
+from idea_prune_jax.data import batch as batch_lib
+from idea_prune_jax.experiments import experiment
+from idea_prune_jax.io import export
+from idea_prune_jax.model.config import ModelConfig
+from idea_prune_jax.model.model import Transformer, init_params
+from idea_prune_jax.train import pipeline
+from idea_prune_jax.train import step as step_lib
+from idea_prune_jax.train.config import ConfigError, target_model
+from idea_prune_jax.train.state import TrainState
+
+# tiny:test is d_model 32, 4 query heads in 2 KV groups (head_dim 8), FFN 96 -> 32.
+TARGET = dict(target_kv_heads=1, target_heads_per_group=1, target_d_model=16)
+
+
+def _config(name='idea'):
+  config = settings.load(os.path.join(ROOT, 'configs/tiny.py:test'))
+  config.pipeline = name
+  config.prune.update(every=2, **TARGET)  # idea window [6, 8]: refreshes at 6 and 8
+  config.train.update(ckpt_every=1, keep_ckpts=100)
+  return config
+
+
+@pytest.fixture(scope='module')
+def idea_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('multi'))
+  summary = experiment.run_experiment(run_config(_config()), workdir)
+  return workdir, summary
+
+
+def _widths(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {k: {r['step']: r[k] for r in rows if k in r}
+          for k in ('ffn_width', 'kv_groups_width', 'heads_width', 'hidden_width')}
+
+
+def test_idea_reaches_the_target_shape_on_every_axis(idea_run):
+  workdir, summary = idea_run
+  widths = _widths(workdir)
+  for unit, want in (('ffn_width', 32), ('kv_groups_width', 1), ('heads_width', 1),
+                     ('hidden_width', 16)):
+    series = list(widths[unit].values())
+    assert series[-1] == want and all(b <= a for a, b in zip(series, series[1:])), unit
+  params = checkpoint_state(workdir, 12)['params']
+  assert params['embed'].shape == (512, 16)
+  assert params['layers']['attn']['q'].shape == (2, 16, 8)  # 1 group x 1 head x head_dim 8
+  assert params['layers']['attn']['k'].shape == (2, 16, 8)
+  assert params['layers']['mlp']['down'].shape == (2, 32, 16)
+  assert np.isfinite(summary['val_loss'])
+  loaded, cfg = export.load_dense(os.path.join(workdir, 'export'))
+  assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim) == (16, 1, 1, 8, 32)
+
+
+@pytest.mark.parametrize('at', [7, 9])  # between the refreshes at 6 and 8; just before the shrink
+def test_resume_equals_uninterrupted(idea_run, tmp_path, at):
+  workdir, _ = idea_run
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  for name in os.listdir(os.path.join(resumed, 'checkpoints')):
+    if name.isdigit() and int(name) > at:
+      shutil.rmtree(os.path.join(resumed, 'checkpoints', name))
+  with open(os.path.join(resumed, 'metrics.jsonl'), 'w'):
+    pass
+  pipeline.run_pipeline(run_config(_config()), resumed)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, 12),
+               checkpoint_state(resumed, 12))
+  full, part = logged_losses(workdir), logged_losses(resumed)
+  assert min(part) == at and part == {s: full[s] for s in part}
+
+
+def test_naive_oneshot_prunes_every_axis(tmp_path):
+  config = _config('naive')
+  out = pipeline.run_pipeline(run_config(config), str(tmp_path))
+  assert out['model_cfg'] == target_model(run_config(config))
+  assert out['state'].params['layers']['attn']['o'].shape == (2, 8, 16)
+  assert np.isfinite(out['val_loss'])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('target_kv_heads', 3, r'config.prune.target_kv_heads=3: must be 0 \(not pruned\) or an '
+                           r'integer in \[1, 2\] of the enlarged model'),
+    ('target_d_model', 12, 'config.prune.target_d_model=12: not a multiple of prune.round_to=8'),
+])
+def test_bad_targets_are_one_line_errors(field, value, message):
+  config = _config()
+  config.prune.round_to = 8
+  config.prune[field] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config, 1)
+
+
+def test_a_target_the_tensor_axis_cannot_split_is_refused():
+  config = _config()
+  config.mesh.update(data=1, fsdp=4, tensor=2)
+  config.prune.target_ffn = 32
+  with pytest.raises(ConfigError, match='config.prune.target_kv_heads=1: the target has 1 KV '
+                                        'heads, 1 query heads: both must divide by the '
+                                        'tensor-parallel degree 2'):
+    validate(config, 8)
+
+
+def test_the_train_and_eval_steps_see_a_masked_hidden_size_as_the_shrunk_model():
+  """While d_model is masked the steps pass the alive channel count to the model's RMSNorm
+  (`TrainState.hidden_kept`): loss and eval equal the shrunk model's on the same batch."""
+  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=12)
+  s = structure.llama(n_kv_heads=2, heads_per_group=2, head_dim=4)
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
+  ones = masks.init(params, s)
+  scores = {n: jax.random.uniform(jax.random.key(i), m.shape) for i, (n, m) in enumerate(
+      ones.items())}
+  unit_masks = masks.refresh(ones, scores, {'ffn': 5, 'kv_groups': 1, 'heads': 1, 'hidden': 10})
+  later = {n: schedules.PruneSchedule(100, 101, 1, m.shape[-1], 1) for n, m in ones.items()}
+  lr = optax.constant_schedule(0.0)
+  tx = prune_optimizer(optax.chain(optax.scale_by_schedule(lr)), s, later)
+  masked = masks.apply(params, unit_masks, s)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=masked,
+                     opt_state=tx.init(masked)._replace(masks=unit_masks))
+  tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 32)
+  batch = batch_lib.make(tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 8)))
+  _, got = step_lib.train_step(state, batch, model=Transformer(cfg), optimizer=tx, schedule=lr)
+  small_params, small_cfg = masks.shrink_model(params, unit_masks, s, cfg)
+  dense = optax.chain(optax.scale_by_schedule(lr))
+  small = TrainState(step=jnp.zeros((), jnp.int32), params=small_params,
+                     opt_state=dense.init(small_params))
+  _, want = step_lib.train_step(small, batch, model=Transformer(small_cfg), optimizer=dense,
+                                schedule=lr)
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
+  assert got['hidden_width'] == 10 and got['heads_width'] == 1
+  np.testing.assert_allclose(
+      step_lib.eval_step(masked, batch, state.hidden_kept, model=Transformer(cfg)),
+      step_lib.eval_step(small_params, batch, model=Transformer(small_cfg)), rtol=1e-6)
