@@ -4,7 +4,6 @@ Part of the entry point: compile-check and the training commands call `cli` (lib
 `jax.distributed`, fake devices) before any compute.
 """
 
-import dataclasses
 import json
 import re
 import shlex
@@ -13,7 +12,7 @@ from typing import Callable
 
 from idea_prune_jax import cli
 from idea_prune_jax.settings import Settings
-from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, target_model
 
 
 class UsageError(ValueError):
@@ -21,10 +20,12 @@ class UsageError(ValueError):
 
 
 def params(run: RunConfig) -> dict:
-  from idea_prune_jax.model import model as model_lib
-  target = dataclasses.replace(run.model, ffn_dim=run.prune.target_ffn)
-  return {'ffn_enlarged': run.model.ffn_dim, 'params_enlarged': model_lib.param_count(run.model),
-          'ffn_target': target.ffn_dim, 'params_target': model_lib.param_count(target)}
+  from idea_prune_jax.train import budget
+  enlarged = budget.shape_dict(run.model)
+  if run.prune.target_params:  # the run chooses the shape where pruning starts
+    return {'enlarged': enlarged, 'target_params': run.prune.target_params,
+            'units': run.prune.units}
+  return {'enlarged': enlarged, 'target': budget.shape_dict(target_model(run))}
 
 
 def train(command: str, s: Settings, workdir: str) -> str:

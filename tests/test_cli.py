@@ -26,9 +26,10 @@ def test_params_of_the_paper_pair():
   out = _cli('params', '--config', 'configs/paper_2p8b_to_1p3b.py')
   assert out.returncode == 0, out.stderr
   counts = json.loads(out.stdout)
-  assert counts['ffn_enlarged'] == 15872 and counts['ffn_target'] == 5632
-  assert round(counts['params_enlarged'] / 1e9, 2) == 2.81
-  assert round(counts['params_target'] / 1e9, 2) == 1.30
+  enlarged, target = counts['enlarged'], counts['target']
+  assert enlarged['ffn_dim'] == 15872 and target['ffn_dim'] == 5632
+  assert round(enlarged['params'] / 1e9, 2) == 2.81 and round(target['params'] / 1e9, 2) == 1.30
+  assert target['d_model'] == enlarged['d_model'] == 2048  # FFN-only: the other axes stay
 
 
 def test_unknown_config_key_is_one_line_naming_it():

@@ -19,7 +19,8 @@ from idea_prune_jax.experiments import experiment
 from idea_prune_jax.io import export
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.model.model import Transformer, init_params
-from idea_prune_jax.train import pipeline
+from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import budget, pipeline
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.train.config import ConfigError, target_model
 from idea_prune_jax.train.state import TrainState
@@ -145,3 +146,41 @@ def test_the_train_and_eval_steps_see_a_masked_hidden_size_as_the_shrunk_model()
   np.testing.assert_allclose(
       step_lib.eval_step(masked, batch, state.hidden_kept, model=Transformer(cfg)),
       step_lib.eval_step(small_params, batch, model=Transformer(small_cfg)), rtol=1e-6)
+
+
+@pytest.mark.parametrize('criterion', ['importance', 'lookahead'])
+def test_a_parameter_budget_is_reached_and_the_choice_recorded(tmp_path, criterion):
+  config = _config()
+  for f in TARGET:
+    config.prune[f] = 0
+  enlarged = model_lib.param_count(run_config(config).model)
+  config.prune.update(target_params=int(enlarged * 0.55), budget=criterion, budget_batches=2,
+                      tolerance=0.02)
+  summary = experiment.run_experiment(run_config(config), str(tmp_path), do_export=False)
+  final = summary['shape_final']
+  assert abs(final['params'] - config.prune.target_params) <= 0.02 * config.prune.target_params
+  assert summary['budget']['chosen'] == final and summary['budget']['criterion'] == criterion
+  with open(tmp_path / 'budget.json') as f:
+    record = json.load(f)
+  assert sum(row['chosen'] for row in record['candidates']) == 1
+  assert (criterion == 'lookahead') == any('lookahead_loss' in r for r in record['candidates'])
+  # A resumed run reads the choice back instead of choosing again.
+  resumed = pipeline.run_pipeline(run_config(config), str(tmp_path))
+  assert budget.shape_dict(resumed['model_cfg']) == final
+
+
+def test_compare_with_a_parameter_budget_asks_for_an_explicit_shape(tmp_path):
+  config = _config()
+  config.prune.target_params = 30000
+  cmp = settings.read(config).compare
+  with pytest.raises(ConfigError, match='config.prune.target_params=30000: compare trains every '
+                                        'pipeline to one shape; set prune.target_'):
+    experiment.compare(run_config(config), cmp, str(tmp_path))
+
+
+def test_scratch_with_a_parameter_budget_is_refused():
+  config = _config('scratch')
+  config.prune.target_params = 30000
+  with pytest.raises(ConfigError, match='config.prune.target_params=30000: scratch trains a '
+                                        'given shape'):
+    run_config(config)

@@ -1,5 +1,6 @@
 """What the CLI's `run` and `compare` do: a pipeline, then its export and report; many, compared."""
 
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ from jax.experimental import multihost_utils
 from idea_prune_jax.data import provision
 from idea_prune_jax.io import export
 from idea_prune_jax.model import model as model_lib
+from idea_prune_jax.train import budget
 from idea_prune_jax.train import pipeline
 from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.tools import report
@@ -69,6 +71,7 @@ def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict
       'params_enlarged': model_lib.param_count(enlarged),
       'params_final': model_lib.param_count(model_cfg),
       'ffn_enlarged': enlarged.ffn_dim, 'ffn_final': model_cfg.ffn_dim,
+      'shape_final': budget.shape_dict(model_cfg),
       # From the executed plan, which is what ran (and what train_flops counts).
       'tokens': plan_lib.plan_tokens(run, out['phases']), 'steps': int(state.step),
       'train_flops': plan_lib.train_flops(run, out['phases'], pipeline.teacher_config(run)),
@@ -77,6 +80,10 @@ def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict
                  for ph in out['phases']],
       'distill_alpha': run.distill.alpha,
   }
+  if run.prune.target_params and run.pipeline in ('idea', 'naive'):
+    record = json.loads(storage.read_text(storage.join(workdir, pipeline.BUDGET_FILE)))
+    summary['budget'] = {k: record[k] for k in ('target_params', 'criterion', 'chosen')}
+    summary['budget']['candidates'] = len(record['candidates'])  # all in budget.json
   if do_export:
     export_dir = storage.join(workdir, 'export')
     tokenizer = _tokenizer_file(workdir, ctx.data.sp)
@@ -128,6 +135,14 @@ def flops_matched_steps(run: RunConfig) -> int:
   return int(round(run.train.steps * ratio))
 
 
+def one_shape(run: RunConfig, command: str) -> None:
+  """compare and sweep train every pipeline to one target shape: a budget must be explicit."""
+  if run.prune.target_params:
+    raise ConfigError(f'config.prune.target_params={run.prune.target_params}: {command} trains '
+                      'every pipeline to one shape; set prune.target_* instead (an idea run '
+                      'with target_params writes the shape it chose to its budget.json)')
+
+
 def prepared_once(run: RunConfig, workdir: str) -> RunConfig:
   """run reading its data prepared once into workdir/data, so every run it spawns shares it."""
   if run.data.source == 'prepared':
@@ -141,6 +156,7 @@ def prepared_once(run: RunConfig, workdir: str) -> RunConfig:
 def compare(run: RunConfig, cmp: CompareConfig, workdir: str) -> dict:
   """idea, idea+KD, naive, scratch at equal tokens, and scratch at idea's FLOPs, over seeds."""
   names = pipeline_names('compare.pipelines', cmp.pipelines)
+  one_shape(run, 'compare')
   run = prepared_once(run, workdir)
   # The compute-matched baseline: the target model trained on as many FLOPs as idea spends.
   flops_steps = flops_matched_steps(run)

@@ -188,6 +188,7 @@ def _finished(run_dir: str) -> dict | None:
 
 def sweep(run: RunConfig, sw: SweepConfig, workdir: str) -> dict:
   """Runs (or resumes) every run of the sweep; writes and returns the sweep's summary."""
+  experiment.one_shape(run, 'sweep')
   run = experiment.prepared_once(run, workdir)
   plan = runs(run, sw, workdir)
   for r in plan:  # every run is checked against the devices before the first one computes

@@ -24,6 +24,9 @@ from idea_prune_jax.prune.structure import UNIT_KINDS
 from idea_prune_jax.train import config as config_lib
 
 
+LOOKAHEAD = 4  # candidates (the best by importance) that prune.budget='lookahead' evaluates
+
+
 @dataclasses.dataclass(frozen=True)
 class Constraints:
   """What a pruned shape must satisfy besides its parameter count.

@@ -16,6 +16,7 @@ from idea_prune_jax.prune.distill import SCHEDULES as KD_SCHEDULES
 from idea_prune_jax.prune.importance import KINDS as SCORE_KINDS
 from idea_prune_jax.prune.schedules import WIDTH_SCHEDULES, PruneSchedule
 from idea_prune_jax.prune import structure as structure_lib
+from idea_prune_jax.train import budget
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,13 @@ class PruneConfig:
   target_kv_heads: int = 0  # whole KV groups, each with its query heads
   target_heads_per_group: int = 0  # query heads kept in every KV group
   target_d_model: int = 0  # hidden size (a multiple of round_to)
+  # > 0: a parameter count; the run chooses every target_* above (target_ffn included) at the
+  # start of pruning, narrowing the axes in `units` to within `tolerance` of it (train/budget.py).
+  target_params: int = 0
+  units: str = 'ffn,kv_groups,heads,hidden'
+  tolerance: float = 0.005
+  budget: str = 'importance'  # importance | lookahead: how the shape is chosen (BUDGET_CRITERIA)
+  budget_batches: int = 8  # batches the choice scores (and, for lookahead, evaluates) on
   t_start: float = 0.5  # fraction of train.steps
   t_end: float = 0.7
   every: int = 10  # ΔT: mask refresh cadence inside the window
@@ -192,6 +200,7 @@ def prune_schedule(run: RunConfig) -> PruneSchedule | None:
                        kind=p.schedule)
 
 
+BUDGET_CRITERIA = ('importance', 'lookahead')
 # Unit kind (`structure.llama`) -> the PruneConfig field of its target width.
 TARGET_FIELDS = {'ffn': 'target_ffn', 'kv_groups': 'target_kv_heads',
                  'heads': 'target_heads_per_group', 'hidden': 'target_d_model'}
@@ -222,11 +231,13 @@ def pruned_units(run: RunConfig) -> tuple[str, ...]:
   return ('ffn',) + tuple(u for u in TARGET_FIELDS if u != 'ffn' and target[u] < enlarged[u])
 
 
-def prune_structure(run: RunConfig, m: ModelConfig) -> structure_lib.Structure:
-  """The units `pruned_units` names, on model `m` (`structure.FFN_STRUCTURE` for FFN only)."""
+def prune_structure(run: RunConfig, m: ModelConfig,
+                    units: tuple[str, ...] | None = None) -> structure_lib.Structure:
+  """The units `pruned_units` names (or `units`), on model `m` (`structure.FFN_STRUCTURE` for
+  FFN only)."""
   return structure_lib.llama(n_kv_heads=m.n_kv_heads, heads_per_group=m.n_heads // m.n_kv_heads,
                              head_dim=m.head_dim, tie_embeddings=m.tie_embeddings,
-                             units=pruned_units(run))
+                             units=pruned_units(run) if units is None else units)
 
 
 def prune_schedules(run: RunConfig) -> dict[str, PruneSchedule] | None:
@@ -286,6 +297,8 @@ def check_devices(run: RunConfig, n_devices: int) -> tuple[int, int, int]:
       _fail(f'prune.{name}', getattr(run.prune, name),
             f'the target has {target.n_kv_heads} KV heads, {target.n_heads} query heads: both '
             f'must divide by the tensor-parallel degree {tensor}')
+    if run.prune.target_params:  # an unreachable budget fails here, before any compute
+      budget.candidates(run.model, run.prune.target_params, budget_constraints(run, tensor, fsdp))
     if 'hidden' in units and target.d_model % fsdp:
       _fail('prune.target_d_model', run.prune.target_d_model,
             f'not a multiple of mesh.fsdp={fsdp} (d_model is sharded over it)')
@@ -421,6 +434,13 @@ def validate_prune(run: RunConfig) -> None:
   if p.target_d_model % p.round_to:
     _fail('prune.target_d_model', p.target_d_model,
           f'not a multiple of prune.round_to={p.round_to}')
+  if p.target_params:
+    _validate_budget(run)
+  axes = set(budget_units(run)) if p.target_params else set(pruned_units(run))
+  multi_axis = bool(axes - {'ffn'})
+  if p.score == 'activation' and multi_axis:
+    _fail('prune.score', p.score, 'activation importance scores FFN neurons only; use platon, '
+          'sensitivity_ema or magnitude to prune heads or the hidden size')
   if not 0 <= p.t_start < p.t_end <= 1:
     name = 'prune.t_start' if not 0 <= p.t_start < 1 else 'prune.t_end'
     _fail(name, field(run, name),
@@ -442,6 +462,31 @@ def validate_prune(run: RunConfig) -> None:
           f'{run.train.steps} (t_end clamped to the last step) is shorter than one step')
 
 
+def budget_units(run: RunConfig) -> tuple[str, ...]:
+  return tuple(u.strip() for u in run.prune.units.split(',') if u.strip())
+
+
+def budget_constraints(run: RunConfig, tensor: int, fsdp: int) -> 'budget.Constraints':
+  return budget.Constraints(multiple=run.prune.round_to, tensor=tensor, fsdp=fsdp,
+                            units=budget_units(run), tolerance=run.prune.tolerance)
+
+
+def _validate_budget(run: RunConfig) -> None:
+  p = run.prune
+  if isinstance(p.target_params, bool) or not isinstance(p.target_params, int) or (
+      p.target_params < 0):
+    _fail('prune.target_params', p.target_params, 'must be a parameter count (0: off)')
+  units = budget_units(run)
+  if not units or set(units) - set(structure_lib.UNIT_KINDS):
+    _fail('prune.units', p.units, f"use some of {','.join(structure_lib.UNIT_KINDS)}")
+  if not 0 < p.tolerance <= 0.1:
+    _fail('prune.tolerance', p.tolerance, 'must lie in (0, 0.1]')
+  if p.budget not in BUDGET_CRITERIA:
+    _fail('prune.budget', p.budget, f"use one of {', '.join(BUDGET_CRITERIA)}")
+  if p.budget_batches < 1:
+    _fail('prune.budget_batches', p.budget_batches, 'must be >= 1')
+
+
 def validate(run: RunConfig) -> None:
   """Every check that does not need the devices (those are `check_devices`)."""
   validate_model(run.model)
@@ -455,3 +500,7 @@ def validate(run: RunConfig) -> None:
           'flags start with --, e.g. --xla_tpu_enable_windowed_einsum_for_all_gather=false')
   if run.pipeline in ('idea', 'naive'):
     validate_prune(run)
+  elif run.prune.target_params:
+    _fail('prune.target_params', run.prune.target_params,
+          f'{run.pipeline} trains a given shape: set prune.target_* (an idea run chooses one '
+          'and writes it to its budget.json)')

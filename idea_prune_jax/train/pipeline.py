@@ -4,6 +4,7 @@ the run end to end, resuming from the latest checkpoint."""
 
 import dataclasses
 import io
+import json
 import time
 
 import flax.linen as nn
@@ -26,7 +27,9 @@ from idea_prune_jax.train import optim
 from idea_prune_jax.train import state as state_lib
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.model.config import ModelConfig
-from idea_prune_jax.train.config import ConfigError, RunConfig, prune_structure, target_widths
+from idea_prune_jax.train import budget
+from idea_prune_jax.train.config import (ConfigError, RunConfig, budget_constraints, budget_units,
+                                         override, prune_structure, target_widths, widths)
 from idea_prune_jax.train.plan import Phase, plan, plan_fields, step_flops
 from idea_prune_jax.prune.prune_optax import PruneState
 
@@ -118,12 +121,13 @@ def _host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh):
+def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh, structure=None):
   """Naive one-shot's jitted (scores, params, batch) -> scores, traced under the step's mesh
-  (so the model's activation batch sharding applies, as in the train step)."""
+  (so the model's activation batch sharding applies, as in the train step). structure: the
+  units scored (default: those the run prunes)."""
   kind, want_acts = run.prune.score, run.prune.score == 'activation'
   model = model_lib.Transformer(model_cfg)
-  structure = prune_structure(run, model_cfg)
+  structure = structure or prune_structure(run, model_cfg)
 
   def accumulate(scores, params, batch):
     (_, aux), grads = jax.value_and_grad(step_lib.loss_and_aux, has_aux=True)(
@@ -142,21 +146,103 @@ def oneshot_score_fn(run: RunConfig, model_cfg: ModelConfig, mesh):
   return sharding_lib.MeshJit(jitted, mesh)
 
 
+def _unit_scores(ctx, run: RunConfig, params, model_cfg: ModelConfig, structure, n_batches):
+  """(scores {unit: mask-shaped}, the batch stream after them): importance accumulated over
+  n_batches training batches at `params`, read from a copy of the stream (scoring must not
+  move the training data order)."""
+  state = importance.init(masks_lib.init(params, structure), run.prune.score)
+  accumulate = oneshot_score_fn(run, model_cfg, ctx.mesh, structure)
+  stream = ctx.data.train.copy()
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
+  for _ in range(n_batches):
+    state = accumulate(state, params, batch_lib.global_batch(next(stream), sharding))
+  scores = importance.scores(state, run.prune.score, params=params, structure=structure)
+  return scores, stream
+
+
 def _oneshot_masks(ctx, run: RunConfig, state, model_cfg: ModelConfig):
   """Naive one-shot: scores over a few batches at the final enlarged params, each unit's top
   target width kept."""
   structure = prune_structure(run, model_cfg)
-  masks = masks_lib.init(state.params, structure)
-  scores = importance.init(masks, run.prune.score)
-  accumulate = oneshot_score_fn(run, model_cfg, ctx.mesh)
-  stream = ctx.data.train.copy()  # scoring must not move the training data order
-  sharding = sharding_lib.batch_sharding(ctx.mesh)
-  for _ in range(run.naive.score_batches):
-    batch = batch_lib.global_batch(next(stream), sharding)
-    scores = accumulate(scores, state.params, batch)
-  final = importance.scores(scores, run.prune.score, params=state.params, structure=structure)
+  scores, _ = _unit_scores(ctx, run, state.params, model_cfg, structure,
+                           run.naive.score_batches)
   targets = target_widths(run)
-  return masks_lib.refresh(masks, final, {u: targets[u] for u in masks})
+  return masks_lib.refresh(masks_lib.init(state.params, structure), scores,
+                           {u: targets[u] for u in scores})
+
+
+BUDGET_FILE = 'budget.json'
+
+
+def chosen_run(run: RunConfig, workdir: str) -> RunConfig | None:
+  """run with the target shape its budget.json records (chosen by an earlier attempt); None when
+  prune.target_params still has to be chosen."""
+  path = storage.join(workdir, BUDGET_FILE)
+  if not run.prune.target_params:
+    return run
+  if not storage.exists(path):
+    return None
+  return with_shape(run, json.loads(storage.read_text(path))['chosen'])
+
+
+def with_shape(run: RunConfig, chosen: dict) -> RunConfig:
+  """run with its prune.target_* set to a `budget.shape_dict`."""
+  return override(run, {'prune.target_ffn': chosen['ffn_dim'],
+                        'prune.target_kv_heads': chosen['n_kv_heads'],
+                        'prune.target_heads_per_group': chosen['heads_per_group'],
+                        'prune.target_d_model': chosen['d_model']})
+
+
+def choose_shape(ctx, run: RunConfig, params) -> dict:
+  """prune.target_params: the target shape, chosen from the enlarged params where pruning
+  starts, and written to WORKDIR/budget.json with every candidate and why.
+
+  Every legal shape within prune.tolerance of the count (`budget.candidates`) is ranked by the
+  importance mass it keeps (scores over prune.budget_batches batches); 'lookahead' then takes,
+  of the budget.LOOKAHEAD best, the one whose masked model has the lowest loss on the next
+  budget_batches batches."""
+  m, p = run.model, run.prune
+  structure = prune_structure(run, m, budget_units(run))
+  scores, stream = _unit_scores(ctx, run, params, m, structure, p.budget_batches)
+  cands = budget.candidates(m, p.target_params, budget_constraints(
+      run, ctx.mesh.shape['tensor'], ctx.mesh.shape['fsdp']))
+  chosen, table = budget.choose_by_importance(cands, m, _host(scores))
+  if p.budget == 'lookahead':
+    ranked = sorted(range(len(cands)), key=lambda i: -table[i]['retained_importance'])
+    ranked = ranked[:budget.LOOKAHEAD]
+    losses = _lookahead_losses(ctx, run, params, structure, scores,
+                               [cands[i] for i in ranked], stream)
+    for i, loss in zip(ranked, losses):
+      table[i]['lookahead_loss'] = loss
+    best = ranked[int(np.argmin(losses))]
+    chosen = cands[best]
+    for i, row in enumerate(table):
+      row['chosen'] = i == best
+  record = {'target_params': p.target_params, 'criterion': p.budget,
+            'chosen': budget.shape_dict(chosen), 'candidates': table}
+  if jax.process_index() == 0:
+    storage.write_text(storage.join(ctx.workdir, BUDGET_FILE), json.dumps(record, indent=1))
+  return record
+
+
+def _lookahead_losses(ctx, run: RunConfig, params, structure, scores, shapes, stream):
+  """The masked enlarged model's loss at each shape's one-shot masks, on the same batches."""
+  sharding = sharding_lib.batch_sharding(ctx.mesh)
+  batches = [batch_lib.global_batch(next(stream), sharding)
+             for _ in range(run.prune.budget_batches)]
+  params_sharding = sharding_lib.param_shardings(state_lib.abstract_params(run.model), ctx.mesh)
+  eval_fn = step_lib.jit_eval(model_lib.Transformer(run.model), params_sharding, ctx.mesh)
+  masked_fn = jax.jit(lambda ps, ms: masks_lib.apply(ps, ms, structure),
+                      out_shardings=params_sharding)
+  ones = masks_lib.init(params, structure)
+  losses = []
+  for shape in shapes:
+    keep = widths(shape)
+    unit_masks = masks_lib.refresh(ones, scores, {u: keep[u] for u in ones})
+    kept = jnp.sum(unit_masks['hidden']) if 'hidden' in unit_masks else None
+    sums = [eval_fn(masked_fn(params, unit_masks), b, kept) for b in batches]
+    losses.append(float(sum(n for n, _ in sums) / max(sum(c for _, c in sums), 1.0)))
+  return losses
 
 
 def transition(ctx, run: RunConfig, prev: Phase, nxt: Phase, state, p_next: Parts):
@@ -209,6 +295,10 @@ def run_pipeline(run: RunConfig, workdir: str) -> dict:
   t0 = time.time()
   teacher_config(run)  # a bad distill.teacher fails here, before any compute
   ctx = loop.setup(run, workdir)
+  # With prune.target_params the shape is chosen where pruning starts (`choose_shape`); until
+  # then the plan's enlarged phase, which does not depend on it, runs.
+  resolved = chosen_run(run, workdir)
+  run = resolved or run
   phases, names = plan(run), [ph.name for ph in plan(run)]
   base_cfg = run.model
   digest = ctx.data.manifest['tokenizer_digest']
@@ -228,7 +318,8 @@ def run_pipeline(run: RunConfig, workdir: str) -> dict:
     return ckpt_lib.abstract_like(jax.eval_shape(p.init_fn, jax.random.key(0)), p.shardings)
 
   try:
-    state, p, result = _run_phases(ctx, run, phases, abstract_for, base_cfg, meta)
+    state, p, result, phases = _run_phases(ctx, run, phases, abstract_for, base_cfg, meta,
+                                           choose=resolved is None)
   finally:
     # Every started save committed before the process moves on (or exits, when preempted).
     loop.finish_saves(ctx)
@@ -240,7 +331,7 @@ def run_pipeline(run: RunConfig, workdir: str) -> dict:
           'wall_s': time.time() - t0, **result}
 
 
-def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
+def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta, choose: bool):
   names = [ph.name for ph in phases]
   restored = loop.restore_latest(ctx, abstract_for, base_cfg)
   if restored is None:
@@ -254,6 +345,10 @@ def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
   for i in range(index, len(phases)):
     phase = phases[i]
     if i > index:
+      if choose and i == 1:
+        run = with_shape(run, choose_shape(ctx, run, state.params)['chosen'])
+        phases = plan(run)
+        phase = phases[i]
       p_next = parts(run, phase, ctx.mesh)
       state, p = transition(ctx, run, phases[i - 1], phase, state, p_next), p_next
     if int(state.step) >= phase.end:
@@ -272,7 +367,7 @@ def _run_phases(ctx, run: RunConfig, phases, abstract_for, base_cfg, meta):
   with ctx.clock.timing('eval'):
     result = loop.evaluate(ctx, step_lib.jit_eval(p.model, p.shardings.params, ctx.mesh),
                            state.params)
-  return state, p, result
+  return state, p, result, phases
 
 
 def train_dense(run: RunConfig, workdir: str) -> dict:

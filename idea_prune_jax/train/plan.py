@@ -10,6 +10,7 @@ import dataclasses
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.schedules import PruneSchedule
+from idea_prune_jax.train import budget
 from idea_prune_jax.train.config import (RunConfig, TARGET_FIELDS, field, prune_schedule,
                                          prune_schedules, pruned_units, target_model)
 
@@ -70,6 +71,9 @@ def plan_fields(run: RunConfig) -> dict:
   (Not the peak LR, KD or cadences: runs may change those and still share a checkpoint.)"""
   fields = ['train.steps', 'train.warmup_steps', 'train.min_lr_ratio']
   targets = [f'prune.{TARGET_FIELDS[u]}' for u in pruned_units(run)]
+  if run.prune.target_params:  # the run chose the targets (its budget.json); these chose them
+    targets = ['prune.target_params', 'prune.units', 'prune.tolerance', 'prune.budget',
+               'prune.budget_batches', 'prune.round_to']
   prune = targets + ['prune.score', 'prune.beta1', 'prune.beta2']
   window = ['prune.every', 'prune.schedule']
   if run.pipeline == 'scratch':
@@ -103,6 +107,12 @@ def train_flops(run: RunConfig, phases, teacher: ModelConfig | None = None) -> f
   """Analytical training FLOPs of a plan, with the naive one-shot's scoring batches (a forward
   and backward of the enlarged model each)."""
   total = sum((ph.end - ph.start) * step_flops(run, ph, teacher) for ph in phases)
+  if run.prune.target_params and run.pipeline in ('idea', 'naive'):
+    # Choosing the shape: a forward and backward per scoring batch, and for 'lookahead' a
+    # forward per batch of each candidate it evaluates.
+    passes = 1 + (budget.LOOKAHEAD / 3 if run.prune.budget == 'lookahead' else 0)
+    enlarged = dataclasses.replace(phases[0], kd=False)
+    total += run.prune.budget_batches * passes * step_flops(run, enlarged)
   for prev, nxt in zip(phases, phases[1:]):
     if prev.model != nxt.model and prev.prune is None:  # a one-shot prune at this boundary
       total += run.naive.score_batches * step_flops(run, dataclasses.replace(prev, kd=False))
