@@ -16,7 +16,10 @@ from idea_prune_jax.train import plan as plan_lib  # noqa: E402
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
 # Pretrain on every mesh; prune (masks and scores split over the FFN axis) and distill (a teacher
 # beside the student, its logits split over tensor) on the meshes that split what they add.
-KIND_MESHES = {'pretrain': MESHES, 'prune': MESHES[1:], 'distill': MESHES[2:]}
+# prune_multi: query heads (2 -> 1 per KV group) and d_model (32 -> 16) pruned beside the FFN,
+# their masks split over tensor and fsdp.
+KIND_MESHES = {'pretrain': MESHES, 'prune': MESHES[1:], 'distill': MESHES[2:],
+               'prune_multi': MESHES[1:3]}
 N_STEPS = 6
 
 
@@ -38,9 +41,9 @@ def run_phase(run, index, devices, batches, init_state):
          'q': list(state.params['layers']['attn']['q'].sharding.spec),
          'mu_gate': list(adamw[1][0].mu['layers']['mlp']['gate'].sharding.spec)}
   if state.masks is not None:
-    out.update(masks=np.asarray(state.masks['ffn']).tolist(),
-               mask_spec=list(state.masks['ffn'].sharding.spec),
-               score_spec=list(state.importance['u']['ffn'].sharding.spec))
+    out.update(masks={u: np.asarray(m).tolist() for u, m in state.masks.items()},
+               mask_spec={u: list(m.sharding.spec) for u, m in state.masks.items()},
+               score_spec={u: list(m.sharding.spec) for u, m in state.importance['u'].items()})
   if state.teacher is not None:
     out['teacher_gate'] = list(state.teacher['layers']['mlp']['gate'].sharding.spec)
   return out
@@ -56,7 +59,7 @@ def main():
   for _ in range(N_STEPS):
     x = rng.randint(4, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1))
     batches.append(batch_lib.from_rows(x.astype(np.int32)))
-  kinds = {'pretrain': (0, 0.0), 'prune': (1, 0.0), 'distill': (2, 0.5)}
+  kinds = {'pretrain': (0, 0.0), 'prune': (1, 0.0), 'distill': (2, 0.5), 'prune_multi': (1, 0.0)}
   results, inits = {}, {}
   for mesh in ((1, 1, 1),) + MESHES:
     config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
@@ -65,6 +68,9 @@ def main():
       if mesh != (1, 1, 1) and mesh not in KIND_MESHES[kind]:
         continue
       config.distill.update(alpha=alpha, phases='recovery')
+      multi = kind == 'prune_multi'
+      config.prune.update(target_heads_per_group=1 if multi else 0,
+                          target_d_model=16 if multi else 0)
       run = settings.read(config).run
       if kind not in inits:  # on one device; numpy, so no mesh's buffers are donated
         parts = pipeline.parts(run, plan_lib.plan(run)[index],

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from idea_prune_jax import masks
+from idea_prune_jax import structure
 from idea_prune_jax.data import inputs
 from idea_prune_jax.data import tokenizer as tokenizer_lib
 from idea_prune_jax.io import export
@@ -36,6 +38,40 @@ def _params(cfg, seed=0):
       lambda path, x: jnp.asarray(
           (1.0 + 0.2 * rng.standard_normal(x.shape)) if 'scale' in jax.tree_util.keystr(path)
           else 0.25 * rng.standard_normal(x.shape), x.dtype), shapes)
+
+
+# Every width axis pruned (issue 26): d_model, n_heads, n_kv_heads and ffn_dim shrink while the
+# explicit head_dim stays 8, so n_heads * head_dim != d_model and a reader that derives head_dim
+# from hidden_size / num_attention_heads gets it wrong. name -> (enlarged config, kept per unit,
+# the shrunk (d_model, n_heads, n_kv_heads)).
+PRUNED = {
+    # One head left (d_model 24 = 3 x head_dim).
+    'tied_1head': (ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               ffn_dim=48, head_dim=8),
+                   {'ffn': 20, 'kv_groups': 1, 'heads': 1, 'hidden': 24}, (24, 1, 1)),
+    # GQA kept (2 query heads per KV head), 4 heads of 8 over d_model 24.
+    'untied_gqa': (ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=6, n_kv_heads=2,
+                               ffn_dim=48, head_dim=8, tie_embeddings=False, rope_theta=500.0),
+                   {'ffn': 20, 'kv_groups': 2, 'heads': 2, 'hidden': 24}, (24, 4, 2)),
+}
+
+
+@functools.cache
+def _pruned(name, seed=0):
+  """(params, cfg) of PRUNED[name]: random masks on all four units, shrunk as the trainer does."""
+  cfg, keep, _ = PRUNED[name]
+  params = _params(cfg, seed)
+  s = structure.llama(n_kv_heads=cfg.n_kv_heads, heads_per_group=cfg.n_heads // cfg.n_kv_heads,
+                      head_dim=cfg.head_dim, tie_embeddings=cfg.tie_embeddings,
+                      units=('ffn', 'kv_groups', 'heads', 'hidden'))
+  ones = masks.init(params, s)
+  keys = jax.random.split(jax.random.key(seed + 1), len(ones))
+  scores = {n: jax.random.uniform(k, m.shape) for k, (n, m) in zip(keys, ones.items())}
+  small_params, small_cfg = masks.shrink_model(params, masks.refresh(ones, scores, keep), s, cfg)
+  assert (small_cfg.d_model, small_cfg.n_heads, small_cfg.n_kv_heads) == PRUNED[name][2]
+  assert small_cfg.head_dim == 8 and small_cfg.ffn_dim == 20
+  assert small_cfg.n_heads * small_cfg.head_dim != small_cfg.d_model
+  return small_params, small_cfg
 
 
 def _tokens(cfg, shape=(2, 24)):
@@ -185,6 +221,56 @@ def test_transformers_llama_loads_the_export_with_our_logits(tmp_path, cfg, tran
   assert model.dtype == torch.float32
   head, embed = model.lm_head.weight, model.model.embed_tokens.weight
   assert (head.data_ptr() == embed.data_ptr()) == cfg.tie_embeddings
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+  ours = _logits(params, cfg, tokens)
+  assert np.abs(ours).max() > 1.0  # logits large enough for the comparison to mean something
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', PRUNED)
+def test_pruned_on_every_axis_round_trips_dense_and_hf(tmp_path, name):
+  params, cfg = _pruned(name)
+  tokens = _tokens(cfg)
+  want = _logits(params, cfg, tokens)
+  dense, dense_cfg = export.load_dense(export.save_dense(str(tmp_path / 'dense'), params, cfg))
+  assert dense_cfg == cfg and dense_cfg.head_dim == 8
+  _assert_trees_equal(dense, params)
+  np.testing.assert_array_equal(_logits(dense, dense_cfg, tokens), want)
+
+  out = export.save_hf(str(tmp_path / 'hf'), params, cfg)
+  hf, hf_cfg = export.load_hf(out)
+  assert hf_cfg == cfg
+  _assert_trees_equal(hf, params)
+  np.testing.assert_array_equal(_logits(hf, hf_cfg, tokens), want)
+
+
+def test_an_export_transformers_cannot_load_is_refused(tmp_path):
+  params, cfg = _pruned('untied_gqa')
+  cfg = dataclasses.replace(cfg, d_model=22)
+  with pytest.raises(export.ExportError, match='d_model 22 is not a multiple of n_heads 4: '
+                                               'transformers cannot load such a Llama'):
+    export.save_hf(str(tmp_path / 'hf'), params, cfg)
+
+
+@pytest.mark.parametrize('name', PRUNED)
+def test_transformers_loads_the_pruned_on_every_axis_export_with_our_logits(tmp_path, name,
+                                                                            transformers):
+  import torch
+  params, cfg = _pruned(name)
+  tokens = _tokens(cfg, (3, 16))
+  out = export.save_hf(str(tmp_path / 'hf'), params, cfg)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+  hidden = cfg.d_model
+  c = model.config
+  assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+          c.intermediate_size, c.tie_word_embeddings) == (
+              hidden, cfg.n_heads, cfg.n_kv_heads, 8, 20, cfg.tie_embeddings)
+  attn = model.model.layers[0].self_attn
+  assert attn.q_proj.weight.shape == (cfg.n_heads * 8, hidden) != (hidden, hidden)
+  assert attn.k_proj.weight.shape == (cfg.n_kv_heads * 8, hidden)
+  assert attn.o_proj.weight.shape == (hidden, cfg.n_heads * 8)
+  assert model.dtype == torch.float32
   with torch.no_grad():
     theirs = model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
   ours = _logits(params, cfg, tokens)

@@ -16,15 +16,19 @@ def results():
 @pytest.mark.parametrize('kind, mesh', [
     ('pretrain', '8x1x1'), ('pretrain', '1x8x1'), ('pretrain', '2x2x2'), ('pretrain', '1x1x8'),
     ('prune', '1x8x1'), ('prune', '2x2x2'), ('prune', '1x1x8'),
-    ('distill', '2x2x2'), ('distill', '1x1x8')])
+    ('distill', '2x2x2'), ('distill', '1x1x8'), ('prune_multi', '1x8x1'),
+    ('prune_multi', '2x2x2')])
 def test_step_on_mesh_equals_one_device(results, kind, mesh):
   sharded, single = results[f'{kind}@{mesh}'], results[f'{kind}@1x1x1']
   np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=3e-5)
   assert sharded['losses'][-1] < sharded['losses'][0]
   assert sharded['compiles'] == 1
-  if kind == 'prune':
-    np.testing.assert_array_equal(sharded['masks'], single['masks'])
-    assert len(set(np.asarray(single['masks']).sum(-1).tolist())) == 1  # one width per layer
+  if kind.startswith('prune'):
+    assert sharded['masks'] == single['masks']
+    for mask in single['masks'].values():  # one width per layer (and group)
+      assert len(set(np.asarray(mask).sum(-1).ravel().tolist())) == 1
+    assert set(single['masks']) == ({'ffn', 'heads', 'hidden'} if kind == 'prune_multi'
+                                    else {'ffn'})
 
 
 def test_state_shards_follow_the_rules(results):
@@ -33,8 +37,13 @@ def test_state_shards_follow_the_rules(results):
   assert spec('pretrain', '2x2x2', 'q') == [None, 'fsdp', 'tensor']
   assert spec('pretrain', '2x2x2', 'mu_gate') == [None, 'fsdp', 'tensor']
   # Masks and scores are [layers, ffn] and shard like the FFN axis they describe.
-  assert spec('prune', '1x1x8', 'mask_spec') == [None, 'tensor']
-  assert spec('prune', '1x1x8', 'score_spec') == [None, 'tensor']
+  assert spec('prune', '1x1x8', 'mask_spec') == {'ffn': [None, 'tensor']}
+  assert spec('prune', '1x1x8', 'score_spec') == {'ffn': [None, 'tensor']}
+  # The other axes' masks and scores shard like theirs: heads [layers, KV groups, heads per
+  # group] like the KV heads, the hidden size [d_model] like the embedding.
+  assert spec('prune_multi', '2x2x2', 'mask_spec') == {
+      'ffn': [None, 'tensor'], 'heads': [None, 'tensor', None], 'hidden': ['fsdp']}
+  assert spec('prune_multi', '1x8x1', 'score_spec')['hidden'] == ['fsdp']
   assert spec('distill', '2x2x2', 'teacher_gate') == [None, 'fsdp', 'tensor']
 
 

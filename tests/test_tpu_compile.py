@@ -49,6 +49,10 @@ def test_needed_bytes_from_resource_exhausted():
          'hbm. Used 22.55G of 15.75G hbm. Exceeded hbm capacity by 6.80G.')
   assert compile_check.needed_bytes(msg) == int(22.55 * 2 ** 30)
   assert compile_check.needed_bytes('INTERNAL: something else') is None
+  # libtpu 0.0.42.1's wording when the temporaries alone do not fit.
+  msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+         'temporaries (132.88G) exceeds available HBM (95.74G).')
+  assert compile_check.needed_bytes(msg) == int(132.88 * 2 ** 30)
 
 
 # A small model splash can tile (seq 256, head_dim 128), 3 layers under nn.scan, chunked loss.

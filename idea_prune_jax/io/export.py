@@ -9,7 +9,8 @@
 
 Our layout maps onto HF Llama one to one: RoPE is half-split in both (no q/k permutation), weights
 are [in, out] here and [out, in] there, layer params are stacked on a leading axis here and
-numbered there. Writing needs no torch (`safetensors.numpy`); config.json is written last, so an
+numbered there; head_dim is written explicitly (pruning keeps it while n_heads and d_model
+shrink). Writing needs no torch (`safetensors.numpy`); config.json is written last, so an
 interrupted export is not mistaken for a complete one. Directories may be local or gs://.
 """
 
@@ -173,6 +174,11 @@ def save_hf(directory: str, params, model_cfg: ModelConfig, tokenizer_path: str 
   dtype = dtype or model_cfg.param_dtype
   if dtype not in _DTYPES:
     raise ExportError(f'dtype={dtype!r}: use one of {sorted(_DTYPES)}')
+  if model_cfg.d_model % model_cfg.n_heads:
+    # transformers' LlamaConfig refuses it even with head_dim given; the trainer's targets keep it.
+    raise ExportError(f'd_model {model_cfg.d_model} is not a multiple of n_heads '
+                      f'{model_cfg.n_heads}: transformers cannot load such a Llama; prune to a '
+                      'd_model that is')
   tensors = hf_tensors(params, model_cfg, dtype)
   if jax.process_index() != 0:
     return directory

@@ -227,14 +227,17 @@ STEPS: tuple[tuple[str, Callable[[Any, Any], Step]], ...] = (
 
 
 _USED = re.compile(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm')
-_TEMPS = re.compile(r'([\d.]+)([KMGT]) temporaries')
+_TEMPS = re.compile(r'([\d.]+)([KMGT]) temporaries|temporaries \(([\d.]+)([KMGT])\)')
 _SCALE = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
 
 
 def needed_bytes(message: str) -> int | None:
   """The HBM a RESOURCE_EXHAUSTED compile error says the program needs, in bytes."""
   found = _USED.search(message) or _TEMPS.search(message)
-  return int(float(found.group(1)) * _SCALE[found.group(2)]) if found else None
+  if not found:
+    return None
+  size, unit = [g for g in found.groups() if g is not None][:2]
+  return int(float(size) * _SCALE[unit])
 
 
 def _cost(compiled) -> dict:

@@ -113,6 +113,8 @@ def candidates(enlarged: ModelConfig, target_params: int, c: Constraints) -> lis
   for kv in grids['kv_groups']:
     for groups in grids['heads']:
       for d_model in grids['hidden']:
+        if d_model % (kv * groups):  # not a Llama transformers loads (hidden_size % heads)
+          continue
         ffn = (_nearest_ffn(enlarged, kv, groups, d_model, grids['ffn'], target_params)
                if 'ffn' in c.units else enlarged.ffn_dim)
         shape = _shape(enlarged, kv, groups, d_model, ffn)

@@ -434,6 +434,11 @@ def validate_prune(run: RunConfig) -> None:
   if p.target_d_model % p.round_to:
     _fail('prune.target_d_model', p.target_d_model,
           f'not a multiple of prune.round_to={p.round_to}')
+  target = target_model(run)
+  if not p.target_params and target.d_model % target.n_heads:
+    _fail('prune.target_d_model', p.target_d_model,
+          f"not a multiple of the target's {target.n_heads} query heads (a Llama transformers "
+          'loads has hidden_size % num_attention_heads == 0)')
   if p.target_params:
     _validate_budget(run)
   axes = set(budget_units(run)) if p.target_params else set(pruned_units(run))

@@ -1,0 +1,143 @@
+"""Step time of a model shrunk on each pruned width axis, against its analytic FLOP ratio.
+
+The pruning core shrinks four width axes: the FFN (ffn_dim), whole KV groups (n_kv_heads, each
+with its query heads), query heads per group, and the hidden size (d_model, head_dim fixed). A
+pruned model is only as fast as its shapes, so each shrunk model here is its ModelConfig built
+directly (dataclasses.replace on the base): the base, each axis alone at half width, and all four
+at once. For each: the dense jitted train step (AdamW from configs/tiny.py, one fixed batch),
+analytic FLOPs per step (`model.flops_per_token` x tokens), the median step time, and
+
+  (step time / base step time) / (FLOPs / base FLOPs)     -- 1.00: the step shrinks with its FLOPs
+
+Measurements are interleaved (every model, then every model in reverse, ...) so background load
+hits all of them alike; a model's time is the median over rounds of each round's median step.
+
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
+      benchmarks/multi_axis_steps.py    # about 3 min on 2 cores; appends to BENCHMARKS.md
+"""
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from idea_prune_jax import settings  # noqa: E402
+from idea_prune_jax.data import batch as batch_lib  # noqa: E402
+from idea_prune_jax.model import model as model_lib  # noqa: E402
+from idea_prune_jax.model.config import ModelConfig  # noqa: E402
+from idea_prune_jax.train import optim, sharding  # noqa: E402
+from idea_prune_jax.train import state as state_lib  # noqa: E402
+from idea_prune_jax.train import step as step_lib  # noqa: E402
+
+# configs/small.py's step is 5-10 s on a 2-core CPU; this keeps its proportions (FFN 4x, 8 heads
+# in 4 KV groups) at d_model 256, where the matmuls still dominate the step.
+BASE = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                   head_dim=32, ffn_dim=1024, unroll_layers=True)
+
+
+def variants(base: ModelConfig) -> dict:
+  """name -> ModelConfig: the base, each axis halved alone, and all four halved together."""
+  hpg = base.n_heads // base.n_kv_heads
+  half = {
+      'ffn / 2': dict(ffn_dim=base.ffn_dim // 2),
+      'KV groups / 2': dict(n_kv_heads=base.n_kv_heads // 2, n_heads=base.n_heads // 2),
+      'heads per group / 2': dict(n_heads=base.n_kv_heads * (hpg // 2)),
+      'd_model / 2': dict(d_model=base.d_model // 2),
+  }
+  together = {k: v for change in half.values() for k, v in change.items()}
+  together['n_heads'] = (base.n_kv_heads // 2) * (hpg // 2)
+  out = {'base': base}
+  out.update({name: dataclasses.replace(base, **change) for name, change in half.items()})
+  out['all four / 2'] = dataclasses.replace(base, **together)
+  return out
+
+
+def build(cfg: ModelConfig, run, mesh, B: int, L: int):
+  """(compiled step, state, batch): the dense train step as the trainer builds it."""
+  schedule = optim.lr_schedule(run.train)
+  optimizer = optim.make_optimizer(run.train, schedule)
+  state, shardings = state_lib.init_state(cfg, optimizer, mesh, jax.random.key(0))
+  step = step_lib.jit_step(step_lib.train_step, shardings, mesh, model=model_lib.Transformer(cfg),
+                            optimizer=optimizer, schedule=schedule)
+  rows = np.random.RandomState(0).randint(1, cfg.vocab_size, (B, L + 1)).astype(np.int32)
+  batch = jax.device_put(batch_lib.from_rows(rows), sharding.batch_sharding(mesh))
+  compiled = step.lower(state, batch).compile()
+  for _ in range(2):  # first executions: buffer allocation, page faults
+    state, _ = jax.block_until_ready(compiled(state, batch))
+  return compiled, state, batch
+
+
+def machine_facts() -> dict:
+  cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+              if line.startswith('model name')), '?')
+  facts = {'nproc': os.cpu_count(), 'cpu': cpu, 'jax': jax.__version__,
+           'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+           'load average (1 min)': f'{os.getloadavg()[0]:.2f}'}
+  if subprocess.run(['pgrep', '-f', 'regime.sh'], capture_output=True).returncode == 0:
+    facts['note'] = 'a background study (regime.sh) was running at nice 10'
+  return facts
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_size', type=int, default=4)
+  parser.add_argument('--seq_len', type=int, default=128)
+  parser.add_argument('--rounds', type=int, default=11, help='passes over all the models')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per model per round')
+  parser.add_argument('--append', action=argparse.BooleanOptionalAction, default=True)
+  args = parser.parse_args()
+  B, L = args.batch_size, args.seq_len
+  wall = time.perf_counter()
+  run = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run
+  mesh = sharding.make_mesh(run.mesh)
+  cfgs = variants(BASE)
+  benches = {name: list(build(cfg, run, mesh, B, L)) for name, cfg in cfgs.items()}
+  times = {name: [] for name in cfgs}  # per round: (median wall s, median CPU s)
+  for r in range(args.rounds):  # every other round backwards: no model always follows another
+    for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
+      bench, samples = benches[name], []
+      for _ in range(args.steps):
+        w, c, (bench[1], _) = common.timed(bench[0], bench[1], bench[2])
+        samples.append((w, c))
+      times[name].append((common.median([s[0] for s in samples]),
+                          common.median([s[1] for s in samples])))
+  wall = time.perf_counter() - wall
+
+  flops = {n: model_lib.flops_per_token(c, L) * B * L for n, c in cfgs.items()}
+  step = {n: common.median([t[0] for t in ts]) for n, ts in times.items()}
+  cpu = {n: common.median([t[1] for t in ts]) for n, ts in times.items()}
+  rows = []
+  for name, c in cfgs.items():
+    f_ratio = flops[name] / flops['base']
+    t_ratio, c_ratio = step[name] / step['base'], cpu[name] / cpu['base']
+    rounds = [t[0] for t in times[name]]
+    rows.append([name, f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}',
+                 f'{flops[name] / 1e9:.2f}', f'{f_ratio:.3f}',
+                 f'{step[name]:.3f} [{min(rounds):.3f}, {max(rounds):.3f}]', f'{t_ratio:.3f}',
+                 f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}'])
+  headers = ['model', 'd_model / ffn / KV groups x heads', 'GFLOP/step', 'FLOP ratio',
+             'step s, median of rounds [min, max]', 'time ratio', 'time ratio / FLOP ratio',
+             'same, CPU s']
+  body = common.table(headers, rows) + (
+      f'\n\nBase: {BASE.n_layers} layers, vocab {BASE.vocab_size}, head_dim {BASE.head_dim} '
+      f'(fixed on every axis), tied embeddings, unrolled layers; batch {B} x {L} tokens; AdamW '
+      f'dense train step. {args.rounds} interleaved rounds of {args.steps} steps per model after '
+      f'2 warm-up steps; whole run {wall:.0f} s.')
+  print(body)
+  facts = machine_facts()
+  print('\nmachine: ' + ', '.join(f'{k}: {v}' for k, v in facts.items() if v != ''))
+  if args.append:
+    title = (f'Shrunk model step time against its FLOP ratio, per pruned axis '
+             f'({time.strftime("%Y-%m-%d")})')
+    common.append_section(title, body, facts=facts)
+
+
+if __name__ == '__main__':
+  main()
