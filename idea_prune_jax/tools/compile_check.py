@@ -44,7 +44,8 @@ GIB = 2 ** 30
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-  """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes keep the config's."""
+  """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes keep the
+  config's."""
   out = {}
   for item in (s.strip() for s in spec.split(',') if s.strip()):
     name, eq, value = item.partition('=')
