@@ -258,7 +258,7 @@ def main(argv=None):
 
   sections = [
       f'small config (`{args.config}`{"".join(" --set " + s for s in overrides)}), pipeline '
-      f'idea: B x L = {B} x {L}, FFN f_E = {ps.ffn_enlarged} -> f_T = {ps.ffn_target}, '
+      f'idea: B x L = {B} x {L}, FFN f_E = {ps.width_enlarged} -> f_T = {ps.width_target}, '
       f'window [{ps.t_start}, {ps.t_end}], ΔT = {ps.every}, score {config.prune.score}; '
       f'{args.rounds} interleaved rounds (order rotated per round) after one compiling, warming '
       'call each; a ratio cell is the median over rounds of the within-round ratio [min, max], '

@@ -39,7 +39,7 @@ def test_core_imports_only_jax_optax_numpy():
 
 # A plain dict MLP with layers stacked on axis 0: neuron j is fc1[:, :, j], fc2[:, j, :].
 S = (structure.Unit('mlp', (structure.Slice('fc1', -1), structure.Slice('fc2', 1))),)
-SCHED = PruneSchedule(t_start=2, t_end=8, every=2, ffn_enlarged=12, ffn_target=4)
+SCHED = PruneSchedule(t_start=2, t_end=8, every=2, width_enlarged=12, width_target=4)
 
 
 def _params(width=12, key=0):
@@ -158,7 +158,7 @@ def test_prune_optimizer_errors_are_one_line():
   with pytest.raises(PruneError, match=r'update\(grads, state, params\) needs params'):
     tx.update(params, state)
   with pytest.raises(PruneError, match="unit 'mlp' has width 10 in params but the schedule's "
-                                       'ffn_enlarged=12'):
+                                       'width_enlarged=12'):
     tx.init(_params(width=10))
   with pytest.raises(PruneError, match="unknown score 'fisher'"):
     prune_optimizer(optax.sgd(0.1), S, SCHED, 'fisher')

@@ -17,7 +17,7 @@ from idea_prune_jax.prune.schedules import PruneSchedule
 
 
 def test_keep_k_cubic_at_edges_and_midpoint():
-  sched = PruneSchedule(t_start=100, t_end=140, every=10, ffn_enlarged=1152, ffn_target=384)
+  sched = PruneSchedule(t_start=100, t_end=140, every=10, width_enlarged=1152, width_target=384)
   k = jax.jit(sched.keep_k)
   assert int(k(0)) == int(k(100)) == 1152  # p = 0: f_E
   assert int(k(120)) == 384 + (1152 - 384) // 8  # p = 1/2: (1 - p)^3 = 1/8 -> 480
@@ -28,20 +28,20 @@ def test_keep_k_cubic_at_edges_and_midpoint():
 
 
 def test_keep_k_linear():
-  sched = PruneSchedule(t_start=0, t_end=10, every=1, ffn_enlarged=30, ffn_target=10, kind='linear')
+  sched = PruneSchedule(t_start=0, t_end=10, every=1, width_enlarged=30, width_target=10, kind='linear')
   assert [int(sched.keep_k(t)) for t in (0, 5, 10, 11)] == [30, 20, 10, 10]
   assert int(sched.keep_k(3)) == 24  # 10 + 20 * 0.7
 
 
 def test_keep_k_rounds_to_nearest_never_below_target():
-  sched = PruneSchedule(t_start=0, t_end=7, every=1, ffn_enlarged=13, ffn_target=5)
+  sched = PruneSchedule(t_start=0, t_end=7, every=1, width_enlarged=13, width_target=5)
   for t in range(8):
     want = round(5 + 8 * (1 - t / 7) ** 3)
     assert int(sched.keep_k(t)) == want >= 5
 
 
 def test_is_refresh_cadence_includes_t_end():
-  sched = PruneSchedule(t_start=20, t_end=45, every=10, ffn_enlarged=8, ffn_target=2)
+  sched = PruneSchedule(t_start=20, t_end=45, every=10, width_enlarged=8, width_target=2)
   refresh = jax.jit(sched.is_refresh)
   assert [t for t in range(60) if refresh(t)] == [20, 30, 40, 45]
   assert [t for t in range(60) if sched.in_window(t)] == list(range(20, 46))
@@ -52,8 +52,8 @@ def test_from_config_reads_fractions_of_the_run():
   c = settings.base()
   c.train.steps, c.model.ffn_dim, c.prune.target_ffn = 600, 1152, 384
   sched = prune_schedule(run_config(c))  # run_config checks it: validate_prune accepts it
-  assert sched == PruneSchedule(t_start=300, t_end=420, every=10, ffn_enlarged=1152,
-                                ffn_target=384, kind='cubic')
+  assert sched == PruneSchedule(t_start=300, t_end=420, every=10, width_enlarged=1152,
+                                width_target=384, kind='cubic')
 
 
 @pytest.mark.parametrize('field,value,tp,fragment', [
@@ -94,7 +94,7 @@ def test_validate_prune_reads_tensor_parallel_from_mesh():
 
 
 def test_keep_k_changes_without_recompiling():
-  sched = PruneSchedule(t_start=0, t_end=100, every=10, ffn_enlarged=64, ffn_target=16)
+  sched = PruneSchedule(t_start=0, t_end=100, every=10, width_enlarged=64, width_target=16)
   k = jax.jit(sched.keep_k)
   values = [int(k(jnp.int32(t))) for t in range(0, 101, 10)]
   assert len(set(values)) > 5 and k._cache_size() == 1
@@ -102,22 +102,22 @@ def test_keep_k_changes_without_recompiling():
 
 
 @pytest.mark.parametrize('kwargs,fragment', [
-    (dict(ffn_target=2000), 'ffn_target=2000: above ffn_enlarged=1152'),
-    (dict(ffn_target=0), 'ffn_target=0: must be >= 1'),
+    (dict(width_target=2000), 'width_target=2000: above width_enlarged=1152'),
+    (dict(width_target=0), 'width_target=0: must be >= 1'),
     (dict(t_start=50, t_end=40), 't_end=40: before t_start=50'),
     (dict(every=0), 'every=0: must be >= 1'),
     (dict(kind='cosine'), "kind='cosine': use one of cubic, linear"),
-    (dict(ffn_target=384.5), 'ffn_target=384.5: must be an integer'),
+    (dict(width_target=384.5), 'width_target=384.5: must be an integer'),
     (dict(t_start=-1), 't_start=-1: must be >= 0'),
 ])
 def test_prune_schedule_validates_itself(kwargs, fragment):
-  args = dict(t_start=10, t_end=40, every=5, ffn_enlarged=1152, ffn_target=384)
+  args = dict(t_start=10, t_end=40, every=5, width_enlarged=1152, width_target=384)
   with pytest.raises(PruneError, match=re.escape(f'PruneSchedule.{fragment}')):
     PruneSchedule(**{**args, **kwargs})
 
 
 def test_one_step_window_prunes_to_target_at_t_end():
-  sched = PruneSchedule(t_start=9, t_end=9, every=5, ffn_enlarged=8, ffn_target=2)
+  sched = PruneSchedule(t_start=9, t_end=9, every=5, width_enlarged=8, width_target=2)
   assert int(sched.keep_k(8)) == 8 and bool(sched.is_refresh(9)) and int(sched.keep_k(9)) == 2
 
 

@@ -74,9 +74,9 @@ def prune_optimizer(inner: optax.GradientTransformation, structure: Structure,
     unit_masks = masks_lib.init(params, structure)
     for name, mask in unit_masks.items():
       width = mask.shape[-1]
-      if width != schedules[name].ffn_enlarged:
+      if width != schedules[name].width_enlarged:
         raise PruneError(f"unit '{name}' has width {width} in params but the schedule's "
-                         f'ffn_enlarged={schedules[name].ffn_enlarged}; build the schedule for '
+                         f'width_enlarged={schedules[name].width_enlarged}; build the schedule for '
                          'the model you prune')
     return PruneState(jnp.zeros((), jnp.int32), unit_masks, importance.init(unit_masks, score),
                       inner.init(params))

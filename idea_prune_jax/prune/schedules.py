@@ -1,4 +1,5 @@
-"""The FFN width schedule k(t) of the pruning window; its methods trace inside jit.
+"""The width schedule k(t) of the pruning window (FFN neurons, or any unit's); its methods trace
+inside jit.
 
 (The LR schedules live with the trainer, `train.warmup_cosine`; reading a schedule from the
 config is `config.prune_schedule`.)
@@ -16,7 +17,8 @@ WIDTH_SCHEDULES = ('cubic', 'linear')
 
 @dataclasses.dataclass(frozen=True)
 class PruneSchedule:
-  """FFN width per layer over the window [t_start, t_end] (steps); methods trace inside jit.
+  """A unit's width per layer (FFN neurons, KV groups, ...) over the window [t_start, t_end]
+  (steps); methods trace inside jit.
 
   p = clip((t − t_start) / (t_end − t_start), 0, 1)   (1 from t_end on, also when t_end = t_start)
   k(t) = f_T + (f_E − f_T)·(1 − p)^3   (cubic)   or   f_T + (f_E − f_T)·(1 − p)   (linear)
@@ -24,21 +26,21 @@ class PruneSchedule:
   t_start: int
   t_end: int
   every: int  # ΔT: steps between mask refreshes inside the window
-  ffn_enlarged: int  # f_E
-  ffn_target: int  # f_T
+  width_enlarged: int  # f_E
+  width_target: int  # f_T
   kind: str = 'cubic'
 
   def __post_init__(self):
-    for name in ('t_start', 't_end', 'every', 'ffn_enlarged', 'ffn_target'):
+    for name in ('t_start', 't_end', 'every', 'width_enlarged', 'width_target'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise PruneError(f'PruneSchedule.{name}={value!r}: must be an integer')
       object.__setattr__(self, name, int(value))
-    if self.ffn_target < 1:
-      raise PruneError(f'PruneSchedule.ffn_target={self.ffn_target}: must be >= 1')
-    if self.ffn_target > self.ffn_enlarged:
-      raise PruneError(f'PruneSchedule.ffn_target={self.ffn_target}: above ffn_enlarged='
-                       f'{self.ffn_enlarged}; pruning only removes neurons')
+    if self.width_target < 1:
+      raise PruneError(f'PruneSchedule.width_target={self.width_target}: must be >= 1')
+    if self.width_target > self.width_enlarged:
+      raise PruneError(f'PruneSchedule.width_target={self.width_target}: above width_enlarged='
+                       f'{self.width_enlarged}; pruning only removes neurons')
     if self.t_start < 0:
       raise PruneError(f'PruneSchedule.t_start={self.t_start}: must be >= 0')
     if self.t_end < self.t_start:
@@ -62,8 +64,8 @@ class PruneSchedule:
     remaining = 1.0 - self.progress(step)
     if self.kind == 'cubic':
       remaining = remaining ** 3
-    k = self.ffn_target + (self.ffn_enlarged - self.ffn_target) * remaining
-    return jnp.clip(jnp.round(k), self.ffn_target, self.ffn_enlarged).astype(jnp.int32)
+    k = self.width_target + (self.width_enlarged - self.width_target) * remaining
+    return jnp.clip(jnp.round(k), self.width_target, self.width_enlarged).astype(jnp.int32)
 
   def in_window(self, step):
     step = jnp.asarray(step)

@@ -196,7 +196,7 @@ def prune_schedule(run: RunConfig) -> PruneSchedule | None:
     return None
   t_end = min(t_end, T - 1)
   return PruneSchedule(t_start=t_start, t_end=max(t_end, t_start), every=int(p.every),
-                       ffn_enlarged=int(run.model.ffn_dim), ffn_target=int(p.target_ffn),
+                       width_enlarged=int(run.model.ffn_dim), width_target=int(p.target_ffn),
                        kind=p.schedule)
 
 
@@ -246,7 +246,7 @@ def prune_schedules(run: RunConfig) -> dict[str, PruneSchedule] | None:
   if ps is None:
     return None
   enlarged, target = widths(run.model), target_widths(run)
-  return {u: dataclasses.replace(ps, ffn_enlarged=enlarged[u], ffn_target=target[u])
+  return {u: dataclasses.replace(ps, width_enlarged=enlarged[u], width_target=target[u])
           for u in pruned_units(run)}
 
 
