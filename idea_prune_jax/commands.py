@@ -12,7 +12,8 @@ from typing import Callable
 
 from idea_prune_jax import cli
 from idea_prune_jax.settings import Settings
-from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, target_model
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices
+from idea_prune_jax.train.targets import target_model
 
 
 class UsageError(ValueError):

@@ -22,7 +22,8 @@ from idea_prune_jax.model.model import Transformer, init_params
 from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.train import budget, pipeline
 from idea_prune_jax.train import step as step_lib
-from idea_prune_jax.train.config import ConfigError, target_model
+from idea_prune_jax.train.config import ConfigError
+from idea_prune_jax.train.targets import target_model
 from idea_prune_jax.train.state import TrainState
 
 # tiny:test is d_model 32, 4 query heads in 2 KV groups (head_dim 8), FFN 96 -> 32.

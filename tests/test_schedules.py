@@ -11,7 +11,7 @@ from conftest import run_config, validate
 from idea_prune_jax import settings
 from idea_prune_jax.train import plan as plan_lib
 from idea_prune_jax.settings import ConfigError
-from idea_prune_jax.train.config import prune_schedule
+from idea_prune_jax.train.targets import prune_schedule
 from idea_prune_jax.prune.errors import PruneError
 from idea_prune_jax.prune.schedules import PruneSchedule
 

@@ -27,7 +27,8 @@ from idea_prune_jax.tools import report
 from idea_prune_jax.data import storage
 from idea_prune_jax.experiments.config import SweepConfig
 from idea_prune_jax.train.config import (ConfigError, DistillConfig, RunConfig, check_devices,
-                                         override, target_model)
+                                         override)
+from idea_prune_jax.train.targets import target_model
 
 GAPS = (('idea', 'scratch'), ('idea', 'scratch_flops'), ('idea', 'naive'))
 

@@ -2,7 +2,7 @@
 inside jit.
 
 (The LR schedules live with the trainer, `train.warmup_cosine`; reading a schedule from the
-config is `config.prune_schedule`.)
+config is `train/targets.py`'s `prune_schedule`.)
 """
 
 import dataclasses

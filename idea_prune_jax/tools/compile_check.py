@@ -37,8 +37,8 @@ from idea_prune_jax.prune import structure
 from idea_prune_jax.train import state as state_lib
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.experiments.config import IDEA_KD_ALPHA
-from idea_prune_jax.train.config import (ConfigError, RunConfig, check_devices, override,
-                                         prune_structure, target_model)
+from idea_prune_jax.train.config import ConfigError, RunConfig, check_devices, override
+from idea_prune_jax.train.targets import prune_structure, target_model
 
 GIB = 2 ** 30
 

@@ -28,8 +28,9 @@ from idea_prune_jax.train import state as state_lib
 from idea_prune_jax.train import step as step_lib
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.train import budget
-from idea_prune_jax.train.config import (ConfigError, RunConfig, budget_constraints, budget_units,
-                                         override, prune_structure, target_widths, widths)
+from idea_prune_jax.train.config import ConfigError, RunConfig, override
+from idea_prune_jax.train.targets import (budget_constraints, budget_units, prune_structure,
+                                          target_widths, widths)
 from idea_prune_jax.train.plan import Phase, plan, plan_fields, step_flops
 from idea_prune_jax.prune.prune_optax import PruneState
 

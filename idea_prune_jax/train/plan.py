@@ -11,8 +11,9 @@ from idea_prune_jax.model import model as model_lib
 from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.prune.schedules import PruneSchedule
 from idea_prune_jax.train import budget
-from idea_prune_jax.train.config import (RunConfig, TARGET_FIELDS, field, prune_schedule,
-                                         prune_schedules, pruned_units, target_model)
+from idea_prune_jax.train.config import RunConfig, field
+from idea_prune_jax.train.targets import (TARGET_FIELDS, prune_schedule, prune_schedules,
+                                          pruned_units, target_model)
 
 
 @dataclasses.dataclass(frozen=True)
