@@ -7,6 +7,7 @@ multiplies it (16x: 20 tokens per parameter).
 
   idea-prune sweep --config configs/micro.py --workdir S
   idea-prune sweep --config configs/micro.py:test --workdir S   # seconds, for tests
+  idea-prune sweep --config configs/micro.py:multi --workdir S  # enlarged on d_model, KV, FFN
 """
 
 from idea_prune_jax import settings
@@ -26,6 +27,9 @@ def get_config(arg: str = ''):
     c.data.seq_len = 32
     c.train.update(steps=10, batch_size=4, warmup_steps=2, eval_batches=2)
     c.sweep.update(budgets='1,2', lrs='1e-3,2e-3', seeds=1)
+  elif arg == 'multi':  # the same 264k target from 486k params enlarged on three axes (issue 26)
+    c.model.update(d_model=120, n_heads=6, n_kv_heads=3, head_dim=24, ffn_dim=360)
+    c.prune.update(target_d_model=96, target_kv_heads=2)
   elif arg:
-    raise ValueError(f'configs/micro.py: unknown variant {arg!r}; use "" or "test"')
+    raise ValueError(f'configs/micro.py: unknown variant {arg!r}; use "", "test" or "multi"')
   return c
