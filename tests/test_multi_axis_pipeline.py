@@ -35,6 +35,7 @@ def _config(name='idea'):
   config.pipeline = name
   config.prune.update(every=2, **TARGET)  # idea window [6, 8]: refreshes at 6 and 8
   config.train.update(ckpt_every=1, keep_ckpts=100)
+  config.distill.alpha = 0.1  # the student distils from the enlarged model while it shrinks
   return config
 
 
@@ -49,7 +50,7 @@ def _widths(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   return {k: {r['step']: r[k] for r in rows if k in r}
-          for k in ('ffn_width', 'kv_groups_width', 'heads_width', 'hidden_width')}
+          for k in ('ffn_width', 'kv_groups_width', 'heads_width', 'hidden_width', 'kd_alpha')}
 
 
 def test_idea_reaches_the_target_shape_on_every_axis(idea_run):
@@ -59,12 +60,13 @@ def test_idea_reaches_the_target_shape_on_every_axis(idea_run):
                      ('hidden_width', 16)):
     series = list(widths[unit].values())
     assert series[-1] == want and all(b <= a for a, b in zip(series, series[1:])), unit
+  assert min(widths['kd_alpha']) == 6  # KD from t_start, through the window and the recovery
   params = checkpoint_state(workdir, 12)['params']
   assert params['embed'].shape == (512, 16)
   assert params['layers']['attn']['q'].shape == (2, 16, 8)  # 1 group x 1 head x head_dim 8
   assert params['layers']['attn']['k'].shape == (2, 16, 8)
   assert params['layers']['mlp']['down'].shape == (2, 32, 16)
-  assert np.isfinite(summary['val_loss'])
+  assert np.isfinite(summary['val_loss']) and summary['distill_alpha'] == 0.1
   loaded, cfg = export.load_dense(os.path.join(workdir, 'export'))
   assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim) == (16, 1, 1, 8, 32)
 

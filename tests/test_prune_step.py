@@ -31,7 +31,7 @@ def test_prune_step_compiles_once_while_k_moves(tiny_config):
     mlp = state.params['layers']['mlp']
     assert not np.any(np.asarray(mlp['gate']).transpose(0, 2, 1)[pruned])  # stay exactly zero
     assert not np.any(np.asarray(mlp['down'])[pruned])
-    ks.append(int(phase.prune.keep_k(t)) if bool(phase.prune.is_refresh(t)) else None)
+    ks.append(int(phase.prune['ffn'].keep_k(t)) if bool(phase.prune['ffn'].is_refresh(t)) else None)
   assert step._cache_size() == 1
   refreshed = [k for k in ks if k is not None]
   assert len(set(refreshed)) >= 5  # k really moved at the refreshes
@@ -77,7 +77,7 @@ def test_the_trainer_drops_the_lowest_scoring_neurons(tiny_config):
   # Scores far apart (1e3 per rank) so one step's sensitivity cannot reorder them.
   ranks = np.stack([np.random.RandomState(l).permutation(width) for l in range(n_layers)])
   ibar = jnp.asarray(1e3 * (ranks + 1), jnp.float32)
-  t_end = phase.prune.t_end  # a refresh with k = f_T
+  t_end = phase.prune['ffn'].t_end  # a refresh with k = f_T
   opt_state = state.opt_state._replace(count=jnp.asarray(t_end, jnp.int32),
                                        importance={'ibar': {'ffn': ibar},
                                                    'u': {'ffn': jnp.full_like(ibar, 1e6)}})

@@ -28,7 +28,8 @@ def test_keep_k_cubic_at_edges_and_midpoint():
 
 
 def test_keep_k_linear():
-  sched = PruneSchedule(t_start=0, t_end=10, every=1, width_enlarged=30, width_target=10, kind='linear')
+  sched = PruneSchedule(t_start=0, t_end=10, every=1, width_enlarged=30, width_target=10,
+                        kind='linear')
   assert [int(sched.keep_k(t)) for t in (0, 5, 10, 11)] == [30, 20, 10, 10]
   assert int(sched.keep_k(3)) == 24  # 10 + 20 * 0.7
 
