@@ -1,4 +1,4 @@
-"""Pruning every width axis (KV groups, query heads per group, hidden size, FFN): masked == shrunk."""
+"""Pruning every width axis (KV groups, query heads, hidden size, FFN): masked == shrunk."""
 
 import functools
 
