@@ -40,30 +40,31 @@ def plan(run: RunConfig) -> tuple[Phase, ...]:
 
 
 def _phases(run: RunConfig) -> tuple[Phase, ...]:
-  T, f_e, f_t = run.train.steps, run.model, target_model(run)
+  T, enlarged, target = run.train.steps, run.model, target_model(run)
   kd_on = run.distill.alpha > 0
   kd_prune = kd_on and run.distill.phases in ('prune', 'both')
   kd_recovery = kd_on and run.distill.phases in ('recovery', 'both')
   name = run.pipeline
   if name == 'train':
-    return (Phase('train', 0, T, f_e, lr_steps=T),)
+    return (Phase('train', 0, T, enlarged, lr_steps=T),)
   if name == 'scratch':
-    return (Phase('scratch', 0, T, f_t, lr_steps=T),)
+    return (Phase('scratch', 0, T, target, lr_steps=T),)
   ps = prune_schedule(run)  # t_end clamped to the last step: never past the run
-  widths = prune_schedules(run)
+  schedules = prune_schedules(run)
   if name == 'idea':
-    return (Phase('enlarged', 0, ps.t_start, f_e, lr_steps=T),
-            Phase('prune', ps.t_start, ps.t_end + 1, f_e, prune=widths, lr_steps=T, kd=kd_prune),
-            Phase('recovery', ps.t_end + 1, T, f_t, lr_steps=T, kd=kd_recovery))
+    return (Phase('enlarged', 0, ps.t_start, enlarged, lr_steps=T),
+            Phase('prune', ps.t_start, ps.t_end + 1, enlarged, prune=schedules, lr_steps=T,
+                  kd=kd_prune),
+            Phase('recovery', ps.t_end + 1, T, target, lr_steps=T, kd=kd_recovery))
   split = int(round(run.naive.split * T))
-  enlarged = Phase('enlarged', 0, split, f_e, lr_steps=split)
+  first = Phase('enlarged', 0, split, enlarged, lr_steps=split)
   rec = dict(lr_start=split, lr_steps=T - split)
   if run.naive.prune == 'oneshot':
-    return (enlarged, Phase('recovery', split, T, f_t, kd=kd_recovery, fresh_optimizer=True, **rec))
-  return (enlarged,
-          Phase('prune', split, ps.t_end + 1, f_e, prune=widths, kd=kd_prune,
+    return (first, Phase('recovery', split, T, target, kd=kd_recovery, fresh_optimizer=True, **rec))
+  return (first,
+          Phase('prune', split, ps.t_end + 1, enlarged, prune=schedules, kd=kd_prune,
                 fresh_optimizer=True, **rec),
-          Phase('recovery', ps.t_end + 1, T, f_t, kd=kd_recovery, **rec))
+          Phase('recovery', ps.t_end + 1, T, target, kd=kd_recovery, **rec))
 
 
 def plan_fields(run: RunConfig) -> dict:

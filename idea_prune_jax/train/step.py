@@ -164,7 +164,7 @@ def jit_step(step_fn, shardings: TrainState, mesh, **static):
   return sharding_lib.MeshJit(jitted, mesh)
 
 def jit_eval(model, params_sharding, mesh):
-  """(params, batch[, hidden_kept]) -> (summed NLL, token count), jitted."""
+  """(params, batch, hidden_kept or None) -> (summed NLL, token count), jitted."""
   jitted = jax.jit(functools.partial(eval_step, model=model),
                    in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh),
                                  sharding_lib.replicated(mesh)),
