@@ -171,6 +171,11 @@ def test_sweep_runs_writes_skips_finished_runs_and_forks_idea_kd_from_idea(tmp_p
   again = _sweep(c, workdir)
   assert [r['val_loss'] for r in again['runs']] == [r['val_loss'] for r in saved['runs']]
   assert all(os.path.getmtime(os.path.join(d, 'report.json')) == t for d, t in mtimes.items())
+  # sweep.collect summarises the finished runs under the workdir, running nothing.
+  c.sweep.collect = True
+  collected = _sweep(c, workdir)
+  assert json.loads(json.dumps(collected['budgets'])) == json.loads(json.dumps(again['budgets']))
+  assert [r['pipeline'] for r in collected['runs']] == ['idea', 'idea_kd']
 
 
 def test_ablation_axes_vary_one_field_each_around_the_config():

@@ -31,3 +31,6 @@ class SweepConfig:
   enlarge: str = ''  # enlarged FFN / target FFN, e.g. '1.3,2,2.6,4,5.3' (model.ffn_dim rounded)
   t_starts: str = ''  # prune.t_start fractions, e.g. '0.3,0.5,0.7' (the window kept)
   windows: str = ''  # window lengths t_end - t_start as fractions, e.g. '0.1,0.2,0.4'
+  # True: run nothing; summarise every finished run under the workdir, the union of several
+  # sweep commands into it (each pipeline at its own LRs per budget), as one sweep.json/md/png.
+  collect: bool = False

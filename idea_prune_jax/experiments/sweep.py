@@ -187,9 +187,39 @@ def _finished(run_dir: str) -> dict | None:
   return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
+def collect(run: RunConfig, workdir: str) -> list[dict]:
+  """Every finished run under workdir (x{budget}/{label}/lr{lr}/seed{seed}/report.json) as the
+  sweep's run entries, idea first, then the baselines in COMPARE_PIPELINES' order."""
+  order = {name: i for i, name in enumerate(experiment.COMPARE_PIPELINES)}
+  found = []
+  for path in storage.path(workdir).glob('x*/*/lr*/seed*/report.json'):
+    seed_dir = path.parent
+    label, lr, budget = seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.parents[2].name
+    summary = json.loads(path.read_text())
+    budget = float(budget[1:])
+    steps = max(1, int(round(run.train.steps * budget)))
+    entry = {'budget': budget, 'pipeline': label, 'lr': float(lr[2:]),
+             'seed': int(seed_dir.name[4:]), 'dir': str(seed_dir),
+             'budget_tokens': steps * run.train.batch_size * run.data.seq_len}
+    found.append(entry | {k: summary[k] for k in ('val_loss', 'tokens', 'train_flops', 'steps',
+                                                  'wall_s', 'params_final', 'kd_means')
+                          if k in summary})
+  base = lambda label: 'idea_kd' if label.startswith('idea_kd') else label.split('@')[0]
+  return sorted(found, key=lambda r: (r['budget'], order[base(r['pipeline'])], r['pipeline'],
+                                      r['lr'], r['seed']))
+
+
 def sweep(run: RunConfig, sw: SweepConfig, workdir: str) -> dict:
-  """Runs (or resumes) every run of the sweep; writes and returns the sweep's summary."""
+  """Runs (or resumes) every run of the sweep; writes and returns the sweep's summary
+  (sw.collect: of every finished run under workdir, running nothing)."""
   experiment.one_shape(run, 'sweep')
+  if sw.collect:
+    target = model_lib.param_count(target_model(run))
+    results = collect(run, workdir)
+    out = {'params_target': target, 'runs': results, 'budgets': table(results, target)}
+    if jax.process_index() == 0:
+      write(workdir, out)
+    return out
   run = experiment.prepared_once(run, workdir)
   plan = runs(run, sw, workdir)
   for r in plan:  # every run is checked against the devices before the first one computes
