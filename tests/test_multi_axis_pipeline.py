@@ -163,6 +163,11 @@ def test_a_parameter_budget_is_reached_and_the_choice_recorded(tmp_path, criteri
   final = summary['shape_final']
   assert abs(final['params'] - config.prune.target_params) <= 0.02 * config.prune.target_params
   assert summary['budget']['chosen'] == final and summary['budget']['criterion'] == criterion
+  why, other = summary['budget']['chosen_figures'], summary['budget']['runner_up']
+  if criterion == 'lookahead':
+    assert why['lookahead_loss'] <= other['lookahead_loss']
+  else:
+    assert why['retained_importance'] >= other['retained_importance']
   with open(tmp_path / 'budget.json') as f:
     record = json.load(f)
   assert sum(row['chosen'] for row in record['candidates']) == 1

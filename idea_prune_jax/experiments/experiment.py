@@ -1,6 +1,7 @@
 """What the CLI's `run` and `compare` do: a pipeline, then its export and report; many, compared."""
 
 import json
+import math
 import os
 
 import jax
@@ -84,6 +85,12 @@ def run_experiment(run: RunConfig, workdir: str, do_export: bool = True) -> dict
     record = json.loads(storage.read_text(storage.join(workdir, pipeline.BUDGET_FILE)))
     summary['budget'] = {k: record[k] for k in ('target_params', 'criterion', 'chosen')}
     summary['budget']['candidates'] = len(record['candidates'])  # all in budget.json
+    # Why: the chosen shape's figures beside those of the best other by the same criterion.
+    by = ((lambda row: row.get('lookahead_loss', math.inf)) if record['criterion'] == 'lookahead'
+          else (lambda row: -row['retained_importance']))
+    ranked = sorted(record['candidates'], key=lambda row: (not row['chosen'], by(row)))
+    summary['budget']['chosen_figures'] = ranked[0]
+    summary['budget']['runner_up'] = ranked[1] if len(ranked) > 1 else None
   if do_export:
     export_dir = storage.join(workdir, 'export')
     tokenizer = _tokenizer_file(workdir, ctx.data.sp)
