@@ -241,7 +241,8 @@ def _lookahead_losses(ctx, run: RunConfig, params, structure, scores, shapes, st
     keep = widths(shape)
     unit_masks = masks_lib.refresh(ones, scores, {u: keep[u] for u in ones})
     kept = jnp.sum(unit_masks['hidden']) if 'hidden' in unit_masks else None
-    sums = [eval_fn(masked_fn(params, unit_masks), b, kept) for b in batches]
+    masked = masked_fn(params, unit_masks)
+    sums = [eval_fn(masked, b, kept) for b in batches]
     losses.append(float(sum(n for n, _ in sums) / max(sum(c for _, c in sums), 1.0)))
   return losses
 
