@@ -3,7 +3,8 @@
 import dataclasses
 
 # idea_kd's distill.alpha where the config has none (compare, sweep; compile-check's KD step):
-# the best alpha of the KD grid at tiny (README, results/kd_tiny), with tau 1 over both phases.
+# the best alpha of the KD grid at tiny on the old data path (results/kd_tiny) and the cheapest
+# with the t_s teacher on the fixed one (results/kd_tiny_best), with tau 1 over both phases.
 IDEA_KD_ALPHA = 0.1
 
 
