@@ -41,6 +41,12 @@ class Constraints:
   tolerance: float = 0.005  # relative distance of a shape's param count from the target
 
 
+def widths(m: ModelConfig) -> dict[str, int]:
+  """The model's width on each prunable axis, by unit kind."""
+  return {'ffn': m.ffn_dim, 'kv_groups': m.n_kv_heads, 'heads': m.n_heads // m.n_kv_heads,
+          'hidden': m.d_model}
+
+
 def shape_dict(cfg: ModelConfig) -> dict:
   """The widths of a shape, as JSON (report.json)."""
   return {'ffn_dim': cfg.ffn_dim, 'n_kv_heads': cfg.n_kv_heads,
@@ -170,8 +176,7 @@ def retained_importance(shape: ModelConfig, enlarged: ModelConfig,
   row keeps its top k (k: the shape's width on that axis; 'heads' rows are (layer, group), all
   groups counted whether or not they are kept), averaged with weights `_axis_params`.
   """
-  keep = {'ffn': shape.ffn_dim, 'kv_groups': shape.n_kv_heads,
-          'heads': shape.n_heads // shape.n_kv_heads, 'hidden': shape.d_model}
+  keep = widths(shape)
   want = {'ffn': (enlarged.n_layers, enlarged.ffn_dim),
           'kv_groups': (enlarged.n_layers, enlarged.n_kv_heads),
           'heads': (enlarged.n_layers, enlarged.n_kv_heads,

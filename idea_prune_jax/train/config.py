@@ -19,7 +19,7 @@ from idea_prune_jax.prune import structure as structure_lib
 from idea_prune_jax.train import budget
 from idea_prune_jax.train.targets import (BUDGET_CRITERIA, TARGET_FIELDS, budget_constraints,
                                           budget_units, prune_schedule, pruned_units,
-                                          target_model, widths)
+                                          target_model)
 
 
 class ConfigError(ValueError):
@@ -357,7 +357,7 @@ def validate_prune(run: RunConfig) -> None:
     _fail('prune.round_to', p.round_to, 'must be >= 1')
   if p.target_ffn % p.round_to:
     _fail('prune.target_ffn', p.target_ffn, f'not a multiple of prune.round_to={p.round_to}')
-  enlarged = widths(run.model)
+  enlarged = budget.widths(run.model)
   for unit, f in TARGET_FIELDS.items():
     value = getattr(p, f)
     if unit != 'ffn' and (isinstance(value, bool) or not isinstance(value, int)

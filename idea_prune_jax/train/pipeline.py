@@ -30,7 +30,7 @@ from idea_prune_jax.model.config import ModelConfig
 from idea_prune_jax.train import budget
 from idea_prune_jax.train.config import ConfigError, RunConfig, override
 from idea_prune_jax.train.targets import (budget_constraints, budget_units, prune_structure,
-                                          target_widths, widths)
+                                          target_widths)
 from idea_prune_jax.train.plan import Phase, plan, plan_fields, step_flops
 from idea_prune_jax.prune.prune_optax import PruneState
 
@@ -238,7 +238,7 @@ def _lookahead_losses(ctx, run: RunConfig, params, structure, scores, shapes, st
   ones = masks_lib.init(params, structure)
   losses = []
   for shape in shapes:
-    keep = widths(shape)
+    keep = budget.widths(shape)
     unit_masks = masks_lib.refresh(ones, scores, {u: keep[u] for u in ones})
     kept = jnp.sum(unit_masks['hidden']) if 'hidden' in unit_masks else None
     masked = masked_fn(params, unit_masks)

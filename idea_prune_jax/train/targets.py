@@ -41,14 +41,8 @@ TARGET_FIELDS = {'ffn': 'target_ffn', 'kv_groups': 'target_kv_heads',
                  'heads': 'target_heads_per_group', 'hidden': 'target_d_model'}
 
 
-def widths(m: ModelConfig) -> dict[str, int]:
-  """The model's width on each prunable axis, by unit kind."""
-  return {'ffn': m.ffn_dim, 'kv_groups': m.n_kv_heads, 'heads': m.n_heads // m.n_kv_heads,
-          'hidden': m.d_model}
-
-
 def target_widths(run: 'RunConfig') -> dict[str, int]:
-  enlarged = widths(run.model)
+  enlarged = budget.widths(run.model)
   return {u: getattr(run.prune, f) or enlarged[u] for u, f in TARGET_FIELDS.items()}
 
 
@@ -62,7 +56,7 @@ def target_model(run: 'RunConfig') -> ModelConfig:
 def pruned_units(run: 'RunConfig') -> tuple[str, ...]:
   """The unit kinds the pipeline prunes: the FFN always, the other axes where the target is
   narrower than the enlarged model."""
-  enlarged, target = widths(run.model), target_widths(run)
+  enlarged, target = budget.widths(run.model), target_widths(run)
   return ('ffn',) + tuple(u for u in TARGET_FIELDS if u != 'ffn' and target[u] < enlarged[u])
 
 
@@ -80,7 +74,7 @@ def prune_schedules(run: 'RunConfig') -> dict[str, PruneSchedule] | None:
   ps = prune_schedule(run)
   if ps is None:
     return None
-  enlarged, target = widths(run.model), target_widths(run)
+  enlarged, target = budget.widths(run.model), target_widths(run)
   return {u: dataclasses.replace(ps, width_enlarged=enlarged[u], width_target=target[u])
           for u in pruned_units(run)}
 
