@@ -217,6 +217,7 @@ def test_table_gaps_each_ablation_against_scratch_and_its_naive(tmp_path):
   results += [_result(1, 'idea@e2', 1e-3, s, 2.9 + s * 0.1) for s in (0, 1)]
   results += [_result(1, 'naive@e2', 1e-3, s, 2.95 + s * 0.12) for s in (0, 1)]
   results += [_result(1, 'idea@ts0.3', 1e-3, s, 3.05 + s * 0.1) for s in (0, 1)]
+  results += [_result(1, 'idea', 2e-3, s, 2.92 + s * 0.15) for s in (0, 1)]
   (row,) = sweep.table(results, params_target=100)
   gaps = row['ablations']
   assert gaps['idea@e2']['scratch']['gap'] == pytest.approx(-0.1)
@@ -224,6 +225,31 @@ def test_table_gaps_each_ablation_against_scratch_and_its_naive(tmp_path):
   assert gaps['idea@ts0.3']['scratch']['gap'] == pytest.approx(0.05)
   assert 'naive' not in gaps['idea@ts0.3']  # no naive@ts0.3: naive has no window to move
   assert gaps['naive@e2']['scratch']['gap'] == pytest.approx(-0.04)
+  assert gaps['idea@e2']['idea']['gap'] == pytest.approx(-0.045)  # -0.02 and -0.07
+  assert 'idea' not in gaps['naive@e2']
   sweep.write(str(tmp_path), {'params_target': 100, 'runs': results, 'budgets': [row]})
   md = (tmp_path / 'sweep.md').read_text()
-  assert '| 1× | idea@e2 | 2.9500 ± 0.0707 | -0.1000 ± 0.0000 | -0.0600 ± 0.0141 | 2 |' in md
+  assert ('| 1× | idea@e2 | 2.9500 ± 0.0707 | -0.1000 ± 0.0000 | -0.0600 ± 0.0141 | '
+          '-0.0450 ± 0.0354 | 2 |') in md
+
+
+def test_tag_labels_a_commands_runs_to_share_a_workdir_with_another_config():
+  c = _config(budgets='1', pipelines='idea,naive', lrs='1e-3,2e-3', lr_pipelines='idea,naive',
+              seeds=2, tag='wide')
+  c.model.ffn_dim = 128
+  plan = _runs(c, '/s')
+  assert sorted({(r['pipeline'], r['lr']) for r in plan}) == [
+      (n, lr) for n in ('idea@wide', 'naive@wide') for lr in (1e-3, 2e-3)]
+  assert all(r['dir'].startswith('/s/x1/') and '@wide/lr' in r['dir'] for r in plan)
+  assert {r['config'].pipeline for r in plan} == {'idea', 'naive'}
+  assert {r['config'].model.ffn_dim for r in plan} == {128}
+
+
+@pytest.mark.parametrize('fields,match', [
+    ({'tag': 'a b'}, r'config.sweep.tag=.a b.: use letters'),
+    ({'tag': 'x@y'}, r'config.sweep.tag'),
+    ({'tag': 'w', 'enlarge': '2'}, r'labels a whole command'),
+    ({'tag': 'w', 'pipelines': 'idea,idea_kd'}, r'labels a whole command')])
+def test_bad_tags_name_the_field(fields, match):
+  with pytest.raises(ConfigError, match=match):
+    _runs(_config(budgets='1', seeds=1, **{'pipelines': 'idea,scratch', **fields}), '/s')

@@ -35,3 +35,7 @@ class SweepConfig:
   # True: run nothing; summarise every finished run under the workdir, the union of several
   # sweep commands into it (each pipeline at its own LRs per budget), as one sweep.json/md/png.
   collect: bool = False
+  # Labels every run of this command PIPELINE@TAG, so runs of another config (another enlarged
+  # shape, e.g. configs/micro.py:multi) share a workdir with the base runs and are tabled like an
+  # ablation: idea@TAG against scratch, naive@TAG and idea.
+  tag: str = ''

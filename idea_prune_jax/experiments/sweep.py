@@ -13,6 +13,7 @@ parameter). A rerun skips finished runs.
 
 import json
 import os
+import re
 
 import jax
 from jax.experimental import multihost_utils
@@ -126,6 +127,12 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
     raise ConfigError(f'config.sweep.seeds={sw.seeds}: must be >= 1')
   kd = kd_settings(sw, run.distill) if 'idea_kd' in names else []
   variants = ablations(run, sw)
+  if sw.tag and not re.fullmatch(r'[A-Za-z0-9._-]+', sw.tag):
+    raise ConfigError(f'config.sweep.tag={sw.tag!r}: use letters, digits, ".", "_" or "-"')
+  if sw.tag and (variants or kd):
+    raise ConfigError(f'config.sweep.tag={sw.tag!r} labels a whole command: run the ablation '
+                      'axes and idea_kd in commands of their own')
+  suffix = f'@{sw.tag}' if sw.tag else ''
   # idea_kd is idea until t_start (no KD phase starts earlier): each idea_kd run starts from
   # its idea run's checkpoint at t_start, which that run keeps, so idea must run first.
   branched = 'idea' in names and 'idea_kd' in names
@@ -145,7 +152,7 @@ def runs(run: RunConfig, sw: SweepConfig, workdir: str) -> list[dict]:
         for name in names:
           if lr != lrs[0] and name not in tuned:
             continue  # one LR (the first) for pipelines the LR study leaves out
-          for label, distill_changes in (kd if name == 'idea_kd' else [(name, {})]):
+          for label, distill_changes in (kd if name == 'idea_kd' else [(name + suffix, {})]):
             c = experiment.variant(base, name, seed,
                                    flops_steps if name == 'scratch_flops' else None)
             c = override(c, {'train.lr': lr, **distill_changes})
@@ -273,7 +280,7 @@ def table(results: list[dict], params_target: int) -> list[dict]:
     for a, b in GAPS:  # each at its best LR, seed by seed: a seed fixes the batches for both
       if a in p and b in p:
         row[f'{a}-{b}'] = _paired(at, a, b, p[a]['best_lr'], p[b]['best_lr'])
-    ablated = {}  # idea@tag − scratch and − naive@tag; naive@tag − scratch
+    ablated = {}  # idea@tag − scratch, − naive@tag and − idea; naive@tag − scratch
     for name in (n for n in p if '@' in n):
       base, tag = name.split('@')
       gaps = {}
@@ -282,6 +289,8 @@ def table(results: list[dict], params_target: int) -> list[dict]:
       if base == 'idea' and f'naive@{tag}' in p:
         gaps['naive'] = _paired(at, name, f'naive@{tag}', p[name]['best_lr'],
                                 p[f'naive@{tag}']['best_lr'])
+      if base == 'idea' and 'idea' in p:
+        gaps['idea'] = _paired(at, name, 'idea', p[name]['best_lr'], p['idea']['best_lr'])
       ablated[name] = gaps
     if ablated:
       row['ablations'] = ablated
@@ -366,17 +375,17 @@ def write(workdir: str, out: dict) -> None:
                    f'{g["seeds"]} | {kd} |')
   ab_rows = [(row, n, g) for row in out['budgets'] for n, g in row.get('ablations', {}).items()]
   if ab_rows:
-    lines += ['', 'Ablations (sweep.enlarge, sweep.t_starts, sweep.windows; each axis alone): '
-              'the variant minus scratch at equal tokens, and idea@tag minus naive@tag (the '
-              'same enlargement, pruned at the end), seed by seed, mean ± std (negative: the '
-              'variant better).', '',
-              '| budget | variant | val loss | − scratch | − naive (same tag) | seeds |',
-              '|---|---|---|---|---|---|']
+    lines += ['', 'Ablations (sweep.enlarge, sweep.t_starts, sweep.windows, sweep.tag; each '
+              'alone): the variant minus scratch at equal tokens, idea@tag minus naive@tag (the '
+              'same enlargement, pruned at the end) and minus idea, seed by seed, mean ± std '
+              '(negative: the variant better).', '',
+              '| budget | variant | val loss | − scratch | − naive (same tag) | − idea | seeds |',
+              '|---|---|---|---|---|---|---|']
     cell = lambda g: f'{g["gap"]:+.4f} ± {g["spread"]:.4f}' if g else '—'
     for row, name, g in ab_rows:
       p = row['pipelines'][name]
       lines.append(f'| {row["budget"]:g}× | {name} | {p["val_loss_mean"]:.4f} ± '
                    f'{p["val_loss_std"]:.4f} | {cell(g.get("scratch"))} | '
-                   f'{cell(g.get("naive"))} | {len(p["val_loss"])} |')
+                   f'{cell(g.get("naive"))} | {cell(g.get("idea"))} | {len(p["val_loss"])} |')
   lines += ['', '![sweep](sweep.png)']
   storage.write_text(storage.join(workdir, 'sweep.md'), '\n'.join(lines) + '\n')
