@@ -11,9 +11,14 @@ analytic FLOPs per step (`model.flops_per_token` x tokens), the median step time
 
 Measurements are interleaved (every model, then every model in reverse, ...) so background load
 hits all of them alike; a model's time is the median over rounds of each round's median step.
+XLA's bytes accessed per step (its cost analysis) shows what the FLOPs leave out: the work that
+does not shrink with d_model (the vocab softmax, the attention scores, the FFN activations).
+`--d_model` scales the base (heads, KV groups and FFN with it): the larger, the more the matmuls
+dominate.
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
-      benchmarks/multi_axis_steps.py    # about 3 min on 2 cores; appends to BENCHMARKS.md
+      benchmarks/multi_axis_steps.py [--d_model 512]   # 3 min (256) on 2 cores; appends to
+                                                       # BENCHMARKS.md
 """
 
 import argparse
@@ -36,10 +41,13 @@ from idea_prune_jax.train import optim, sharding  # noqa: E402
 from idea_prune_jax.train import state as state_lib  # noqa: E402
 from idea_prune_jax.train import step as step_lib  # noqa: E402
 
-# configs/small.py's step is 5-10 s on a 2-core CPU; this keeps its proportions (FFN 4x, 8 heads
-# in 4 KV groups) at d_model 256, where the matmuls still dominate the step.
-BASE = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                   head_dim=32, ffn_dim=1024, unroll_layers=True)
+
+def base_model(d_model: int) -> ModelConfig:
+  """configs/small.py's proportions (FFN 4x, heads of 32 in pairs per KV group) at d_model: its
+  own step is 5-10 s on a 2-core CPU, too slow for interleaved rounds."""
+  return ModelConfig(vocab_size=4096, d_model=d_model, n_layers=4, n_heads=d_model // 32,
+                     n_kv_heads=d_model // 64, head_dim=32, ffn_dim=4 * d_model,
+                     unroll_layers=True)
 
 
 def variants(base: ModelConfig) -> dict:
@@ -60,7 +68,8 @@ def variants(base: ModelConfig) -> dict:
 
 
 def build(cfg: ModelConfig, run, mesh, B: int, L: int):
-  """(compiled step, state, batch): the dense train step as the trainer builds it."""
+  """(compiled step, state, batch, XLA's bytes accessed per step): the dense train step as the
+  trainer builds it."""
   schedule = optim.lr_schedule(run.train)
   optimizer = optim.make_optimizer(run.train, schedule)
   state, shardings = state_lib.init_state(cfg, optimizer, mesh, jax.random.key(0))
@@ -71,7 +80,9 @@ def build(cfg: ModelConfig, run, mesh, B: int, L: int):
   compiled = step.lower(state, batch).compile()
   for _ in range(2):  # first executions: buffer allocation, page faults
     state, _ = jax.block_until_ready(compiled(state, batch))
-  return compiled, state, batch
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return compiled, state, batch, float(cost.get('bytes accessed', float('nan')))
 
 
 def machine_facts() -> dict:
@@ -80,13 +91,17 @@ def machine_facts() -> dict:
   facts = {'nproc': os.cpu_count(), 'cpu': cpu, 'jax': jax.__version__,
            'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
            'load average (1 min)': f'{os.getloadavg()[0]:.2f}'}
-  if subprocess.run(['pgrep', '-f', 'regime.sh'], capture_output=True).returncode == 0:
-    facts['note'] = 'a background study (regime.sh) was running at nice 10'
+  studies = subprocess.run(['pgrep', '-fc', 'idea-prune (sweep|run)'], capture_output=True,
+                           text=True).stdout.strip()
+  if studies not in ('', '0'):
+    facts['note'] = f'{studies} background studies (idea-prune sweep or run) were running'
   return facts
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--d_model', type=int, default=256,
+                      help="the base's width (a multiple of 128); the others scale with it")
   parser.add_argument('--batch_size', type=int, default=4)
   parser.add_argument('--seq_len', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=11, help='passes over all the models')
@@ -97,7 +112,8 @@ def main():
   wall = time.perf_counter()
   run = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run
   mesh = sharding.make_mesh(run.mesh)
-  cfgs = variants(BASE)
+  base = base_model(args.d_model)
+  cfgs = variants(base)
   benches = {name: list(build(cfg, run, mesh, B, L)) for name, cfg in cfgs.items()}
   times = {name: [] for name in cfgs}  # per round: (median wall s, median CPU s)
   for r in range(args.rounds):  # every other round backwards: no model always follows another
@@ -111,6 +127,7 @@ def main():
   wall = time.perf_counter() - wall
 
   flops = {n: model_lib.flops_per_token(c, L) * B * L for n, c in cfgs.items()}
+  moved = {n: b[3] for n, b in benches.items()}
   step = {n: common.median([t[0] for t in ts]) for n, ts in times.items()}
   cpu = {n: common.median([t[1] for t in ts]) for n, ts in times.items()}
   rows = []
@@ -121,12 +138,13 @@ def main():
     rows.append([name, f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}',
                  f'{flops[name] / 1e9:.2f}', f'{f_ratio:.3f}',
                  f'{step[name]:.3f} [{min(rounds):.3f}, {max(rounds):.3f}]', f'{t_ratio:.3f}',
-                 f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}'])
+                 f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}',
+                 f'{moved[name] / moved["base"]:.3f}'])
   headers = ['model', 'd_model / ffn / KV groups x heads', 'GFLOP/step', 'FLOP ratio',
              'step s, median of rounds [min, max]', 'time ratio', 'time ratio / FLOP ratio',
-             'same, CPU s']
+             'same, CPU s', "XLA's bytes accessed ratio"]
   body = common.table(headers, rows) + (
-      f'\n\nBase: {BASE.n_layers} layers, vocab {BASE.vocab_size}, head_dim {BASE.head_dim} '
+      f'\n\nBase: {base.n_layers} layers, vocab {base.vocab_size}, head_dim {base.head_dim} '
       f'(fixed on every axis), tied embeddings, unrolled layers; batch {B} x {L} tokens; AdamW '
       f'dense train step. {args.rounds} interleaved rounds of {args.steps} steps per model after '
       f'2 warm-up steps; whole run {wall:.0f} s.')

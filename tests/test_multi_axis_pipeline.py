@@ -1,6 +1,7 @@
 """Every width axis pruned inside one run: idea and naive to an explicit target shape, exact
 resume mid-window and after the shrink, the export, one-line errors for bad targets."""
 
+import functools
 import json
 import os
 import shutil
@@ -137,18 +138,21 @@ def test_the_train_and_eval_steps_see_a_masked_hidden_size_as_the_shrunk_model()
                      opt_state=tx.init(masked)._replace(masks=unit_masks))
   tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 32)
   batch = batch_lib.make(tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 8)))
-  _, got = step_lib.train_step(state, batch, model=Transformer(cfg), optimizer=tx, schedule=lr)
+  # Jitted: eagerly, the step's thousands of small ops cost 20 s of dispatch.
+  step = lambda st, model, opt: jax.jit(functools.partial(  # noqa: E731
+      step_lib.train_step, model=model, optimizer=opt, schedule=lr))(st, batch)[1]
+  got = step(state, Transformer(cfg), tx)
   small_params, small_cfg = masks.shrink_model(params, unit_masks, s, cfg)
   dense = optax.chain(optax.scale_by_schedule(lr))
   small = TrainState(step=jnp.zeros((), jnp.int32), params=small_params,
                      opt_state=dense.init(small_params))
-  _, want = step_lib.train_step(small, batch, model=Transformer(small_cfg), optimizer=dense,
-                                schedule=lr)
+  want = step(small, Transformer(small_cfg), dense)
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
   assert got['hidden_width'] == 10 and got['heads_width'] == 1
-  np.testing.assert_allclose(
-      step_lib.eval_step(masked, batch, state.hidden_kept, model=Transformer(cfg)),
-      step_lib.eval_step(small_params, batch, model=Transformer(small_cfg)), rtol=1e-6)
+  evaluate = lambda model, params, kept=None: jax.jit(functools.partial(  # noqa: E731
+      step_lib.eval_step, model=model))(params, batch, kept)
+  np.testing.assert_allclose(evaluate(Transformer(cfg), masked, state.hidden_kept),
+                             evaluate(Transformer(small_cfg), small_params), rtol=1e-6)
 
 
 @pytest.mark.parametrize('criterion', ['importance', 'lookahead'])

@@ -240,9 +240,8 @@ def _lookahead_losses(ctx, run: RunConfig, params, structure, scores, shapes, st
   for shape in shapes:
     keep = budget.widths(shape)
     unit_masks = masks_lib.refresh(ones, scores, {u: keep[u] for u in ones})
-    kept = jnp.sum(unit_masks['hidden']) if 'hidden' in unit_masks else None
     masked = masked_fn(params, unit_masks)
-    sums = [eval_fn(masked, b, kept) for b in batches]
+    sums = [eval_fn(masked, b, state_lib.hidden_kept(unit_masks)) for b in batches]
     losses.append(float(sum(n for n, _ in sums) / max(sum(c for _, c in sums), 1.0)))
   return losses
 

@@ -43,10 +43,13 @@ class TrainState:
 
   @property
   def hidden_kept(self):
-    """The alive d_model channels while the hidden size is masked (the model's RMSNorm averages
-    over them), else None."""
-    masks = self.masks
-    return None if masks is None or 'hidden' not in masks else jnp.sum(masks['hidden'])
+    return hidden_kept(self.masks)
+
+def hidden_kept(unit_masks):
+  """The alive d_model channels while the hidden size is masked (the model's RMSNorm averages
+  over them), else None."""
+  return None if unit_masks is None or 'hidden' not in unit_masks else jnp.sum(unit_masks['hidden'])
+
 
 def abstract_params(model_cfg: ModelConfig):
   """Boxed ShapeDtypeStructs: shapes plus logical axis names, no memory."""
