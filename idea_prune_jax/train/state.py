@@ -45,10 +45,13 @@ class TrainState:
   def hidden_kept(self):
     return hidden_kept(self.masks)
 
+
 def hidden_kept(unit_masks):
   """The alive d_model channels while the hidden size is masked (the model's RMSNorm averages
   over them), else None."""
-  return None if unit_masks is None or 'hidden' not in unit_masks else jnp.sum(unit_masks['hidden'])
+  if unit_masks is None or 'hidden' not in unit_masks:
+    return None
+  return jnp.sum(unit_masks['hidden'])
 
 
 def abstract_params(model_cfg: ModelConfig):
