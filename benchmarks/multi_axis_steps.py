@@ -13,8 +13,8 @@ Measurements are interleaved (every model, then every model in reverse, ...) so 
 hits all of them alike; a model's time is the median over rounds of each round's median step.
 XLA's bytes accessed per step (its cost analysis) shows what the FLOPs leave out: the work that
 does not shrink with d_model (the vocab softmax, the attention scores, the FFN activations).
-`--d_model` scales the base (heads, KV groups and FFN with it): the larger, the more the matmuls
-dominate.
+`--d_model` scales the base (heads, KV groups and FFN with it); 512 was no closer to the FLOP
+ratio than 256 on a 2-core CPU (BENCHMARKS.md).
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
       benchmarks/multi_axis_steps.py [--d_model 512]   # 3 min (256) on 2 cores; appends to
