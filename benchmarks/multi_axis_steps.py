@@ -19,6 +19,14 @@ ratio than 256 on a 2-core CPU (BENCHMARKS.md).
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
       benchmarks/multi_axis_steps.py [--d_model 512]   # 3 min (256) on 2 cores; appends to
                                                        # BENCHMARKS.md
+
+A CPU step is memory-bound, so it cannot show whether a shrunk shape keeps a compute-bound chip
+busy. `--topology v5p-8` asks the TPU compiler instead (libtpu, the `tpu` extra; nothing runs):
+each model's train step compiled for one chip at head_dim 128, its cost analysis' own step-time
+estimate (`optimal_seconds`) against the FLOP ratio. An estimate, not a measurement:
+
+  .venv/bin/python benchmarks/multi_axis_steps.py --topology v5p-8 --d_model 2048 \
+      --batch_size 8 --seq_len 2048                    # ~15 min of compiles on 2 cores
 """
 
 import argparse
@@ -42,12 +50,13 @@ from idea_prune_jax.train import state as state_lib  # noqa: E402
 from idea_prune_jax.train import step as step_lib  # noqa: E402
 
 
-def base_model(d_model: int) -> ModelConfig:
-  """configs/small.py's proportions (FFN 4x, heads of 32 in pairs per KV group) at d_model: its
-  own step is 5-10 s on a 2-core CPU, too slow for interleaved rounds."""
-  return ModelConfig(vocab_size=4096, d_model=d_model, n_layers=4, n_heads=d_model // 32,
-                     n_kv_heads=d_model // 64, head_dim=32, ffn_dim=4 * d_model,
-                     unroll_layers=True)
+def base_model(d_model: int, head_dim: int = 32, vocab_size: int = 4096,
+               dtype: str = 'float32') -> ModelConfig:
+  """configs/small.py's proportions (FFN 4x, heads in pairs per KV group) at d_model: its own
+  step is 5-10 s on a 2-core CPU, too slow for interleaved rounds."""
+  return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=4,
+                     n_heads=d_model // head_dim, n_kv_heads=d_model // (2 * head_dim),
+                     head_dim=head_dim, ffn_dim=4 * d_model, unroll_layers=True, dtype=dtype)
 
 
 def variants(base: ModelConfig) -> dict:
@@ -85,6 +94,68 @@ def build(cfg: ModelConfig, run, mesh, B: int, L: int):
   return compiled, state, batch, float(cost.get('bytes accessed', float('nan')))
 
 
+def tpu_estimates(cfgs: dict, run, topology: str, B: int, L: int) -> dict:
+  """name -> the TPU compiler's figures for the dense train step on one chip of topology:
+  'optimal_seconds' (its own step-time estimate), 'flops', 'bytes accessed'. Nothing runs: the
+  step is compiled by libtpu on this host (compile-check's machinery); layers are unrolled, so
+  no loop body is counted once."""
+  from idea_prune_jax.tools import compile_check as check
+  from idea_prune_jax.train import chips
+  from idea_prune_jax.train import plan as plan_lib
+  from idea_prune_jax.train.config import override
+  devices = chips.topology_devices(chips.parse_slice(topology))[:1]
+  mesh = sharding.make_mesh(run.mesh, devices)
+  out = {}
+  for name, cfg in cfgs.items():
+    fields = {f'model.{f.name}': getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    r = override(run, {**fields, 'pipeline': 'train', 'train.batch_size': B, 'data.seq_len': L})
+    step = check.train_program(r, plan_lib.plan(r)[0], mesh)
+    cost = step.fn.lower(*step.args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = {k: float(cost[k]) for k in ('optimal_seconds', 'flops', 'bytes accessed')}
+    print(f'{name}: {out[name]}', flush=True)
+  return out
+
+
+def tpu_main(args):
+  """--topology: the compiler's estimate per axis (no timing; this host has no TPU)."""
+  from idea_prune_jax import cli
+  cli.use_tpu_compiler()
+  B, L = args.batch_size, args.seq_len
+  wall = time.perf_counter()
+  run = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run
+  # XLA attention, not splash: the compiler's cost analysis cannot see inside a Pallas kernel.
+  base = dataclasses.replace(
+      base_model(args.d_model, head_dim=128, vocab_size=32000, dtype='bfloat16'), attention='xla')
+  cfgs = variants(base)
+  est = tpu_estimates(cfgs, run, args.topology, B, L)
+  flops = {n: model_lib.flops_per_token(c, L) * B * L for n, c in cfgs.items()}
+  rows = []
+  for name, c in cfgs.items():
+    f_ratio = flops[name] / flops['base']
+    ratio = lambda k: est[name][k] / est['base'][k]  # noqa: E731
+    rows.append([name, f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}',
+                 f'{flops[name] / 1e12:.2f}', f'{f_ratio:.3f}', f'{ratio("flops"):.3f}',
+                 f'{1e3 * est[name]["optimal_seconds"]:.2f}', f'{ratio("optimal_seconds"):.3f}',
+                 f'**{ratio("optimal_seconds") / f_ratio:.2f}**',
+                 f'{ratio("bytes accessed"):.3f}'])
+  headers = ['model', 'd_model / ffn / KV groups x heads', 'TFLOP/step', 'FLOP ratio',
+             "compiler's FLOP ratio", "compiler's step estimate, ms", 'estimate ratio',
+             'estimate ratio / FLOP ratio', "compiler's bytes accessed ratio"]
+  body = common.table(headers, rows) + (
+      f'\n\nThe TPU compiler (libtpu, on this CPU host) compiling the dense train step for one '
+      f'chip of {args.topology}: `optimal_seconds` of its cost analysis is its own step-time '
+      f'estimate, not a measurement. Base: {base.n_layers} layers (unrolled), vocab '
+      f'{base.vocab_size}, head_dim {base.head_dim} (fixed on every axis), bf16 compute, f32 '
+      f'params, XLA attention; batch {B} x {L} tokens; AdamW. Whole run '
+      f'{time.perf_counter() - wall:.0f} s.')
+  print(body)
+  if args.append:
+    title = (f"The TPU compiler's step-time estimate against the FLOP ratio, per pruned axis "
+             f'({time.strftime("%Y-%m-%d")})')
+    common.append_section(title, body, facts=machine_facts())
+
+
 def machine_facts() -> dict:
   cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
               if line.startswith('model name')), '?')
@@ -107,7 +178,13 @@ def main():
   parser.add_argument('--rounds', type=int, default=11, help='passes over all the models')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per model per round')
   parser.add_argument('--append', action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument('--topology', default='',
+                      help="e.g. v5p-8: the TPU compiler's estimate for one chip instead of CPU "
+                      'timing (needs libtpu, the tpu extra; use --d_model 2048 --batch_size 8 '
+                      '--seq_len 2048)')
   args = parser.parse_args()
+  if args.topology:
+    return tpu_main(args)
   B, L = args.batch_size, args.seq_len
   wall = time.perf_counter()
   run = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run
