@@ -26,7 +26,8 @@ each model's train step compiled for one chip at head_dim 128, its cost analysis
 estimate (`optimal_seconds`) against the FLOP ratio. An estimate, not a measurement:
 
   .venv/bin/python benchmarks/multi_axis_steps.py --topology v5p-8 --d_model 2048 \
-      --batch_size 8 --seq_len 2048                    # ~15 min of compiles on 2 cores
+      --batch_size 8 --seq_len 2048    # 13 min of compiles on a loaded 2-core CPU; also
+                                       # --batch_size 32 --seq_len 512 (a quarter of the L x L)
 """
 
 import argparse
