@@ -77,6 +77,11 @@ def variants(base: ModelConfig) -> dict:
   return out
 
 
+def shape(c: ModelConfig) -> str:
+  """'d_model / ffn / KV groups x heads per group', the table's shape column."""
+  return f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}'
+
+
 def build(cfg: ModelConfig, run, mesh, B: int, L: int):
   """(compiled step, state, batch, XLA's bytes accessed per step): the dense train step as the
   trainer builds it."""
@@ -135,7 +140,7 @@ def tpu_main(args):
   for name, c in cfgs.items():
     f_ratio = flops[name] / flops['base']
     ratio = lambda k: est[name][k] / est['base'][k]  # noqa: E731
-    rows.append([name, f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}',
+    rows.append([name, shape(c),
                  f'{flops[name] / 1e12:.2f}', f'{f_ratio:.3f}', f'{ratio("flops"):.3f}',
                  f'{1e3 * est[name]["optimal_seconds"]:.2f}', f'{ratio("optimal_seconds"):.3f}',
                  f'**{ratio("optimal_seconds") / f_ratio:.2f}**',
@@ -213,7 +218,7 @@ def main():
     f_ratio = flops[name] / flops['base']
     t_ratio, c_ratio = step[name] / step['base'], cpu[name] / cpu['base']
     rounds = [t[0] for t in times[name]]
-    rows.append([name, f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}',
+    rows.append([name, shape(c),
                  f'{flops[name] / 1e9:.2f}', f'{f_ratio:.3f}',
                  f'{step[name]:.3f} [{min(rounds):.3f}, {max(rounds):.3f}]', f'{t_ratio:.3f}',
                  f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}',
