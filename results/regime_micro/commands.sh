@@ -51,12 +51,13 @@ tagged --config.sweep.tag=hidden --config.sweep.budgets=1 --config.sweep.lrs=2e-
   --config.prune.target_kv_heads=0
 tagged --config.sweep.tag=kv --config.sweep.budgets=1 --config.sweep.lrs=2e-3,4e-3 \
   --config.model.d_model=96 --config.model.ffn_dim=529 --config.prune.target_d_model=0
-# 16x: the peaks bracketed on the new data. Seed 0 of idea, scratch and scratch_flops at 2e-3
-# first: all three moved there (idea from 4e-3, scratch and scratch_flops from 1e-3); then three
-# seeds at 2e-3, the far side probed on seed 0 (idea 1e-3; scratch, scratch_flops 4e-3), and
-# naive at idea's new peak.
+# 16x: the peaks bracketed on the new data. Three seeds of idea, scratch and scratch_flops at
+# 2e-3 (between the old grid's 1e-3 and 4e-3): idea and scratch moved there (from 4e-3 and 1e-3),
+# scratch_flops stayed at 1e-3 (by 0.003 on the mean; 2e-3 won two seeds of three). The far side
+# probed on seed 0 (idea 1e-3, scratch 4e-3, scratch_flops 5e-4), and naive at idea's new peak.
 sweep --config.sweep.seeds=3 --config.sweep.budgets=16 --config.sweep.lrs=2e-3 --config.sweep.pipelines=idea,scratch,scratch_flops
 sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=1e-3 --config.sweep.pipelines=idea
-sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=4e-3 --config.sweep.pipelines=scratch,scratch_flops
+sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=4e-3 --config.sweep.pipelines=scratch
+sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=5e-4 --config.sweep.pipelines=scratch_flops
 sweep --config.sweep.seeds=2 --config.sweep.budgets=16 --config.sweep.lrs=2e-3 --config.sweep.pipelines=naive
 sweep --config.sweep.collect=true
