@@ -60,4 +60,8 @@ sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=1e-3 -
 sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=4e-3 --config.sweep.pipelines=scratch
 sweep --config.sweep.seeds=1 --config.sweep.budgets=16 --config.sweep.lrs=5e-4 --config.sweep.pipelines=scratch_flops
 sweep --config.sweep.seeds=2 --config.sweep.budgets=16 --config.sweep.lrs=2e-3 --config.sweep.pipelines=naive
+# naive's third seed at each budget, at idea's peak: every pipeline at three seeds.
+sweep --config.sweep.seeds=3 --config.sweep.budgets=1 --config.sweep.lrs=4e-3 --config.sweep.pipelines=naive
+sweep --config.sweep.seeds=3 --config.sweep.budgets=4 --config.sweep.lrs=2e-3 --config.sweep.pipelines=naive
+sweep --config.sweep.seeds=3 --config.sweep.budgets=16 --config.sweep.lrs=2e-3 --config.sweep.pipelines=naive
 sweep --config.sweep.collect=true
