@@ -70,7 +70,7 @@ def main():
       config.distill.update(alpha=alpha, phases='recovery')
       multi = kind == 'prune_multi'
       config.prune.update(target_heads_per_group=1 if multi else 0,
-                          target_d_model=16 if multi else 0)
+                          target_d_model=16 if multi else 0, target_layers=1 if multi else 0)
       run = settings.read(config).run
       if kind not in inits:  # on one device; numpy, so no mesh's buffers are donated
         parts = pipeline.parts(run, plan_lib.plan(run)[index],

@@ -19,7 +19,7 @@ ALL_UNITS = budget.Constraints(units=UNIT_KINDS)
 
 
 def widths(cfg):
-  return (cfg.d_model, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.ffn_dim)
+  return (cfg.d_model, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.ffn_dim, cfg.n_layers)
 
 
 def ffn_at(cfg, ffn_dim):
@@ -176,8 +176,8 @@ def test_choose_by_importance_prunes_the_axis_whose_mass_is_concentrated():
 
   assert len(table) == len(cands) and sum(row['chosen'] for row in table) == 1
   assert json.loads(json.dumps(table)) == table
-  assert set(table[0]) == {'ffn_dim', 'n_kv_heads', 'heads_per_group', 'd_model', 'params',
-                           'retained_importance', 'chosen'}
+  assert set(table[0]) == {'ffn_dim', 'n_kv_heads', 'heads_per_group', 'd_model', 'n_layers',
+                           'params', 'retained_importance', 'chosen'}
 
 
 def test_choose_by_importance_breaks_ties_by_candidate_order():
@@ -189,4 +189,34 @@ def test_choose_by_importance_breaks_ties_by_candidate_order():
 def test_shape_dict():
   shape = dataclasses.replace(ENLARGED, n_kv_heads=2, n_heads=2, d_model=24, ffn_dim=40)
   assert budget.shape_dict(shape) == {'ffn_dim': 40, 'n_kv_heads': 2, 'heads_per_group': 1,
-                                      'd_model': 24, 'params': param_count(shape)}
+                                      'd_model': 24, 'n_layers': 2, 'params': param_count(shape)}
+
+
+DEEP = dataclasses.replace(ENLARGED, n_layers=4)
+
+
+def test_depth_in_units_offers_every_layer_count_each_with_its_nearest_ffn():
+  target = int(0.6 * param_count(DEEP))
+  c = budget.Constraints(units=('ffn', 'layers'), tolerance=0.02)
+  cands = budget.candidates(DEEP, target, c)
+  assert {s.n_layers for s in cands} == {3, 4}  # 2 layers hold too little even at full FFN
+  for shape in cands:
+    assert abs(param_count(shape) - target) <= c.tolerance * target
+    brute = min(range(1, 97), key=lambda f: (abs(param_count(ffn_at(shape, f)) - target), -f))
+    assert shape.ffn_dim == brute
+  assert {s.n_layers for s in budget.candidates(
+      DEEP, target, budget.Constraints(units=('ffn',), tolerance=0.02))} == {4}
+
+
+def test_choose_by_importance_drops_a_layer_whose_mass_is_small():
+  target = int(0.6 * param_count(DEEP))
+  cands = budget.candidates(DEEP, target, budget.Constraints(units=('ffn', 'layers'),
+                                                             tolerance=0.02))
+  uniform_ffn = np.ones((4, 96))
+  one_idle_layer = np.array([1.0, 1.0, 0.01, 1.0])
+  chosen, _ = budget.choose_by_importance(cands, DEEP, {'ffn': uniform_ffn,
+                                                        'layers': one_idle_layer})
+  assert chosen.n_layers == 3
+  chosen, _ = budget.choose_by_importance(cands, DEEP, {'ffn': uniform_ffn,
+                                                        'layers': np.ones(4)})
+  assert chosen.n_layers == 4

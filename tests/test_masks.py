@@ -325,10 +325,11 @@ def test_refresh_under_jit_compiles_once_as_k_changes():
 def test_docs_example_runs():
   doc = (pathlib.Path(__file__).parents[1] / 'docs' / 'pruning_api.md').read_text()
   blocks = re.findall(r'```python\n(.*?)```', doc, re.S)
-  # The dict MLP, Linen (nn.scan), NNX (nnx.Optimizer), MaxText (layers on axis 1) and MaxText
-  # attention (KV groups and query heads) examples, run in order in one namespace.
-  assert len(blocks) == 5 and 'nnx.Optimizer(' in blocks[2] and 'nn.scan(' in blocks[1], blocks
+  # The dict MLP, Linen (nn.scan), NNX (nnx.Optimizer), MaxText (layers on axis 1), MaxText
+  # attention (KV groups and query heads) and its depth examples, run in order in one namespace.
+  assert len(blocks) == 6 and 'nnx.Optimizer(' in blocks[2] and 'nn.scan(' in blocks[1], blocks
   assert 'layer_axis=1, out_axis=0' in blocks[3] and 'attention_units(' in blocks[4]
+  assert 'depth_unit(' in blocks[5]
   exec(compile('\n'.join(blocks), 'docs/pruning_api.md', 'exec'), {})
 
 

@@ -1,4 +1,4 @@
-"""Pruning every width axis (KV groups, query heads, hidden size, FFN): masked == shrunk."""
+"""Pruning every axis (KV groups, query heads, hidden size, FFN, layers): masked == shrunk."""
 
 import functools
 
@@ -17,7 +17,7 @@ from idea_prune_jax.prune.errors import PruneError
 # 2 KV groups of 2 query heads, head_dim 4 (d_model / n_heads), FFN 12.
 CFG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=12)
 TOKENS = jnp.array([[1, 5, 9, 3, 7, 2], [4, 4, 8, 31, 0, 6]], jnp.int32)
-KEEP = {'ffn': 5, 'kv_groups': 1, 'heads': 1, 'hidden': 10}
+KEEP = {'ffn': 5, 'kv_groups': 1, 'heads': 1, 'hidden': 10, 'layers': 1}
 
 
 def llama(cfg, units=structure.UNIT_KINDS):
@@ -45,7 +45,7 @@ def random_masks(params, s, seed=1):
 
 
 @pytest.mark.parametrize('units,tie', [(('ffn',), True), (('kv_groups',), True),
-                                       (('heads',), True), (('hidden',), True),
+                                       (('heads',), True), (('hidden',), True), (('layers',), True),
                                        (('hidden',), False), (structure.UNIT_KINDS, True),
                                        (structure.UNIT_KINDS, False)])
 def test_masked_logits_equal_shrunk_logits(units, tie):
@@ -54,7 +54,8 @@ def test_masked_logits_equal_shrunk_logits(units, tie):
   unit_masks = random_masks(params, s)
   masked = forward(cfg, masks.apply(params, unit_masks, s), unit_masks)
   small_params, small_cfg = masks.shrink_model(params, unit_masks, s, cfg)
-  want = {'ffn': ('ffn_dim', 5), 'kv_groups': ('n_kv_heads', 1), 'hidden': ('d_model', 10)}
+  want = {'ffn': ('ffn_dim', 5), 'kv_groups': ('n_kv_heads', 1), 'hidden': ('d_model', 10),
+          'layers': ('n_layers', 1)}
   for u in units:
     if u in want:
       assert getattr(small_cfg, want[u][0]) == want[u][1]
@@ -103,17 +104,23 @@ def test_maxtext_layout_shrinks_like_the_flat_one():
   maxtext = structure.attention_units(('self_attention',) * 0, kv_heads=KV, heads_per_group=G,
                                       head_dim=1, q='query', k='key', v='value', o='out',
                                       kernel=('kernel',), layer_axis=1, in_axis=2, out_axis=0)
+  # Depth first in one structure, last in the other: shrink cuts layers last either way.
+  flat = (structure.depth_unit('layers', (), ('q', 'k', 'v', 'o')),) + flat
+  maxtext += (structure.depth_unit('layers', (), ('query/kernel', 'key/kernel', 'value/kernel',
+                                                  'out/kernel'), layer_axis=1),)
   unit_masks = {'kv_groups': jnp.array([[1., 0.], [0., 1.], [1., 0.]]),
-                'heads': jnp.array([[[1., 0., 1.], [0., 1., 1.]]] * L)}
+                'heads': jnp.array([[[1., 0., 1.], [0., 1., 1.]]] * L),
+                'layers': jnp.array([1., 0., 1.])}
   small_ours = masks.shrink(ours, unit_masks, flat)
   small_theirs = masks.shrink(theirs, unit_masks, maxtext)
-  assert small_ours['q'].shape == (L, D, 1 * 2 * hd)
+  assert small_ours['q'].shape == (2, D, 1 * 2 * hd)
+  np.testing.assert_array_equal(small_ours['k'][1], ours['k'][2][:, :hd])  # layer 2, group 0
   np.testing.assert_array_equal(
-      small_theirs['query']['kernel'].transpose(1, 0, 2, 3).reshape(L, D, -1), small_ours['q'])
+      small_theirs['query']['kernel'].transpose(1, 0, 2, 3).reshape(2, D, -1), small_ours['q'])
   np.testing.assert_array_equal(
-      small_theirs['out']['kernel'].transpose(1, 0, 2, 3).reshape(L, -1, D), small_ours['o'])
+      small_theirs['out']['kernel'].transpose(1, 0, 2, 3).reshape(2, -1, D), small_ours['o'])
   np.testing.assert_array_equal(
-      small_theirs['key']['kernel'].transpose(1, 0, 2, 3).reshape(L, D, -1), small_ours['k'])
+      small_theirs['key']['kernel'].transpose(1, 0, 2, 3).reshape(2, D, -1), small_ours['k'])
   got = importance.coupled_norm(theirs, None, maxtext)
   want = importance.coupled_norm(ours, None, flat)
   for name in want:
@@ -132,7 +139,8 @@ def test_a_head_axis_that_does_not_split_into_groups_is_one_line_error():
 def test_prune_optimizer_reaches_every_axis_target_and_keeps_training_shrunk():
   cfg, s = CFG, llama(CFG)
   params = params_of(cfg)
-  widths = {'ffn': (12, 5), 'kv_groups': (2, 1), 'heads': (2, 1), 'hidden': (16, 10)}
+  widths = {'ffn': (12, 5), 'kv_groups': (2, 1), 'heads': (2, 1), 'hidden': (16, 10),
+            'layers': (2, 1)}
   scheds = {n: schedules.PruneSchedule(2, 8, 2, enlarged, target)
             for n, (enlarged, target) in widths.items()}
   tx = prune_optimizer(optax.adamw(1e-2), s, scheds)
@@ -164,10 +172,14 @@ def test_prune_optimizer_reaches_every_axis_target_and_keeps_training_shrunk():
                              masked_logits, atol=1e-5, rtol=0)
   moments = jax.tree.map(jnp.shape, small_state.inner[0].mu)
   assert moments == jax.tree.map(jnp.shape, small_params)
+  # The state's own masks and importance lose the removed layer too.
+  want = {'ffn': (1, 5), 'kv_groups': (1, 1), 'heads': (1, 1, 1), 'hidden': (10,), 'layers': (1,)}
+  for tree in (small_state.masks, *small_state.importance.values()):
+    assert jax.tree.map(jnp.shape, tree) == want
   small_s = llama(small_cfg)
   grads = jax.grad(lambda p: Transformer(small_cfg).apply({'params': p}, TOKENS).mean())(
       small_params)
   inner = optax.adamw(1e-2)
   updates, _ = inner.update(grads, small_state.inner, small_params)
   assert jax.tree.map(jnp.shape, updates) == moments
-  assert masks.init(small_params, small_s)['heads'].shape == (2, 1)  # one group: [L, width]
+  assert masks.init(small_params, small_s)['heads'].shape == (1, 1)  # one group: [L, width]

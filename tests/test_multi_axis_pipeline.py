@@ -1,5 +1,6 @@
-"""Every width axis pruned inside one run: idea and naive to an explicit target shape, exact
-resume mid-window and after the shrink, the export, one-line errors for bad targets."""
+"""Every axis (widths and depth) pruned inside one run: idea and naive to an explicit target
+shape, exact resume mid-window and after the shrink, the export, one-line errors for bad
+targets."""
 
 import functools
 import json
@@ -27,8 +28,8 @@ from idea_prune_jax.train.config import ConfigError
 from idea_prune_jax.train.targets import target_model
 from idea_prune_jax.train.state import TrainState
 
-# tiny:test is d_model 32, 4 query heads in 2 KV groups (head_dim 8), FFN 96 -> 32.
-TARGET = dict(target_kv_heads=1, target_heads_per_group=1, target_d_model=16)
+# tiny:test is d_model 32, 4 query heads in 2 KV groups (head_dim 8), FFN 96 -> 32, 2 layers.
+TARGET = dict(target_kv_heads=1, target_heads_per_group=1, target_d_model=16, target_layers=1)
 
 
 def _config(name='idea'):
@@ -51,25 +52,28 @@ def _widths(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   return {k: {r['step']: r[k] for r in rows if k in r}
-          for k in ('ffn_width', 'kv_groups_width', 'heads_width', 'hidden_width', 'kd_alpha')}
+          for k in ('ffn_width', 'kv_groups_width', 'heads_width', 'hidden_width', 'layers_width',
+                    'kd_alpha')}
 
 
 def test_idea_reaches_the_target_shape_on_every_axis(idea_run):
   workdir, summary = idea_run
   widths = _widths(workdir)
   for unit, want in (('ffn_width', 32), ('kv_groups_width', 1), ('heads_width', 1),
-                     ('hidden_width', 16)):
+                     ('hidden_width', 16), ('layers_width', 1)):
     series = list(widths[unit].values())
     assert series[-1] == want and all(b <= a for a, b in zip(series, series[1:])), unit
   assert min(widths['kd_alpha']) == 6  # KD from t_start, through the window and the recovery
   params = checkpoint_state(workdir, 12)['params']
   assert params['embed'].shape == (512, 16)
-  assert params['layers']['attn']['q'].shape == (2, 16, 8)  # 1 group x 1 head x head_dim 8
-  assert params['layers']['attn']['k'].shape == (2, 16, 8)
-  assert params['layers']['mlp']['down'].shape == (2, 32, 16)
+  assert params['layers']['attn']['q'].shape == (1, 16, 8)  # 1 group x 1 head x head_dim 8
+  assert params['layers']['attn']['k'].shape == (1, 16, 8)
+  assert params['layers']['mlp']['down'].shape == (1, 32, 16)
+  assert params['layers']['attn_norm']['scale'].shape == (1, 16)
   assert np.isfinite(summary['val_loss']) and summary['distill_alpha'] == 0.1
   loaded, cfg = export.load_dense(os.path.join(workdir, 'export'))
-  assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim) == (16, 1, 1, 8, 32)
+  assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.n_layers) == (
+      16, 1, 1, 8, 32, 1)
 
 
 @pytest.mark.parametrize('at', [7, 9])  # between the refreshes at 6 and 8; just before the shrink
@@ -93,7 +97,7 @@ def test_naive_oneshot_prunes_every_axis(tmp_path):
   config = _config('naive')
   out = pipeline.run_pipeline(run_config(config), str(tmp_path))
   assert out['model_cfg'] == target_model(run_config(config))
-  assert out['state'].params['layers']['attn']['o'].shape == (2, 8, 16)
+  assert out['state'].params['layers']['attn']['o'].shape == (1, 8, 16)
   assert np.isfinite(out['val_loss'])
 
 
@@ -101,6 +105,8 @@ def test_naive_oneshot_prunes_every_axis(tmp_path):
     ('target_kv_heads', 3, r'config.prune.target_kv_heads=3: must be 0 \(not pruned\) or an '
                            r'integer in \[1, 2\] of the enlarged model'),
     ('target_d_model', 12, 'config.prune.target_d_model=12: not a multiple of prune.round_to=8'),
+    ('target_layers', 3, r'config.prune.target_layers=3: must be 0 \(not pruned\) or an integer '
+                         r'in \[1, 2\] of the enlarged model'),
 ])
 def test_bad_targets_are_one_line_errors(field, value, message):
   config = _config()
@@ -129,7 +135,8 @@ def test_the_train_and_eval_steps_see_a_masked_hidden_size_as_the_shrunk_model()
   ones = masks.init(params, s)
   scores = {n: jax.random.uniform(jax.random.key(i), m.shape) for i, (n, m) in enumerate(
       ones.items())}
-  unit_masks = masks.refresh(ones, scores, {'ffn': 5, 'kv_groups': 1, 'heads': 1, 'hidden': 10})
+  unit_masks = masks.refresh(ones, scores, {'ffn': 5, 'kv_groups': 1, 'heads': 1, 'hidden': 10,
+                                            'layers': 1})
   later = {n: schedules.PruneSchedule(100, 101, 1, m.shape[-1], 1) for n, m in ones.items()}
   lr = optax.constant_schedule(0.0)
   tx = prune_optimizer(optax.chain(optax.scale_by_schedule(lr)), s, later)
@@ -148,7 +155,7 @@ def test_the_train_and_eval_steps_see_a_masked_hidden_size_as_the_shrunk_model()
                      opt_state=dense.init(small_params))
   want = step(small, Transformer(small_cfg), dense)
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
-  assert got['hidden_width'] == 10 and got['heads_width'] == 1
+  assert got['hidden_width'] == 10 and got['heads_width'] == 1 and got['layers_width'] == 1
   evaluate = lambda model, params, kept=None: jax.jit(functools.partial(  # noqa: E731
       step_lib.eval_step, model=model))(params, batch, kept)
   np.testing.assert_allclose(evaluate(Transformer(cfg), masked, state.hidden_kept),
@@ -163,6 +170,8 @@ def test_a_parameter_budget_is_reached_and_the_choice_recorded(tmp_path, criteri
   enlarged = model_lib.param_count(run_config(config).model)
   config.prune.update(target_params=int(enlarged * 0.55), budget=criterion, budget_batches=2,
                       tolerance=0.02)
+  if criterion == 'importance':  # depth among the axes the budget may narrow
+    config.prune.units = 'ffn,kv_groups,heads,hidden,layers'
   summary = experiment.run_experiment(run_config(config), str(tmp_path), do_export=False)
   final = summary['shape_final']
   assert abs(final['params'] - config.prune.target_params) <= 0.02 * config.prune.target_params

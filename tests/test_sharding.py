@@ -27,8 +27,8 @@ def test_step_on_mesh_equals_one_device(results, kind, mesh):
     assert sharded['masks'] == single['masks']
     for mask in single['masks'].values():  # one width per layer (and group)
       assert len(set(np.asarray(mask).sum(-1).ravel().tolist())) == 1
-    assert set(single['masks']) == ({'ffn', 'heads', 'hidden'} if kind == 'prune_multi'
-                                    else {'ffn'})
+    assert set(single['masks']) == ({'ffn', 'heads', 'hidden', 'layers'}
+                                    if kind == 'prune_multi' else {'ffn'})
 
 
 def test_state_shards_follow_the_rules(results):
@@ -40,9 +40,11 @@ def test_state_shards_follow_the_rules(results):
   assert spec('prune', '1x1x8', 'mask_spec') == {'ffn': [None, 'tensor']}
   assert spec('prune', '1x1x8', 'score_spec') == {'ffn': [None, 'tensor']}
   # The other axes' masks and scores shard like theirs: heads [layers, KV groups, heads per
-  # group] like the KV heads, the hidden size [d_model] like the embedding.
+  # group] like the KV heads, the hidden size [d_model] like the embedding, depth [layers]
+  # replicated (like the stacked axis).
   assert spec('prune_multi', '2x2x2', 'mask_spec') == {
-      'ffn': [None, 'tensor'], 'heads': [None, 'tensor', None], 'hidden': ['fsdp']}
+      'ffn': [None, 'tensor'], 'heads': [None, 'tensor', None], 'hidden': ['fsdp'],
+      'layers': [None]}
   assert spec('prune_multi', '1x8x1', 'score_spec')['hidden'] == ['fsdp']
   assert spec('distill', '2x2x2', 'teacher_gate') == [None, 'fsdp', 'tensor']
 

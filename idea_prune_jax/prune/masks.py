@@ -198,7 +198,10 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
   on_axis = {}  # several units may cut one axis of one leaf (KV groups and query heads of q)
   for m in matches:
     on_axis.setdefault((m.index, m.neuron_axis), []).append(m)
-  for (i, axis), ms in on_axis.items():
+  stacked_on = {(m.index, m.layer_axis) for m in matches if m.layer_axis is not None}
+  # Layers go last (a depth unit cuts another unit's layer axis): the per-layer indices of the
+  # other units are for the full stack.
+  for (i, axis), ms in sorted(on_axis.items(), key=lambda item: item[0] in stacked_on):
     keep = np.ones((), bool)
     for m in ms:
       keep = keep & _expand(np.asarray(masks[m.unit.name]) > 0, m)
@@ -210,9 +213,23 @@ def shrink(tree: Any, masks: Masks, structure: Structure) -> Any:
     idx = np.stack([np.flatnonzero(row) for row in keep_rows]).reshape(keep.shape[:-1] + (-1,))
     leaves[i] = _take(leaves[i], _broadcast(idx, ref, leaves[i].ndim), axis)
   tree = jax.tree_util.tree_unflatten(treedef, leaves)
+  # Per-unit trees lose what other units cut: the groups of a grouped unit whose groups are
+  # another unit's neurons (query heads within the kept KV groups), the layers of a unit stacked
+  # on the axis a depth unit cuts.
+  groups_of = {m.unit.name: indices[g.unit.name] for m in matches for g in matches
+               if m.unit.groups > 1 and g.index == m.index and g.neuron_axis == m.neuron_axis
+               and g.width == m.unit.groups and g.unit.groups == 1}
+  layers_of = {m.unit.name: indices[d.unit.name] for m in matches for d in matches
+               if d.index == m.index and d.neuron_axis == m.layer_axis}
 
   def take(tree_by_unit):
-    return {name: _take(x, indices[name], -1) for name, x in tree_by_unit.items()}
+    out = {}
+    for name, x in tree_by_unit.items():
+      x = _take(x, indices[name], -1)
+      if name in groups_of:
+        x = _take(x, groups_of[name][..., None], -2)
+      out[name] = x[layers_of[name]] if name in layers_of else x
+    return out
 
   holds_units = lambda node: hasattr(type(node), 'shrink_units')
   return jax.tree.map(lambda node: node.shrink_units(take) if holds_units(node) else node, tree,
@@ -230,9 +247,10 @@ def shrink_params(params: Any, masks: Masks, structure: Structure):
 def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
   """(shrunk params, model_config at the kept widths) for units named as `structure.llama`
   names them: ffn -> ffn_dim, kv_groups -> n_kv_heads, heads -> heads per group (n_heads),
-  hidden -> d_model; any other unit name counts as an FFN (one width overall)."""
+  hidden -> d_model, layers -> n_layers; any other unit name counts as an FFN (one width
+  overall)."""
   kept = {name: int(idx.shape[-1]) for name, idx in kept_indices(masks).items()}
-  ffn = {kept[n] for n in kept if n not in ('kv_groups', 'heads', 'hidden')}
+  ffn = {kept[n] for n in kept if n not in ('kv_groups', 'heads', 'hidden', 'layers')}
   if len(ffn) > 1:
     raise PruneError(f'units keep different widths {kept}; ffn_dim needs one')
   cfg = model_config
@@ -240,5 +258,6 @@ def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
   kv_heads = kept.get('kv_groups', cfg.n_kv_heads)
   fields = {'n_kv_heads': kv_heads, 'n_heads': kv_heads * kept.get('heads', groups),
             'd_model': kept.get('hidden', cfg.d_model),
+            'n_layers': kept.get('layers', cfg.n_layers),
             'ffn_dim': ffn.pop() if ffn else cfg.ffn_dim}  # head_dim is explicit: it stays
   return shrink(params, masks, structure), dataclasses.replace(cfg, **fields)

@@ -125,7 +125,28 @@ def llama_hidden(tie_embeddings: bool = True, name: str = 'hidden') -> Unit:
   return Unit(name, tuple(slices), layer_axis=None)
 
 
-UNIT_KINDS = ('ffn', 'kv_groups', 'heads', 'hidden')
+# Every per-layer leaf of our `model.Block`, under the scanned stack 'layers'.
+LLAMA_LAYER_LEAVES = ('attn_norm/scale', 'attn/q', 'attn/k', 'attn/v', 'attn/o', 'mlp_norm/scale',
+                      'mlp/gate', 'mlp/up', 'mlp/down')
+
+
+def depth_unit(name: str, prefix: Sequence[str], leaves: Sequence[str], *,
+               layer_axis: int = 0) -> Unit:
+  """Whole layers of a scanned stack: neuron l is layer l of every per-layer leaf
+  `prefix/<leaf>` (its stacked axis `layer_axis`), so the mask is [n_layers].
+
+  A pre-norm residual layer whose params are all 0 adds 0 to the stream (its norms output 0, so
+  do its o and down projections): the masked model equals the one with the layer removed. List
+  EVERY leaf of the layer, or the shrunk stack disagrees in length. Units stacked on the same
+  axis (`ffn_unit(layer_axis=...)`) keep [n_layers, ...] masks and scores; `shrink` cuts those
+  along layers too. MaxText's scanned layout: `depth_unit(..., layer_axis=1)`.
+  """
+  prefix = tuple(prefix)
+  return Unit(name, tuple(Slice(prefix + tuple(leaf.split('/')), layer_axis) for leaf in leaves),
+              layer_axis=None)
+
+
+UNIT_KINDS = ('ffn', 'kv_groups', 'heads', 'hidden', 'layers')
 
 
 def llama(*, n_kv_heads: int, heads_per_group: int, head_dim: int, tie_embeddings: bool = True,
@@ -137,7 +158,8 @@ def llama(*, n_kv_heads: int, heads_per_group: int, head_dim: int, tie_embedding
   attention = attention_units(('layers', 'attn'), kv_heads=n_kv_heads,
                               heads_per_group=heads_per_group, head_dim=head_dim, layer_axis=0)
   every = {'ffn': FFN_STRUCTURE[0], 'kv_groups': attention[0], 'heads': attention[1],
-           'hidden': llama_hidden(tie_embeddings)}
+           'hidden': llama_hidden(tie_embeddings),
+           'layers': depth_unit('layers', ('layers',), LLAMA_LAYER_LEAVES)}
   return tuple(every[u] for u in UNIT_KINDS if u in units)
 
 

@@ -5,6 +5,7 @@ The enlarged model's prunable width axes, by unit kind (`structure.UNIT_KINDS`):
   'kv_groups'  n_kv_heads (whole KV groups, each with its query heads)
   'heads'      query heads per KV group (n_heads // n_kv_heads, the same in every group)
   'hidden'     d_model (head_dim is explicit and stays fixed)
+  'layers'     n_layers (whole layers of the stack)
 
 `candidates` lists every shape no wider than the enlarged model on any axis, legal for the mesh
 and the rounding, whose `model.param_count` is within the tolerance of the target;
@@ -13,6 +14,7 @@ Python and numpy: it runs in config validation and in the report as well as in t
 """
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -44,14 +46,14 @@ class Constraints:
 def widths(m: ModelConfig) -> dict[str, int]:
   """The model's width on each prunable axis, by unit kind."""
   return {'ffn': m.ffn_dim, 'kv_groups': m.n_kv_heads, 'heads': m.n_heads // m.n_kv_heads,
-          'hidden': m.d_model}
+          'hidden': m.d_model, 'layers': m.n_layers}
 
 
 def shape_dict(cfg: ModelConfig) -> dict:
   """The widths of a shape, as JSON (report.json)."""
   return {'ffn_dim': cfg.ffn_dim, 'n_kv_heads': cfg.n_kv_heads,
           'heads_per_group': cfg.n_heads // cfg.n_kv_heads, 'd_model': cfg.d_model,
-          'params': model_lib.param_count(cfg)}
+          'n_layers': cfg.n_layers, 'params': model_lib.param_count(cfg)}
 
 
 def _fail(field_name, value, why):
@@ -85,22 +87,24 @@ def _grids(enlarged: ModelConfig, c: Constraints) -> dict[str, list[int]]:
                  if 'hidden' in c.units else [enlarged.d_model]),
       'ffn': (_steps(enlarged.ffn_dim, math.lcm(c.multiple, c.tensor))
               if 'ffn' in c.units else [enlarged.ffn_dim]),
+      'layers': (list(range(1, enlarged.n_layers + 1)) if 'layers' in c.units
+                 else [enlarged.n_layers]),
   }
 
 
-def _shape(enlarged, kv, groups, d_model, ffn):
+def _shape(enlarged, kv, groups, d_model, ffn, layers):
   return dataclasses.replace(enlarged, n_kv_heads=kv, n_heads=kv * groups, d_model=d_model,
-                             ffn_dim=ffn)
+                             ffn_dim=ffn, n_layers=layers)
 
 
-def _nearest_ffn(enlarged, kv, groups, d_model, ffn_grid, target_params) -> int:
+def _nearest_ffn(enlarged, kv, groups, d_model, layers, ffn_grid, target_params) -> int:
   """The ffn_dim on the grid whose param count is nearest the target (ties: the wider).
 
   param_count is linear in ffn_dim (3·n_layers·d_model per unit), so solve rather than search;
   the answer is a grid neighbour of the exact solution, or an end of the grid.
   """
-  without_ffn = model_lib.param_count(_shape(enlarged, kv, groups, d_model, 0))
-  exact = (target_params - without_ffn) / (3 * enlarged.n_layers * d_model)
+  without_ffn = model_lib.param_count(_shape(enlarged, kv, groups, d_model, 0, layers))
+  exact = (target_params - without_ffn) / (3 * layers * d_model)
   i = int(np.searchsorted(ffn_grid, exact))
   near = ffn_grid[max(i - 1, 0):i + 1]
   return min(near, key=lambda f: (abs(f - exact), -f))
@@ -109,27 +113,27 @@ def _nearest_ffn(enlarged, kv, groups, d_model, ffn_grid, target_params) -> int:
 def candidates(enlarged: ModelConfig, target_params: int, c: Constraints) -> list[ModelConfig]:
   """Every shape within c.tolerance of target_params, nearest first.
 
-  One shape per (n_kv_heads, heads per group, d_model): the ffn_dim nearest the target (when
-  'ffn' shrinks), so FFN-only pruning gives one candidate. Sorted by |params - target|, then
-  wider first (d_model, n_kv_heads, heads per group, ffn_dim), so the order is deterministic.
+  One shape per (n_layers, n_kv_heads, heads per group, d_model): the ffn_dim nearest the
+  target (when 'ffn' shrinks), so FFN-only pruning gives one candidate. Sorted by
+  |params - target|, then deeper and wider first (n_layers, d_model, n_kv_heads, heads per group,
+  ffn_dim), so the order is deterministic.
   """
   _check(c)
   grids = _grids(enlarged, c)
   found = []
-  for kv in grids['kv_groups']:
-    for groups in grids['heads']:
-      for d_model in grids['hidden']:
-        if d_model % (kv * groups):  # not a Llama transformers loads (hidden_size % heads)
-          continue
-        ffn = (_nearest_ffn(enlarged, kv, groups, d_model, grids['ffn'], target_params)
-               if 'ffn' in c.units else enlarged.ffn_dim)
-        shape = _shape(enlarged, kv, groups, d_model, ffn)
-        miss = abs(model_lib.param_count(shape) - target_params)
-        if miss <= c.tolerance * target_params:
-          found.append((miss, -d_model, -kv, -groups, -ffn, shape))
+  for layers, kv, groups, d_model in itertools.product(grids['layers'], grids['kv_groups'],
+                                                       grids['heads'], grids['hidden']):
+    if d_model % (kv * groups):  # not a Llama transformers loads (hidden_size % heads)
+      continue
+    ffn = (_nearest_ffn(enlarged, kv, groups, d_model, layers, grids['ffn'], target_params)
+           if 'ffn' in c.units else enlarged.ffn_dim)
+    shape = _shape(enlarged, kv, groups, d_model, ffn, layers)
+    miss = abs(model_lib.param_count(shape) - target_params)
+    if miss <= c.tolerance * target_params:
+      found.append((miss, -layers, -d_model, -kv, -groups, -ffn, shape))
   if not found:
     # param_count grows with every width, so the narrowest legal shape is the smallest.
-    narrowest = (grids[unit][0] for unit in ('kv_groups', 'heads', 'hidden', 'ffn'))
+    narrowest = (grids[unit][0] for unit in ('kv_groups', 'heads', 'hidden', 'ffn', 'layers'))
     smallest = model_lib.param_count(_shape(enlarged, *narrowest))
     largest = model_lib.param_count(enlarged)
     _fail('prune.target_params', target_params,
@@ -144,8 +148,9 @@ def _axis_params(enlarged: ModelConfig) -> dict[str, int]:
   """The enlarged model's parameters in the slices of each axis's units: its weight in criterion 1.
 
   Approximate by design: the axes overlap (a KV group's slices include its query heads; d_model
-  touches every matmul), and norms are left out. ffn: gate, up, down. kv_groups: k, v and the
-  groups' q, o. heads: q, o. hidden: every matmul and the embedding (and an untied lm_head).
+  touches every matmul; a layer holds all of its own), and norms are left out. ffn: gate, up,
+  down. kv_groups: k, v and the groups' q, o. heads: q, o. hidden: every matmul and the
+  embedding (and an untied lm_head). layers: every matmul of the stack.
   """
   layers, d, hd = enlarged.n_layers, enlarged.d_model, enlarged.head_dim
   ffn = 3 * layers * d * enlarged.ffn_dim
@@ -153,7 +158,8 @@ def _axis_params(enlarged: ModelConfig) -> dict[str, int]:
   q_and_o = 2 * layers * d * enlarged.n_heads * hd
   head = 0 if enlarged.tie_embeddings else d * enlarged.vocab_size
   return {'ffn': ffn, 'kv_groups': k_and_v + q_and_o, 'heads': q_and_o,
-          'hidden': ffn + k_and_v + q_and_o + enlarged.vocab_size * d + head}
+          'hidden': ffn + k_and_v + q_and_o + enlarged.vocab_size * d + head,
+          'layers': ffn + k_and_v + q_and_o}
 
 
 def _kept_fraction(scores_RxN: np.ndarray, keep: int) -> float:
@@ -172,16 +178,17 @@ def retained_importance(shape: ModelConfig, enlarged: ModelConfig,
   """Criterion 1: importance mass retained per parameter, in [0, 1]; 1 at the enlarged shape.
 
   scores (non-negative, shaped like the masks): 'ffn' [L, F], 'kv_groups' [L, KV],
-  'heads' [L, KV, G], 'hidden' [D]. Per unit kind present, the fraction of its mass kept when each
-  row keeps its top k (k: the shape's width on that axis; 'heads' rows are (layer, group), all
-  groups counted whether or not they are kept), averaged with weights `_axis_params`.
+  'heads' [L, KV, G], 'hidden' [D], 'layers' [L]. Per unit kind present, the fraction of its
+  mass kept when each row keeps its top k (k: the shape's width on that axis; 'heads' rows are
+  (layer, group), all groups and layers counted whether or not they are kept), averaged with
+  weights `_axis_params`.
   """
   keep = widths(shape)
   want = {'ffn': (enlarged.n_layers, enlarged.ffn_dim),
           'kv_groups': (enlarged.n_layers, enlarged.n_kv_heads),
           'heads': (enlarged.n_layers, enlarged.n_kv_heads,
                     enlarged.n_heads // enlarged.n_kv_heads),
-          'hidden': (enlarged.d_model,)}
+          'hidden': (enlarged.d_model,), 'layers': (enlarged.n_layers,)}
   weights = _axis_params(enlarged)
   weighted, total_weight = 0.0, 0.0
   for unit, unit_scores in sorted(scores.items()):

@@ -78,6 +78,7 @@ class PruneConfig:
   target_kv_heads: int = 0  # whole KV groups, each with its query heads
   target_heads_per_group: int = 0  # query heads kept in every KV group
   target_d_model: int = 0  # hidden size (a multiple of round_to)
+  target_layers: int = 0  # whole layers of the stack (depth)
   # > 0: a parameter count; the run chooses every target_* above (target_ffn included) at the
   # start of pruning, narrowing the axes in `units` to within `tolerance` of it (train/budget.py).
   target_params: int = 0

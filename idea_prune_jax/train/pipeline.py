@@ -191,7 +191,8 @@ def with_shape(run: RunConfig, chosen: dict) -> RunConfig:
   return override(run, {'prune.target_ffn': chosen['ffn_dim'],
                         'prune.target_kv_heads': chosen['n_kv_heads'],
                         'prune.target_heads_per_group': chosen['heads_per_group'],
-                        'prune.target_d_model': chosen['d_model']})
+                        'prune.target_d_model': chosen['d_model'],
+                        'prune.target_layers': chosen['n_layers']})
 
 
 def choose_shape(ctx, run: RunConfig, params) -> dict:

@@ -62,7 +62,7 @@ def abstract_params(model_cfg: ModelConfig):
 # the axis they describe. 'heads' is [layers, KV groups, heads per group] ([layers, heads] when
 # there is one group).
 UNIT_AXES = {'ffn': ('layers', 'mlp'), 'kv_groups': ('layers', 'kv_heads'),
-             'heads': ('layers', 'kv_heads', None), 'hidden': ('embed',)}
+             'heads': ('layers', 'kv_heads', None), 'hidden': ('embed',), 'layers': ('layers',)}
 
 
 def unit_shardings(tree_by_unit, mesh):

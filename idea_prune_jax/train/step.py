@@ -146,7 +146,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   prune = find_prune_state(opt_state)
-  if prune is not None:  # ffn_width, and kv_groups_width, heads_width, hidden_width if pruned
+  if prune is not None:  # ffn_width, and kv_groups_, heads_, hidden_, layers_width if pruned
     for unit, kept in masks_lib.widths(prune.masks).items():
       metrics[f'{unit}_width'] = jnp.mean(kept.astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

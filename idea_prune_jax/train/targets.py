@@ -38,7 +38,8 @@ def prune_schedule(run: 'RunConfig') -> PruneSchedule | None:
 
 # Unit kind (`structure.llama`) -> the PruneConfig field of its target width.
 TARGET_FIELDS = {'ffn': 'target_ffn', 'kv_groups': 'target_kv_heads',
-                 'heads': 'target_heads_per_group', 'hidden': 'target_d_model'}
+                 'heads': 'target_heads_per_group', 'hidden': 'target_d_model',
+                 'layers': 'target_layers'}
 
 
 def target_widths(run: 'RunConfig') -> dict[str, int]:
@@ -50,7 +51,8 @@ def target_model(run: 'RunConfig') -> ModelConfig:
   """The model the pipeline ends with (scratch trains it from the start); head_dim stays."""
   w = target_widths(run)
   return dataclasses.replace(run.model, ffn_dim=w['ffn'], n_kv_heads=w['kv_groups'],
-                             n_heads=w['kv_groups'] * w['heads'], d_model=w['hidden'])
+                             n_heads=w['kv_groups'] * w['heads'], d_model=w['hidden'],
+                             n_layers=w['layers'])
 
 
 def pruned_units(run: 'RunConfig') -> tuple[str, ...]:
