@@ -1,10 +1,10 @@
-"""Step time of a model shrunk on each pruned width axis, against its analytic FLOP ratio.
+"""Step time of a model shrunk on each pruned axis, against its analytic FLOP ratio.
 
 The pruning core shrinks four width axes: the FFN (ffn_dim), whole KV groups (n_kv_heads, each
-with its query heads), query heads per group, and the hidden size (d_model, head_dim fixed). A
-pruned model is only as fast as its shapes, so each shrunk model here is its ModelConfig built
-directly (dataclasses.replace on the base): the base, each axis alone at half width, and all four
-at once. For each: the dense jitted train step (AdamW from configs/tiny.py, one fixed batch),
+with its query heads), query heads per group, and the hidden size (d_model, head_dim fixed); and
+depth (whole layers). A pruned model is only as fast as its shapes, so each shrunk model here is
+its ModelConfig built directly (dataclasses.replace on the base): the base, each axis alone at
+half, and all four widths at once. For each: the dense jitted train step (AdamW from configs/tiny.py, one fixed batch),
 analytic FLOPs per step (`model.flops_per_token` x tokens), the median step time, and
 
   (step time / base step time) / (FLOPs / base FLOPs)     -- 1.00: the step shrinks with its FLOPs
@@ -61,7 +61,8 @@ def base_model(d_model: int, head_dim: int = 32, vocab_size: int = 4096,
 
 
 def variants(base: ModelConfig) -> dict:
-  """name -> ModelConfig: the base, each axis halved alone, and all four halved together."""
+  """name -> ModelConfig: the base, each axis halved alone, all four widths halved together,
+  and half the layers (depth)."""
   hpg = base.n_heads // base.n_kv_heads
   half = {
       'ffn / 2': dict(ffn_dim=base.ffn_dim // 2),
@@ -74,12 +75,14 @@ def variants(base: ModelConfig) -> dict:
   out = {'base': base}
   out.update({name: dataclasses.replace(base, **change) for name, change in half.items()})
   out['all four / 2'] = dataclasses.replace(base, **together)
+  out['layers / 2'] = dataclasses.replace(base, n_layers=base.n_layers // 2)
   return out
 
 
 def shape(c: ModelConfig) -> str:
-  """'d_model / ffn / KV groups x heads per group', the table's shape column."""
-  return f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads}'
+  """'d_model / ffn / KV groups x heads per group / layers', the table's shape column."""
+  return (f'{c.d_model} / {c.ffn_dim} / {c.n_kv_heads} x {c.n_heads // c.n_kv_heads} / '
+          f'{c.n_layers}')
 
 
 def build(cfg: ModelConfig, run, mesh, B: int, L: int):
@@ -145,7 +148,7 @@ def tpu_main(args):
                  f'{1e3 * est[name]["optimal_seconds"]:.2f}', f'{ratio("optimal_seconds"):.3f}',
                  f'**{ratio("optimal_seconds") / f_ratio:.2f}**',
                  f'{ratio("bytes accessed"):.3f}'])
-  headers = ['model', 'd_model / ffn / KV groups x heads', 'TFLOP/step', 'FLOP ratio',
+  headers = ['model', 'd_model / ffn / KV groups x heads / layers', 'TFLOP/step', 'FLOP ratio',
              "compiler's FLOP ratio", "compiler's step estimate, ms", 'estimate ratio',
              'estimate ratio / FLOP ratio', "compiler's bytes accessed ratio"]
   body = common.table(headers, rows) + (
@@ -223,7 +226,7 @@ def main():
                  f'{step[name]:.3f} [{min(rounds):.3f}, {max(rounds):.3f}]', f'{t_ratio:.3f}',
                  f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}',
                  f'{moved[name] / moved["base"]:.3f}'])
-  headers = ['model', 'd_model / ffn / KV groups x heads', 'GFLOP/step', 'FLOP ratio',
+  headers = ['model', 'd_model / ffn / KV groups x heads / layers', 'GFLOP/step', 'FLOP ratio',
              'step s, median of rounds [min, max]', 'time ratio', 'time ratio / FLOP ratio',
              'same, CPU s', "XLA's bytes accessed ratio"]
   body = common.table(headers, rows) + (

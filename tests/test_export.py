@@ -49,27 +49,27 @@ PRUNED = {
     'tied_1head': (ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                ffn_dim=48, head_dim=8),
                    {'ffn': 20, 'kv_groups': 1, 'heads': 1, 'hidden': 24}, (24, 1, 1)),
-    # GQA kept (2 query heads per KV head), 4 heads of 8 over d_model 24.
-    'untied_gqa': (ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=6, n_kv_heads=2,
+    # GQA kept (2 query heads per KV head), 4 heads of 8 over d_model 24; 3 layers -> 2.
+    'untied_gqa': (ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=6, n_kv_heads=2,
                                ffn_dim=48, head_dim=8, tie_embeddings=False, rope_theta=500.0),
-                   {'ffn': 20, 'kv_groups': 2, 'heads': 2, 'hidden': 24}, (24, 4, 2)),
+                   {'ffn': 20, 'kv_groups': 2, 'heads': 2, 'hidden': 24, 'layers': 2}, (24, 4, 2)),
 }
 
 
 @functools.cache
 def _pruned(name, seed=0):
-  """(params, cfg) of PRUNED[name]: random masks on all four units, shrunk as the trainer does."""
+  """(params, cfg) of PRUNED[name]: random masks on its units, shrunk as the trainer does."""
   cfg, keep, _ = PRUNED[name]
   params = _params(cfg, seed)
   s = structure.llama(n_kv_heads=cfg.n_kv_heads, heads_per_group=cfg.n_heads // cfg.n_kv_heads,
                       head_dim=cfg.head_dim, tie_embeddings=cfg.tie_embeddings,
-                      units=('ffn', 'kv_groups', 'heads', 'hidden'))
+                      units=tuple(keep))
   ones = masks.init(params, s)
   keys = jax.random.split(jax.random.key(seed + 1), len(ones))
   scores = {n: jax.random.uniform(k, m.shape) for k, (n, m) in zip(keys, ones.items())}
   small_params, small_cfg = masks.shrink_model(params, masks.refresh(ones, scores, keep), s, cfg)
   assert (small_cfg.d_model, small_cfg.n_heads, small_cfg.n_kv_heads) == PRUNED[name][2]
-  assert small_cfg.head_dim == 8 and small_cfg.ffn_dim == 20
+  assert small_cfg.head_dim == 8 and small_cfg.ffn_dim == 20 and small_cfg.n_layers == 2
   assert small_cfg.n_heads * small_cfg.head_dim != small_cfg.d_model
   return small_params, small_cfg
 

@@ -205,3 +205,10 @@ def test_scratch_with_a_parameter_budget_is_refused():
   with pytest.raises(ConfigError, match='config.prune.target_params=30000: scratch trains a '
                                         'given shape'):
     run_config(config)
+
+
+def test_a_budget_json_from_before_depth_keeps_every_layer():
+  run = run_config(_config())
+  chosen = {'ffn_dim': 32, 'n_kv_heads': 1, 'heads_per_group': 1, 'd_model': 16}
+  assert target_model(pipeline.with_shape(run, chosen)).n_layers == 2
+  assert target_model(pipeline.with_shape(run, {**chosen, 'n_layers': 1})).n_layers == 1

@@ -192,7 +192,8 @@ def with_shape(run: RunConfig, chosen: dict) -> RunConfig:
                         'prune.target_kv_heads': chosen['n_kv_heads'],
                         'prune.target_heads_per_group': chosen['heads_per_group'],
                         'prune.target_d_model': chosen['d_model'],
-                        'prune.target_layers': chosen['n_layers']})
+                        # budget.json files from before depth was an axis have no n_layers
+                        'prune.target_layers': chosen.get('n_layers', run.model.n_layers)})
 
 
 def choose_shape(ctx, run: RunConfig, params) -> dict:
