@@ -4,8 +4,9 @@ The pruning core shrinks four width axes: the FFN (ffn_dim), whole KV groups (n_
 with its query heads), query heads per group, and the hidden size (d_model, head_dim fixed); and
 depth (whole layers). A pruned model is only as fast as its shapes, so each shrunk model here is
 its ModelConfig built directly (dataclasses.replace on the base): the base, each axis alone at
-half, and all four widths at once. For each: the dense jitted train step (AdamW from configs/tiny.py, one fixed batch),
-analytic FLOPs per step (`model.flops_per_token` x tokens), the median step time, and
+half, and all four widths at once. For each: the dense jitted train step (AdamW from
+configs/tiny.py, one fixed batch), analytic FLOPs per step (`model.flops_per_token` x tokens),
+the median step time, and
 
   (step time / base step time) / (FLOPs / base FLOPs)     -- 1.00: the step shrinks with its FLOPs
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idea_prune_jax.prune.errors import PruneError
-from idea_prune_jax.prune.structure import Structure, locate
+from idea_prune_jax.prune.structure import UNIT_KINDS, Structure, locate
 
 Masks = dict[str, jax.Array]
 
@@ -250,7 +250,7 @@ def shrink_model(params: Any, masks: Masks, structure: Structure, model_config):
   hidden -> d_model, layers -> n_layers; any other unit name counts as an FFN (one width
   overall)."""
   kept = {name: int(idx.shape[-1]) for name, idx in kept_indices(masks).items()}
-  ffn = {kept[n] for n in kept if n not in ('kv_groups', 'heads', 'hidden', 'layers')}
+  ffn = {kept[n] for n in kept if n == 'ffn' or n not in UNIT_KINDS}
   if len(ffn) > 1:
     raise PruneError(f'units keep different widths {kept}; ffn_dim needs one')
   cfg = model_config
