@@ -136,18 +136,28 @@ config_for_accel() {
   printf '%s\n' "$config:$variant"
 }
 
-# Runs "$@" for at most $1 seconds (then SIGTERM); its stdout comes out once it ended, through a
-# file, not a pipe: a child it leaves behind (ssh to a hung VM) cannot hold the caller's $(...).
+# SIGTERM to pid $1 and everything under it, children first (so none is re-parented and kept).
+kill_tree() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    kill_tree "$child"
+  done
+  kill -TERM "$1" 2>/dev/null || true
+}
+
+# Runs "$@" for at most $1 seconds (then SIGTERM to it and its children: an ssh to a hung VM never
+# returns); its stdout comes out once it ended, through a file, not a pipe, so nothing it leaves
+# behind can hold the caller's $(...).
 with_timeout() {
   local secs=$1 out pid watcher rc=0
   shift
   out=$(mktemp)
   "$@" >"$out" &
   pid=$!
-  (sleep "$secs" && kill -TERM "$pid") >/dev/null 2>&1 &
+  (sleep "$secs" && kill_tree "$pid") >/dev/null 2>&1 &
   watcher=$!
   wait "$pid" || rc=$?
-  kill "$watcher" 2>/dev/null || true
+  kill_tree "$watcher"  # and its sleep, which would outlive it
   cat "$out"
   rm -f "$out"
   return "$rc"

@@ -13,8 +13,11 @@
 # retried with backoff, never taken for a lost slice. Up, but the run is not going on every
 # worker (it crashed, a worker died, it stopped on SIGTERM before the slice went), or no worker's
 # log grew for --hang-minutes: stops it on every worker (SIGKILL after --stop-grace) and starts it
-# again. Gives up after --max-restarts. One supervisor per slice: a second one on the same
-# --name refuses to start. Run it where it can outlive your laptop (tmux, a small VM).
+# again. No ssh can block it (one to a hung VM never returns): asking the workers and starting
+# the run give up after --hang-minutes (10 s to 5 min), setup.sh after the longer of
+# --hang-minutes and 10 min, and an ACTIVE slice whose workers no ssh reaches for --hang-minutes
+# is recreated. Gives up after --max-restarts. One supervisor per slice: a second one on the
+# same --name refuses to start. Run it where it can outlive your laptop (tmux, a small VM).
 #
 #   --name NAME              TPU VM (node) name
 #   --zone ZONE              its zone
@@ -33,7 +36,8 @@
 #   --data-bucket B          as setup.sh: mount gs://B read-only at /mnt/B on every worker
 #   --sync-only              as setup.sh: only copy the code (the image already has the venv)
 #   --poll SECONDS           between checks (default 60; fractions allowed)
-#   --hang-minutes M         no worker's log grew for M minutes: restart the run (default 30;
+#   --hang-minutes M         no worker's log grew for M minutes: restart the run; no worker
+#                            answered ssh for M minutes: recreate the slice (default 30;
 #                            fractions allowed); longer than a compile and a checkpoint save
 #   --stop-grace SECONDS     stopping a run: SIGTERM, then SIGKILL after this (default 120)
 #   --max-restarts N         slice recreations plus run restarts before giving up (default 20)
@@ -100,8 +104,10 @@ NUMBER='^[0-9]+([.][0-9]+)?$'
 [[ $STOP_GRACE =~ ^[0-9]+$ ]] || die "--stop-grace '$STOP_GRACE': a whole number of seconds"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts '$MAX_RESTARTS': a whole number"
 HANG_S=$(awk -v m="$HANG_MINUTES" 'BEGIN { printf "%d", m * 60 }')
-# How long asking the workers may take: an ssh to a hung VM can hang too.
+# How long asking the workers (or starting the run on them) may take: an ssh to a hung VM can
+# hang too. setup.sh installs, so it gets longer.
 ASK_S=$((HANG_S < 10 ? 10 : HANG_S > 300 ? 300 : HANG_S))
+SETUP_S=$((HANG_S > 600 ? HANG_S : 600))
 
 SCOPED=(--name "$NAME" --zone "$ZONE")
 [[ -z $PROJECT ]] || SCOPED+=(--project "$PROJECT")
@@ -175,8 +181,8 @@ recreate() {
 }
 
 start_run() {
-  bash "$HERE/run.sh" ${DRY[@]+"${DRY[@]}"} "${SCOPED[@]}" --accelerator-type "$ACCEL" \
-    --workdir "$WORKDIR" --mode "$MODE" ${RUN[@]+"${RUN[@]}"}
+  with_timeout "$ASK_S" bash "$HERE/run.sh" ${DRY[@]+"${DRY[@]}"} "${SCOPED[@]}" \
+    --accelerator-type "$ACCEL" --workdir "$WORKDIR" --mode "$MODE" ${RUN[@]+"${RUN[@]}"}
 }
 
 report_exists() {
@@ -208,6 +214,7 @@ trap 'rm -rf "$LOCK"' EXIT
 started=0
 restarts=0
 failed_describes=0
+unreachable_since=''  # $SECONDS when the workers' status first could not be read, in a row
 restart() {
   restarts=$((restarts + 1))
   ((restarts <= MAX_RESTARTS)) || die "$1 again after $MAX_RESTARTS restarts; giving up"
@@ -228,13 +235,16 @@ while :; do
     ACTIVE | READY)
       if ((!started)); then
         say "slice $state: setup, then the run"
-        if bash "$HERE/setup.sh" "${SCOPED[@]}" ${SETUP[@]+"${SETUP[@]}"} && start_run; then
+        unreachable_since=''
+        if with_timeout "$SETUP_S" bash "$HERE/setup.sh" "${SCOPED[@]}" ${SETUP[@]+"${SETUP[@]}"} &&
+          start_run; then
           started=1
         else
           restart 'setup or start failed' 'trying again next round'
         fi
       else
         health=$(run_health)
+        [[ $health == unknown ]] || unreachable_since=''
         case $health in
           stopped | hung)
             report_exists && continue  # it just finished
@@ -242,7 +252,18 @@ while :; do
             with_timeout $((STOP_GRACE + ASK_S)) on_workers stop "$STOP_GRACE" >&2 || true
             start_run || say 'start failed; trying again next round'
             ;;
-          unknown) say 'could not ask the workers (ssh failed); asking again next round' ;;
+          unknown)
+            unreachable_since=${unreachable_since:-$SECONDS}
+            if ((SECONDS - unreachable_since >= HANG_S)); then
+              restart "no worker answered for $((SECONDS - unreachable_since))s (slice $state)" \
+                'recreating it'
+              recreate || say 'create failed (no capacity?); trying again next round'
+              started=0
+              unreachable_since=''
+            else
+              say 'could not ask the workers (ssh failed); asking again next round'
+            fi
+            ;;
         esac
       fi
       ;;

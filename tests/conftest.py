@@ -68,6 +68,19 @@ def logged_losses(workdir) -> dict:
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
+@pytest.fixture(scope='session')
+def rehearsal_reference(tmp_path_factory):
+  """The uninterrupted run both rehearsal files compare with (tests/fake_gcloud/fleet.py), one
+  per session: under xdist the workers share basetemp's parent, which is this session's."""
+  from fake_gcloud import fleet
+  session_dir = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    session_dir = session_dir.parent
+  report, stop = fleet.shared_reference(session_dir, timeout=240)
+  yield report
+  stop()
+
+
 # The files that take a minute or more (several processes, a GCS server, 8-device meshes) start
 # first: `make test` hands whole files to its workers in this order (--no-loadscope-reorder), and
 # one of these last would run alone at the end while the other cores idle.

@@ -324,29 +324,34 @@ def test_supervise_dry_run_prints_one_recovery(env):
                              '--config.train.steps=5']
 
 
-def _supervise(tmp_path, env, states, status):
-  """Runs supervise.sh against a fake gcloud: the queued resource goes through `states`, worker
-  status says `status`, and the second start of the run writes the report. Returns the calls."""
+def _supervise(tmp_path, env, states, status, *extra, hung_start=False):
+  """Runs supervise.sh against a fake gcloud: the queued resource goes through `states` (the last
+  one stays), worker status says `status` (or, for 'unreachable', the ssh fails), and the second
+  start of the run writes the report; with hung_start the first start's ssh never returns.
+  Returns the calls and supervise.sh's stderr."""
   state = tmp_path / 'state'
   state.mkdir()
   (state / 'states').write_text(''.join(f'{s}\n' for s in states))
   gcloud = pathlib.Path(env['PATH'].split(os.pathsep)[0]) / 'gcloud'
+  status_line = 'exit 255' if status == 'unreachable' else f"echo 'w0: {status}'"
   gcloud.write_text(f"""#!/usr/bin/env bash
 S={state}
 n=$(( $(cat "$S/n" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$S/n"
 printf '%s\\0' "$@" > "$S/call.$(printf %04d "$n")"
 case "$*" in
   'storage ls'*) [[ -f $S/done ]] || exit 1; echo "$3" ;;
-  *'queued-resources describe'*) head -n 1 "$S/states"; sed -i 1d "$S/states" ;;
+  *'queued-resources describe'*) head -n 1 "$S/states"; (( $(wc -l < "$S/states") < 2 )) ||
+    sed -i 1d "$S/states" ;;
   *'tpu-vm ssh'*'worker.sh start'*)
     starts=$(( $(cat "$S/starts" 2>/dev/null || echo 0) + 1 )); echo "$starts" > "$S/starts"
+    if (( starts == 1 && {int(hung_start)} )); then echo $$ > "$S/hung"; exec sleep 300; fi
     if (( starts == 2 )); then touch "$S/done"; fi ;;
-  *'tpu-vm ssh'*'worker.sh status'*) echo 'w0: {status}' ;;
+  *'tpu-vm ssh'*'worker.sh status'*) {status_line} ;;
 esac
 """)
-  p = launch('supervise.sh', *SUPERVISE, '--poll', '0', env=env)
+  p = launch('supervise.sh', *SUPERVISE, '--poll', '0', *extra, env=env)
   assert 'done: gs://my-bucket/runs/paper/report.json exists' in p.stderr
-  return [f.read_text().split('\0')[:-1] for f in sorted(state.glob('call.*'))]
+  return [f.read_text().split('\0')[:-1] for f in sorted(state.glob('call.*'))], p.stderr
 
 
 def _kind(argv):
@@ -362,8 +367,8 @@ def _kind(argv):
 
 
 def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_path, env):
-  calls = _supervise(tmp_path, env, ['ACTIVE', 'PREEMPTED', 'PROVISIONING', 'ACTIVE'],
-                     'running (pid 7): step 3')
+  calls, _ = _supervise(tmp_path, env, ['ACTIVE', 'PREEMPTED', 'PROVISIONING', 'ACTIVE'],
+                        'running (pid 7): step 3')
   kind = _kind
   cycle = ['scp', 'ssh setup', 'ssh start']
   assert [kind(c) for c in calls] == [
@@ -377,9 +382,41 @@ def test_supervise_recreates_a_preempted_slice_and_reruns_until_the_report(tmp_p
 
 
 def test_supervise_restarts_a_run_that_stopped_on_a_healthy_slice(tmp_path, env):
-  calls = _supervise(tmp_path, env, ['ACTIVE', 'ACTIVE'], 'not running: Traceback ...')
+  calls, _ = _supervise(tmp_path, env, ['ACTIVE'], 'not running: Traceback ...')
   assert [_kind(c) for c in calls] == [
       'ls', 'describe', 'scp', 'ssh setup', 'ssh start',
       'ls', 'describe', 'ssh status',  # not running:
       'ls', 'ssh stop', 'ssh start',  # no report: stopped everywhere, no setup (the same slice)
       'ls', 'delete']
+
+
+def test_supervise_gives_up_on_a_start_whose_ssh_never_returns(tmp_path, env):
+  """A worker hung while the run starts: run.sh's ssh is cut after --hang-minutes (10 s at
+  least), with what it started, and the next round sets up and starts again."""
+  t0 = time.monotonic()
+  calls, log = _supervise(tmp_path, env, ['ACTIVE'], 'running (pid 7): step 3',
+                          '--hang-minutes', '0.1', hung_start=True)
+  assert 10 <= time.monotonic() - t0 < 40
+  assert [_kind(c) for c in calls] == [
+      'ls', 'describe', 'scp', 'ssh setup', 'ssh start',  # the ssh that hangs, cut after 10 s
+      'ls', 'describe', 'scp', 'ssh setup', 'ssh start',  # not started: the whole start again
+      'ls', 'delete']
+  assert 'setup or start failed: trying again next round (1)' in log
+  hung = pathlib.Path('/proc', (tmp_path / 'state' / 'hung').read_text().strip(), 'status')
+  # The hung ssh is gone, not left behind (at most a zombie until init reaps it).
+  assert not hung.exists() or 'State:\tZ' in hung.read_text()
+
+
+def test_supervise_recreates_a_slice_whose_workers_no_ssh_reaches(tmp_path, env):
+  t0 = time.monotonic()
+  calls, log = _supervise(tmp_path, env, ['ACTIVE'], 'unreachable', '--hang-minutes', '0.05',
+                          '--poll', '0.5')
+  assert 3 <= time.monotonic() - t0 < 40
+  kinds = [_kind(c) for c in calls]
+  first_delete = kinds.index('delete')
+  assert kinds[:5] == ['ls', 'describe', 'scp', 'ssh setup', 'ssh start']
+  assert set(kinds[5:first_delete]) == {'ls', 'describe', 'ssh status'}  # 3 s of failed ssh
+  assert kinds[first_delete:] == ['delete', 'create', 'ls', 'describe', 'scp', 'ssh setup',
+                                  'ssh start', 'ls', 'delete']
+  assert 'could not ask the workers (ssh failed); asking again next round' in log
+  assert re.search(r'no worker answered for [3-9]s \(slice ACTIVE\): recreating it \(1\)', log)

@@ -25,27 +25,12 @@ def gcs():
   stop()
 
 
-@pytest.fixture(scope='module')
-def reference(gcs, tmp_path_factory):
-  """The report of one process with 4 devices, uninterrupted (started first, read when needed)."""
-  root = tmp_path_factory.mktemp('reference')
-  with open(root / 'log', 'w') as log:
-    proc = fleet_lib.start_reference(gcs, str(root / 'run'), log)
-  yield lambda: _finished(proc, root)
-  fleet_lib.stop(proc)
-
-
-def _finished(proc, root):
-  assert proc.wait(timeout=RUN_S) == 0, (root / 'log').read_text()[-3000:]
-  return json.loads((root / 'run' / 'report.json').read_text())
-
-
 def _report(gcs, run):
   return json.loads(fleet_lib.read_object(gcs, f'{run}/report.json'))
 
 
 @pytest.fixture(scope='module')
-def happy(gcs, reference, tmp_path_factory):
+def happy(gcs, rehearsal_reference, tmp_path_factory):
   """create.sh --spot --queued, setup.sh (the real install), run.sh; the report in the bucket."""
   root = tmp_path_factory.mktemp('happy')
   fleet = Fleet(root, gcs, FAKE_GCLOUD_WORKER_ENV=f'PYTHONPATH={fleet_lib.site_farm(root)}')
@@ -65,12 +50,12 @@ def happy(gcs, reference, tmp_path_factory):
     fleet.teardown()
 
 
-def test_happy_path_trains_on_two_workers_like_one_process(happy, reference):
+def test_happy_path_trains_on_two_workers_like_one_process(happy, rehearsal_reference):
   report, names = happy
   for name in ('export/config.json', 'export/tokenizer.model', 'export/hf/model.safetensors',
                'export/hf/config.json', 'report.md'):
     assert f'happy/{name}' in names, name
-  want = reference()
+  want = rehearsal_reference()
   assert report['steps'] == want['steps'] == 12 and report['ffn_final'] == want['ffn_final']
   np.testing.assert_allclose(report['val_loss'], want['val_loss'], rtol=1e-6)
   assert len(report['attempts']) == 1

