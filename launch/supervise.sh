@@ -220,6 +220,12 @@ restart() {
   ((restarts <= MAX_RESTARTS)) || die "$1 again after $MAX_RESTARTS restarts; giving up"
   say "$1: $2 ($restarts)"
 }
+# A new slice; the next round that finds it ACTIVE sets it up and starts the run.
+start_over() {
+  restart "$1" 'recreating it'
+  recreate || say 'create failed (no capacity?); trying again next round'
+  started=0
+}
 while :; do
   wait_s=$POLL
   if report_exists; then
@@ -255,11 +261,7 @@ while :; do
           unknown)
             unreachable_since=${unreachable_since:-$SECONDS}
             if ((SECONDS - unreachable_since >= HANG_S)); then
-              restart "no worker answered for $((SECONDS - unreachable_since))s (slice $state)" \
-                'recreating it'
-              recreate || say 'create failed (no capacity?); trying again next round'
-              started=0
-              unreachable_since=''
+              start_over "no worker answered for $((SECONDS - unreachable_since))s (slice $state)"
             else
               say 'could not ask the workers (ssh failed); asking again next round'
             fi
@@ -269,9 +271,7 @@ while :; do
       ;;
     # Not SUSPENDING / STOPPING: that is the preemption notice, the run is saving a checkpoint.
     PREEMPTED | SUSPENDED | FAILED | TERMINATED | STOPPED | NOT_FOUND)
-      restart "slice $state" 'recreating it'
-      recreate || say 'create failed (no capacity?); trying again next round'
-      started=0
+      start_over "slice $state"
       ;;
     UNKNOWN)
       # Backoff: the API is struggling; each failure in a row doubles the wait, up to 16 polls.
