@@ -101,6 +101,20 @@ def test_write_report(tmp_path):
   assert all(f'({name})' in md for name in got['plots'])
 
 
+def test_the_json_that_says_done_is_written_last(tmp_path, monkeypatch):
+  """supervise.sh deletes the slice once report.json (compare.json) exists: nothing may follow."""
+  written, real = [], report.storage.write_bytes  # write_text writes through it
+  monkeypatch.setattr(report.storage, 'write_bytes', lambda path, data: (
+      written.append(os.path.basename(path)), real(path, data))[1])
+  _idea_run(tmp_path)
+  report.write_report(str(tmp_path), SUMMARY)
+  assert written[-1] == 'report.json' and {'report.md', 'loss.png'} <= set(written[:-1])
+  pipelines = _pipelines(tmp_path)
+  written.clear()
+  report.write_compare(str(tmp_path / 'compare'), pipelines)
+  assert written == ['compare.png', 'compare.md', 'compare.json']
+
+
 def test_write_report_plots_and_averages_the_distilling_steps(tmp_path):
   rows = [_train_row(s, 'enlarged') for s in (0, 10)]
   rows += [_train_row(s, 'prune', ce=4.0 + s / 100, teacher_ce=3.0, kl=0.5) for s in (20, 30)]

@@ -200,7 +200,8 @@ def kd_means(train: list[dict]) -> dict | None:
 
 
 def write_report(workdir: str, summary: dict) -> None:
-  """Writes W/report.json, W/report.md and the PNG plots of one run."""
+  """Writes the PNG plots of one run, W/report.md, then W/report.json: last, because it says the
+  run is done (supervise.sh deletes the slice once it is there)."""
   train, evals = read_metrics(workdir)
   # The plan knows where phases start; logged rows only see it at the next log_every step.
   exact = bool(summary.get('phases')) and bool(summary.get('steps'))
@@ -227,10 +228,6 @@ def write_report(workdir: str, summary: dict) -> None:
   if snaps:
     plots.append(_plot_importance(workdir, snaps))
   attempts = read_attempts(workdir)
-  storage.write_text(storage.join(workdir, 'report.json'),
-                     json.dumps({**summary, 'attempts': attempts, 'plots': plots}, indent=2,
-                                default=_jsonable))
-
   keys = list(SUMMARY_KEYS) + [k for k in summary if k not in SUMMARY_KEYS and
                                       not isinstance(summary[k], (dict, list, tuple))]
   lines = [f'# Run report: {summary.get("pipeline", os.path.basename(workdir))}', '',
@@ -253,6 +250,9 @@ def write_report(workdir: str, summary: dict) -> None:
   lines += _goodput_lines(summary.get('goodput'), attempts)
   lines += ['', '## Plots', ''] + [f'![{p[:-4]}]({p})\n' for p in plots]
   storage.write_text(storage.join(workdir, 'report.md'), '\n'.join(lines) + '\n')
+  storage.write_text(storage.join(workdir, 'report.json'),
+                     json.dumps({**summary, 'attempts': attempts, 'plots': plots}, indent=2,
+                                default=_jsonable))
 
 
 def _goodput_lines(last: dict | None, attempts: list[dict]) -> list[str]:
@@ -376,10 +376,9 @@ def _plot_compare(workdir, results, table):
 
 
 def write_compare(workdir: str, results: dict) -> None:
-  """Writes W/compare.json, W/compare.md and W/compare.png for {pipeline: per-seed results}."""
+  """Writes W/compare.png, W/compare.md, then W/compare.json (last: it says the compare is done)
+  for {pipeline: per-seed results}."""
   table = compare_table(results)
-  storage.write_text(storage.join(workdir, 'compare.json'),
-                     json.dumps(table, indent=2, default=_jsonable))
   _plot_compare(workdir, results, table)
   # One column per downstream task (its headline metric, mean over seeds), when run had any.
   tasks = {}
@@ -399,3 +398,5 @@ def write_compare(workdir: str, results: dict) -> None:
                  + cells)
   lines += ['', _verdict(table), '', '![compare](compare.png)']
   storage.write_text(storage.join(workdir, 'compare.md'), '\n'.join(lines) + '\n')
+  storage.write_text(storage.join(workdir, 'compare.json'),
+                     json.dumps(table, indent=2, default=_jsonable))
