@@ -14,15 +14,22 @@ Measurements are interleaved (every model, then every model in reverse, ...) so 
 hits all of them alike; a model's time is the median over rounds of each round's median step.
 XLA's bytes accessed per step (its cost analysis) shows what the FLOPs leave out: the work that
 does not shrink with d_model (the vocab softmax, the attention scores, the FFN activations).
-`--d_model` scales the base (heads, KV groups and FFN with it); 512 was no closer to the FLOP
-ratio than 256 on a 2-core CPU (BENCHMARKS.md).
+User CPU seconds leave out the kernel's (zeroing the fresh pages XLA:CPU's large buffers get
+every step), which grow faster than the model does.
+`--d_model` scales the base (heads, KV groups and FFN with it). At 256 and 512 with head_dim 32
+the step is memory-bound and d_model / 2 misses its FLOP ratio by 15-40%; at the paper's widths
+(head_dim 128, d_model 1024 or 2048) the matmuls dominate and every axis lands within 10%
+(BENCHMARKS.md).
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
       benchmarks/multi_axis_steps.py [--d_model 512]   # 3 min (256) on 2 cores; appends to
                                                        # BENCHMARKS.md
+  ... benchmarks/multi_axis_steps.py --d_model 1024 --head_dim 128 --batch_size 8 --rounds 7 \
+      --steps 2                                        # 3.5 min; --d_model 2048 --batch_size 4
+                                                       # --rounds 5: 6 min, 4 GiB of AdamW state
 
-A CPU step is memory-bound, so it cannot show whether a shrunk shape keeps a compute-bound chip
-busy. `--topology v5p-8` asks the TPU compiler instead (libtpu, the `tpu` extra; nothing runs):
+A CPU step at seq_len 128 says nothing of the L x L attention traffic of a TPU step at 2048.
+`--topology v5p-8` asks the TPU compiler about that one (libtpu, the `tpu` extra; nothing runs):
 each model's train step compiled for one chip at head_dim 128, its cost analysis' own step-time
 estimate (`optimal_seconds`) against the FLOP ratio. An estimate, not a measurement:
 
@@ -34,6 +41,7 @@ estimate (`optimal_seconds`) against the FLOP ratio. An estimate, not a measurem
 import argparse
 import dataclasses
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -183,6 +191,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--d_model', type=int, default=256,
                       help="the base's width (a multiple of 128); the others scale with it")
+  parser.add_argument('--head_dim', type=int, default=32,
+                      help='fixed on every axis (CPU timing; --topology uses 128)')
+  parser.add_argument('--vocab_size', type=int, default=4096, help='CPU timing')
   parser.add_argument('--batch_size', type=int, default=4)
   parser.add_argument('--seq_len', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=11, help='passes over all the models')
@@ -199,37 +210,41 @@ def main():
   wall = time.perf_counter()
   run = settings.read(settings.load(os.path.join(common.REPO, 'configs/tiny.py'))).run
   mesh = sharding.make_mesh(run.mesh)
-  base = base_model(args.d_model)
+  base = base_model(args.d_model, head_dim=args.head_dim, vocab_size=args.vocab_size)
   cfgs = variants(base)
   benches = {name: list(build(cfg, run, mesh, B, L)) for name, cfg in cfgs.items()}
-  times = {name: [] for name in cfgs}  # per round: (median wall s, median CPU s)
+  times = {name: [] for name in cfgs}  # per round: median wall s, CPU s, kernel CPU s
   for r in range(args.rounds):  # every other round backwards: no model always follows another
     for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
       bench, samples = benches[name], []
       for _ in range(args.steps):
+        kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         w, c, (bench[1], _) = common.timed(bench[0], bench[1], bench[2])
-        samples.append((w, c))
-      times[name].append((common.median([s[0] for s in samples]),
-                          common.median([s[1] for s in samples])))
+        samples.append((w, c, resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel))
+      times[name].append(tuple(common.median([s[i] for s in samples]) for i in range(3)))
   wall = time.perf_counter() - wall
 
   flops = {n: model_lib.flops_per_token(c, L) * B * L for n, c in cfgs.items()}
   moved = {n: b[3] for n, b in benches.items()}
   step = {n: common.median([t[0] for t in ts]) for n, ts in times.items()}
   cpu = {n: common.median([t[1] for t in ts]) for n, ts in times.items()}
+  kernel = {n: common.median([t[2] for t in ts]) for n, ts in times.items()}
   rows = []
   for name, c in cfgs.items():
     f_ratio = flops[name] / flops['base']
     t_ratio, c_ratio = step[name] / step['base'], cpu[name] / cpu['base']
+    u_ratio = (cpu[name] - kernel[name]) / (cpu['base'] - kernel['base'])
     rounds = [t[0] for t in times[name]]
     rows.append([name, shape(c),
                  f'{flops[name] / 1e9:.2f}', f'{f_ratio:.3f}',
                  f'{step[name]:.3f} [{min(rounds):.3f}, {max(rounds):.3f}]', f'{t_ratio:.3f}',
                  f'**{t_ratio / f_ratio:.2f}**', f'{c_ratio / f_ratio:.2f}',
+                 f'{u_ratio / f_ratio:.2f}', f'{kernel[name]:.2f}',
                  f'{moved[name] / moved["base"]:.3f}'])
   headers = ['model', 'd_model / ffn / KV groups x heads / layers', 'GFLOP/step', 'FLOP ratio',
              'step s, median of rounds [min, max]', 'time ratio', 'time ratio / FLOP ratio',
-             'same, CPU s', "XLA's bytes accessed ratio"]
+             'same, CPU s', 'same, user CPU s', 'kernel CPU s / step',
+             "XLA's bytes accessed ratio"]
   body = common.table(headers, rows) + (
       f'\n\nBase: {base.n_layers} layers, vocab {base.vocab_size}, head_dim {base.head_dim} '
       f'(fixed on every axis), tied embeddings, unrolled layers; batch {B} x {L} tokens; AdamW '
