@@ -68,4 +68,11 @@ sweep --config.sweep.seeds=3 --config.sweep.budgets=16 --config.sweep.lrs=2e-3 -
 # on every seed (12-04; the regenerated data reproduced x1 idea@multi 2e-3 seed 1 to 3e-6).
 tagged --config.sweep.tag=multi --config.sweep.budgets=1 --config.sweep.lrs=1e-3
 tagged --config.sweep.tag=multi --config.sweep.budgets=4 --config.sweep.lrs=1e-3
+# The one-axis ablations bracketed the same way (12-04): @hidden above its 4e-3 peak, @kv below
+# its 2e-3 peak; worse on every seed.
+tagged --config.sweep.tag=hidden --config.sweep.budgets=1 --config.sweep.lrs=8e-3 \
+  --config.model.n_heads=4 --config.model.n_kv_heads=2 --config.model.ffn_dim=408 \
+  --config.prune.target_kv_heads=0
+tagged --config.sweep.tag=kv --config.sweep.budgets=1 --config.sweep.lrs=1e-3 \
+  --config.model.d_model=96 --config.model.ffn_dim=529 --config.prune.target_d_model=0
 sweep --config.sweep.collect=true
