@@ -17,8 +17,9 @@ does not shrink with d_model (the vocab softmax, the attention scores, the FFN a
 User CPU seconds leave out the kernel's (zeroing the fresh pages XLA:CPU's large buffers get
 every step), which grow faster than the model does.
 `--d_model` scales the base (heads, KV groups and FFN with it). At 256 and 512 with head_dim 32
-the step is memory-bound and d_model / 2 misses its FLOP ratio by 15-40%; at the paper's widths
-(head_dim 128, d_model 1024 or 2048) the matmuls dominate and every axis lands within 10%
+the step is memory-bound and d_model / 2 misses its FLOP ratio by 15-40%; at the paper's
+head_dim (128) and d_model 1024 the matmuls dominate and every axis lands within 10%; at 2048 the
+halved models beat their FLOP ratio, as the base pays the kernel for more fresh pages
 (BENCHMARKS.md).
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot .venv/bin/python \
